@@ -1,0 +1,385 @@
+/*
+ * larkns C core.  See core.h.
+ *
+ * The child side of lk_spawn runs in a copy of a (possibly multithreaded)
+ * Python process made by a raw clone3: glibc's fork handlers did not run, so
+ * any lock another thread held (malloc, stdio, the GIL) stays locked forever
+ * in the child.  It therefore calls only async-signal-safe functions, and for
+ * credentials it uses raw syscalls: glibc's setuid()/setgid()/setgroups()
+ * would try to broadcast the change to threads that do not exist in the child.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1 /* Python.h defines it when this file is built by cffi */
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "core.h"
+
+/* Older headers lack these; the values are the kernel ABI. */
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+/* Syscalls added since 5.1 share one number on every architecture but alpha. */
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+/* On 32-bit ABIs with a 16-bit legacy call the 32-bit one is the *32 variant. */
+#ifdef SYS_setuid32
+#define LK_SYS_setuid SYS_setuid32
+#define LK_SYS_setgid SYS_setgid32
+#define LK_SYS_setgroups SYS_setgroups32
+#else
+#define LK_SYS_setuid SYS_setuid
+#define LK_SYS_setgid SYS_setgid
+#define LK_SYS_setgroups SYS_setgroups
+#endif
+
+#define LK_MAX_SIGNAL 64
+
+/* struct clone_args up to CLONE_ARGS_SIZE_VER2, spelled out so that the build
+ * does not depend on how recent linux/sched.h is. */
+struct lk_clone_args {
+    uint64_t flags;
+    uint64_t pidfd;
+    uint64_t child_tid;
+    uint64_t parent_tid;
+    uint64_t exit_signal;
+    uint64_t stack;
+    uint64_t stack_size;
+    uint64_t tls;
+    uint64_t set_tid;
+    uint64_t set_tid_size;
+    uint64_t cgroup;
+};
+
+/* No stack is given, so the child returns from syscall() on a copy of the
+ * parent's stack, exactly as after fork(). */
+static pid_t lk_raw_clone3(uint64_t flags, int cgroup_fd, int *pidfd)
+{
+    struct lk_clone_args args;
+
+    memset(&args, 0, sizeof args);
+    args.flags = flags | CLONE_PIDFD;
+    args.pidfd = (uint64_t)(uintptr_t)pidfd;
+    args.exit_signal = SIGCHLD;
+    if (cgroup_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)cgroup_fd;
+    }
+    return (pid_t)syscall(SYS_clone3, &args, sizeof args);
+}
+
+int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out)
+{
+    *pidfd_out = -1; /* the child keeps this value: the kernel fills in the parent's copy only */
+    return lk_raw_clone3(flags, cgroup_fd, pidfd_out);
+}
+
+int lk_setns(int fd, int nstype)
+{
+    return setns(fd, nstype);
+}
+
+int lk_unshare(int flags)
+{
+    return unshare(flags);
+}
+
+int lk_pidfd_open(int pid, unsigned int flags)
+{
+    return (int)syscall(SYS_pidfd_open, pid, flags);
+}
+
+int lk_pidfd_send_signal(int pidfd, int sig)
+{
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0U);
+}
+
+int lk_mount(const char *source, const char *target, const char *fstype,
+             unsigned long flags, const char *data)
+{
+    return mount(source, target, fstype, flags, data);
+}
+
+int lk_umount2(const char *target, int flags)
+{
+    return umount2(target, flags);
+}
+
+/* ---- lk_spawn ---------------------------------------------------------- */
+
+__attribute__((noreturn)) static void child_fail(int errfd, int stage)
+{
+    int msg[2];
+    ssize_t n;
+
+    msg[0] = stage;
+    msg[1] = errno;
+    /* 8 bytes into a pipe are written whole or not at all (< PIPE_BUF). */
+    do {
+        n = write(errfd, msg, sizeof msg);
+    } while (n < 0 && errno == EINTR);
+    _exit(127);
+}
+
+/* Marks every fd >= 3 close-on-exec, for kernels without close_range
+ * (ENOSYS, < 5.9) or without its CLOEXEC flag (EINVAL, < 5.11). */
+static void cloexec_from_3_slow(void)
+{
+    struct rlimit rl;
+    long max = 1024;
+    long fd;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        if (rl.rlim_cur == RLIM_INFINITY)
+            max = 1L << 20; /* the kernel's default fs.nr_open */
+        else
+            max = rl.rlim_cur > INT_MAX ? INT_MAX : (long)rl.rlim_cur;
+    }
+    for (fd = 3; fd < max; fd++) {
+        int fl = fcntl((int)fd, F_GETFD);
+        if (fl >= 0 && !(fl & FD_CLOEXEC))
+            (void)fcntl((int)fd, F_SETFD, fl | FD_CLOEXEC);
+    }
+}
+
+__attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
+                                                  int errfd, pid_t parent)
+{
+    int tmp[3];
+    int i;
+    int sig;
+    sigset_t empty;
+
+    for (i = 0; i < a->n_ns; i++) {
+        if (setns(a->ns_fds[i], a->ns_types ? a->ns_types[i] : 0) < 0)
+            child_fail(errfd, LK_STAGE_SETNS);
+    }
+
+    if (a->new_session && setsid() < 0)
+        child_fail(errfd, LK_STAGE_SETSID);
+
+    if (a->umask >= 0)
+        umask((mode_t)a->umask);
+
+    /* Groups, then gid, then uid: each later step removes the right to do
+     * the earlier ones. */
+    if (a->n_groups >= 0 &&
+        syscall(LK_SYS_setgroups, (long)a->n_groups, a->groups) < 0)
+        child_fail(errfd, LK_STAGE_SETGROUPS);
+    if (a->gid >= 0 && syscall(LK_SYS_setgid, (long)(gid_t)a->gid) < 0)
+        child_fail(errfd, LK_STAGE_SETGID);
+    if (a->uid >= 0 && syscall(LK_SYS_setuid, (long)(uid_t)a->uid) < 0)
+        child_fail(errfd, LK_STAGE_SETUID);
+
+    /* After the drop, so the job cannot start in a directory its owner may
+     * not enter; after setns, because joining a mount ns resets the cwd. */
+    if (a->cwd && chdir(a->cwd) < 0)
+        child_fail(errfd, LK_STAGE_CHDIR);
+
+    /* After the drop: a change of euid/egid clears the death signal. */
+    if (a->pdeathsig > 0) {
+        if (prctl(PR_SET_PDEATHSIG, (unsigned long)a->pdeathsig, 0UL, 0UL, 0UL) < 0)
+            child_fail(errfd, LK_STAGE_PDEATHSIG);
+        /* The parent may have died before the prctl: no signal will come. */
+        if (getppid() != parent) {
+            errno = ESRCH;
+            child_fail(errfd, LK_STAGE_PDEATHSIG);
+        }
+    }
+
+    /* Copy every source above 2 first, so that a source that is also a
+     * target (stdout and stderr swapped, say) is not overwritten before use. */
+    for (i = 0; i < 3; i++) {
+        tmp[i] = -1;
+        if (a->stdio[i] >= 0) {
+            tmp[i] = fcntl(a->stdio[i], F_DUPFD_CLOEXEC, 3);
+            if (tmp[i] < 0)
+                child_fail(errfd, LK_STAGE_STDIO);
+        }
+    }
+    for (i = 0; i < 3; i++) {
+        if (tmp[i] >= 0 && dup2(tmp[i], i) < 0)
+            child_fail(errfd, LK_STAGE_STDIO);
+    }
+
+    /* CLOEXEC rather than close: the status pipe must stay open until execve
+     * succeeds. */
+    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+        if (errno != ENOSYS && errno != EINVAL)
+            child_fail(errfd, LK_STAGE_FDS);
+        cloexec_from_3_slow();
+    }
+
+    /* A caught signal is always reset: its handler is the parent's code,
+     * which must not run here before execve.  An ignored one is reset only
+     * when asked, since SIG_IGN survives execve. */
+    for (sig = 1; sig <= LK_MAX_SIGNAL; sig++) {
+        struct sigaction sa;
+        int want = (a->sigdefault >> (sig - 1)) & 1;
+
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        /* Fails for signals the C library keeps for itself: leave those. */
+        if (sigaction(sig, NULL, &sa) < 0)
+            continue;
+        if (sa.sa_handler == SIG_DFL || (sa.sa_handler == SIG_IGN && !want))
+            continue;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(sig, &sa, NULL) < 0)
+            child_fail(errfd, LK_STAGE_SIGNALS);
+    }
+    sigemptyset(&empty);
+    if (sigprocmask(SIG_SETMASK, &empty, NULL) < 0)
+        child_fail(errfd, LK_STAGE_SIGNALS);
+
+    execve(a->path, a->argv, a->envp);
+    child_fail(errfd, LK_STAGE_EXEC);
+}
+
+/* The status pipe's write end must not be 0, 1 or 2, or the stdio step in
+ * the child would overwrite it. */
+static int fd_above_stdio(int fd)
+{
+    int nfd;
+    int e;
+
+    if (fd > 2)
+        return fd;
+    nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    e = errno;
+    close(fd);
+    errno = e;
+    return nfd;
+}
+
+static void reap(pid_t pid)
+{
+    int status;
+
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+}
+
+int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
+             int *err_errno)
+{
+    int p[2];
+    int pidfd = -1;
+    int msg[2];
+    size_t got = 0;
+    int rerr = 0;
+    int e;
+    pid_t pid;
+    pid_t parent = getpid();
+    sigset_t all, old;
+
+    *pidfd_out = -1;
+    *err_stage = LK_STAGE_NONE;
+    *err_errno = 0;
+
+    if (pipe2(p, O_CLOEXEC) < 0)
+        goto fail_clone;
+    p[0] = fd_above_stdio(p[0]);
+    p[1] = fd_above_stdio(p[1]);
+    if (p[0] < 0 || p[1] < 0) {
+        e = errno;
+        if (p[0] >= 0)
+            close(p[0]);
+        if (p[1] >= 0)
+            close(p[1]);
+        errno = e;
+        goto fail_clone;
+    }
+
+    /* Blocked until the child has put its signal handlers back to default:
+     * otherwise a signal sent to the new pid would run the parent's handler
+     * (Python's writes to the parent's wakeup fd) inside the child. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pid = lk_raw_clone3(0, a->cgroup_fd, &pidfd);
+    if (pid == 0) {
+        close(p[0]);
+        spawn_child(a, p[1], parent);
+    }
+    e = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(p[1]);
+    if (pid < 0) {
+        close(p[0]);
+        errno = e;
+        goto fail_clone;
+    }
+
+    while (got < sizeof msg) {
+        ssize_t n = read(p[0], (char *)msg + got, sizeof msg - got);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rerr = errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        got += (size_t)n;
+    }
+    close(p[0]);
+
+    if (got == 0 && rerr == 0) {
+        *pidfd_out = pidfd;
+        return pid;
+    }
+
+    if (got == sizeof msg) {
+        *err_stage = msg[0];
+        *err_errno = msg[1];
+    } else {
+        /* Unreadable status: the child's state is unknown, so it must not
+         * run on unsupervised. */
+        *err_stage = LK_STAGE_CLONE;
+        *err_errno = rerr ? rerr : EPIPE;
+        (void)syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0U);
+    }
+    reap(pid);
+    close(pidfd);
+    errno = *err_errno;
+    return -1;
+
+fail_clone:
+    *err_stage = LK_STAGE_CLONE;
+    *err_errno = errno;
+    return -1;
+}

@@ -1,0 +1,62 @@
+/*
+ * larkns C core: thin wrappers around the syscalls Python 3.11 lacks, and one
+ * posix_spawn-like primitive that runs setup steps between clone3 and execve.
+ *
+ * No policy lives here: every decision (which namespaces, which ids, which
+ * signals) is made by the caller and passed in.  Every function returns -1 and
+ * leaves errno set on failure.
+ */
+#ifndef LARKNS_CORE_H
+#define LARKNS_CORE_H
+
+#include <stdint.h>
+
+/* Where lk_spawn failed.  LK_STAGE_CLONE is the parent side (pipe2, clone3,
+ * reading the status pipe); every other stage happened in the child. */
+#define LK_STAGE_NONE 0
+#define LK_STAGE_CLONE 1
+#define LK_STAGE_SETNS 2
+#define LK_STAGE_SETSID 3
+#define LK_STAGE_UMASK 4
+#define LK_STAGE_SETGROUPS 5
+#define LK_STAGE_SETGID 6
+#define LK_STAGE_SETUID 7
+#define LK_STAGE_CHDIR 8
+#define LK_STAGE_PDEATHSIG 9
+#define LK_STAGE_STDIO 10
+#define LK_STAGE_FDS 11
+#define LK_STAGE_SIGNALS 12
+#define LK_STAGE_EXEC 13
+
+struct lk_spawn_attr {
+    const char *path;    /* absolute, already resolved: no PATH search */
+    char *const *argv;   /* NULL-terminated */
+    char *const *envp;   /* NULL-terminated */
+    const int *ns_fds;   /* joined in order with setns */
+    const int *ns_types; /* nstype for each ns fd; NULL means 0 for all */
+    int n_ns;
+    int cgroup_fd;       /* >= 0: CLONE_INTO_CGROUP */
+    int new_session;     /* nonzero: setsid */
+    int umask;           /* >= 0: umask */
+    int64_t uid;         /* >= 0: setuid */
+    int64_t gid;         /* >= 0: setgid */
+    const uint32_t *groups;
+    int n_groups;        /* >= 0: setgroups(n_groups, groups) */
+    const char *cwd;     /* non-NULL: chdir */
+    int stdio[3];        /* >= 0: becomes fd 0, 1, 2; -1 inherits */
+    int pdeathsig;       /* > 0: PR_SET_PDEATHSIG */
+    uint64_t sigdefault; /* bit n-1 set: signal n back to SIG_DFL */
+};
+
+int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);
+int lk_setns(int fd, int nstype);
+int lk_unshare(int flags);
+int lk_pidfd_open(int pid, unsigned int flags);
+int lk_pidfd_send_signal(int pidfd, int sig);
+int lk_mount(const char *source, const char *target, const char *fstype,
+             unsigned long flags, const char *data);
+int lk_umount2(const char *target, int flags);
+int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
+             int *err_errno);
+
+#endif

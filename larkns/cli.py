@@ -1,0 +1,233 @@
+"""larkns command line: run, list, show, check, teardown, gc, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import traceback
+from collections.abc import Sequence
+
+from larkns import config
+from larkns.config import ConfigError, Settings
+
+# larkns's own failures exit 125, as `docker run` and `timeout` do, so they
+# can be told from the command's exit status.
+EXIT_LARKNS = 125
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="larkns",
+        description="A network namespace of its own for every job, accounted byte by byte.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    r = sub.add_parser(
+        "run",
+        help="run a command in a network of its own",
+        usage="larkns run [options] -- CMD [ARG...]",
+    )
+    r.add_argument("--mode", default=None, help="nat (default) or none (loopback only)")
+    r.add_argument(
+        "--name", default=None, help="job name (default: random); the host link is lk-NAME"
+    )
+    r.add_argument("--user", default=None, help="run the command as this user")
+    r.add_argument(
+        "--json-report", default=None, metavar="FILE", help="write the report as JSON to FILE"
+    )
+    r.add_argument("--ipv4-pool", default=None, help="LARKNS_IPV4_POOL for this job")
+    r.add_argument("--ipv6-prefix", default=None, help="LARKNS_IPV6_PREFIX for this job")
+    r.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
+
+    sub.add_parser("list", help="jobs with a network")
+    for verb, text in (
+        ("show", "a job's network and counters"),
+        ("check", "verify a job's network is whole"),
+        ("teardown", "remove a job's network"),
+    ):
+        s = sub.add_parser(verb, help=text)
+        s.add_argument("name")
+    sub.add_parser("gc", help="remove whatever jobs that are gone left behind")
+    sub.add_parser("doctor", help="which kernel features larkns can use here")
+    return p
+
+
+def _require_root(verb: str) -> None:
+    if os.geteuid() != 0:
+        raise ConfigError(
+            f"larkns {verb} must run as root (it manages network namespaces and nftables)"
+        )
+
+
+_FLAG_KNOBS = {
+    "mode": "LARKNS_NETWORK_TYPE",
+    "ipv4_pool": "LARKNS_IPV4_POOL",
+    "ipv6_prefix": "LARKNS_IPV6_PREFIX",
+}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = config.load()
+    for attr, knob in _FLAG_KNOBS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        try:
+            settings = settings.with_overrides({knob: value})
+        except ConfigError as e:
+            # Name the flag the user typed, not the knob behind it.
+            raise ConfigError(str(e).replace(knob, "--" + attr.replace("_", "-"), 1)) from None
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from larkns.run import RunRequest, run
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("larkns run: no command given (larkns run [options] -- CMD [ARG...])")
+    settings = _settings(args)
+    _require_root("run")
+    name = config.check_name(args.name) if args.name else "j" + secrets.token_hex(4)
+    return run(
+        settings,
+        RunRequest(
+            argv=argv, mode=settings.mode, name=name, user=args.user, json_report=args.json_report
+        ),
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from larkns.engine import Engine
+
+    _require_root("list")
+    with Engine(_settings(args)) as engine:
+        records = engine.records()
+        if not records:
+            return 0
+        print(f"{'NAME':<13} {'MODE':<5} {'STATE':<9} {'OWNER':<8} {'IPV4':<16} IPV6")
+        for r in records:
+            p = r.plan
+            owner = f"{r.owner.pid}" + ("" if r.owner.alive() else "!")
+            print(
+                f"{r.name:<13} {p.mode if p else '-':<5} {r.state:<9} {owner:<8} "
+                f"{str(p.ipv4_job.ip) if p and p.ipv4_job else '-':<16} "
+                f"{p.ipv6_job if p and p.ipv6_job else '-'}"
+            )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from larkns.engine import Engine
+
+    _require_root("show")
+    with Engine(_settings(args)) as engine:
+        record = engine.journal.read(args.name)
+        if record is None:
+            raise ConfigError(f"no job named {args.name!r} (see `larkns list`)")
+        t = engine.stats(args.name)
+        out = record.to_dict()
+        out["owner_alive"] = record.owner.alive()
+        out["problems"] = engine.check(args.name)
+        out["counters"] = {
+            "ipv4": {"in": vars(t.ipv4_in), "out": vars(t.ipv4_out)},
+            "ipv6": {"in": vars(t.ipv6_in), "out": vars(t.ipv6_out)},
+            "link_control": {"in": vars(t.control_in), "out": vars(t.control_out)},
+        }
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from larkns.engine import Engine
+
+    _require_root("check")
+    with Engine(_settings(args)) as engine:
+        problems = engine.check(args.name)
+    for p in problems:
+        print(f"larkns: {args.name}: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_teardown(args: argparse.Namespace) -> int:
+    from larkns.engine import Engine
+
+    _require_root("teardown")
+    with Engine(_settings(args)) as engine:
+        if not engine.teardown(args.name):
+            raise ConfigError(f"no job named {args.name!r} (see `larkns list`)")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from larkns.engine import Engine
+
+    _require_root("gc")
+    with Engine(_settings(args)) as engine:
+        for line in engine.gc():
+            print(f"removed {line}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from larkns import doctor
+
+    return doctor.main()
+
+
+VERBS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "show": cmd_show,
+    "check": cmd_check,
+    "teardown": cmd_teardown,
+    "gc": cmd_gc,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = (
+        "--debug" in args_list[: args_list.index("--")]
+        if "--" in args_list
+        else "--debug" in args_list
+    )
+    try:
+        args = parser().parse_args(args_list)
+        return VERBS[args.verb](args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"larkns: error: {_message(e)}", file=sys.stderr)
+        return EXIT_LARKNS
+
+
+def _message(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, ConfigError | UsageError):
+        return text.removeprefix("larkns: ")
+    return text.splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""LARKNS_* knobs -> validated settings.
+
+Knobs come, in order of precedence, from command-line flags, the process
+environment (``LARKNS_IPV4_POOL=...``), and built-in defaults.  Every error
+names the knob and says what was expected, so a site admin can fix it from the
+message alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+MODES = ("nat", "none")
+
+# 198.19.0.0/16 (RFC 2544 benchmarking space) is routed nowhere and used by no
+# site for real hosts, so job addresses never collide with the site's own
+# RFC 1918 or CGNAT (100.64/10) space; behind NAT it is never seen outside.
+DEFAULT_IPV4_POOL = "198.19.0.0/16"
+DEFAULT_STATE_DIR = "/run/larkns"
+DEFAULT_LIB_DIR = "/var/lib/larkns"
+DEFAULT_NETNS_PREFIX = "larkns-"
+DEFAULT_SLAAC_TIMEOUT = 2.0
+
+# A job name becomes part of the host veth name "lk-NAME" (IFNAMSIZ: 15 chars),
+# of nft object names and of file names: keep it to a safe alphabet.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,11}$")
+NETNS_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class ConfigError(Exception):
+    """A knob or argument with a value larkns cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "nat"
+    ipv4_pool: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network(DEFAULT_IPV4_POOL)
+    )
+    # None means: the per-host ULA /48, made once and kept under lib_dir.
+    ipv6_prefix: ipaddress.IPv6Network | None = None
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    lib_dir: Path = Path(DEFAULT_LIB_DIR)
+    netns_prefix: str = DEFAULT_NETNS_PREFIX
+    slaac_timeout: float = DEFAULT_SLAAC_TIMEOUT
+
+    def with_overrides(self, knobs: Mapping[str, str]) -> Settings:
+        """Return settings with the given LARKNS_* knobs applied (validated)."""
+        changes: dict[str, object] = {}
+        for knob, raw in knobs.items():
+            parse = _PARSERS.get(knob)
+            if parse is None:
+                continue
+            attr, value = parse(knob, raw.strip())
+            changes[attr] = value
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse_mode(knob: str, raw: str) -> tuple[str, object]:
+    mode = raw.lower()
+    if mode not in MODES:
+        raise ConfigError(
+            f"{knob}: unknown network type {raw!r} (expected one of: {', '.join(MODES)})"
+        )
+    return "mode", mode
+
+
+def _parse_ipv4_pool(knob: str, raw: str) -> tuple[str, object]:
+    try:
+        net = ipaddress.IPv4Network(raw, strict=True)
+    except ValueError as e:
+        raise ConfigError(
+            f"{knob}: expected an IPv4 network like {DEFAULT_IPV4_POOL}, got {raw!r} ({e})"
+        ) from None
+    if net.prefixlen > 30:
+        raise ConfigError(
+            f"{knob}: {raw} is too small: each job needs a /31, the pool must be /30 or larger"
+        )
+    return "ipv4_pool", net
+
+
+def _parse_ipv6_prefix(knob: str, raw: str) -> tuple[str, object]:
+    try:
+        net = ipaddress.IPv6Network(raw, strict=True)
+    except ValueError as e:
+        raise ConfigError(
+            f"{knob}: expected an IPv6 prefix like fd12:3456:789a::/48, got {raw!r} ({e})"
+        ) from None
+    if net.prefixlen > 63:
+        raise ConfigError(
+            f"{knob}: {raw} is too small: each job needs a /64, the prefix must be /63 or larger"
+        )
+    return "ipv6_prefix", net
+
+
+def _parse_dir(attr: str) -> object:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        if not raw.startswith("/"):
+            raise ConfigError(f"{knob}: expected an absolute path, got {raw!r}")
+        return attr, Path(raw)
+
+    return parse
+
+
+def _parse_netns_prefix(knob: str, raw: str) -> tuple[str, object]:
+    if not NETNS_PREFIX_RE.match(raw):
+        raise ConfigError(f"{knob}: expected 1-32 characters of A-Z a-z 0-9 _ . -, got {raw!r}")
+    return "netns_prefix", raw
+
+
+def _parse_seconds(knob: str, raw: str) -> tuple[str, object]:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{knob}: expected a number of seconds, got {raw!r}") from None
+    if not 0 <= value <= 60:
+        raise ConfigError(f"{knob}: expected 0 to 60 seconds, got {raw!r}")
+    return "slaac_timeout", value
+
+
+_PARSERS = {
+    "LARKNS_NETWORK_TYPE": _parse_mode,
+    "LARKNS_IPV4_POOL": _parse_ipv4_pool,
+    "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,
+    "LARKNS_STATE_DIR": _parse_dir("state_dir"),
+    "LARKNS_LIB_DIR": _parse_dir("lib_dir"),
+    "LARKNS_NETNS_PREFIX": _parse_netns_prefix,
+    "LARKNS_SLAAC_TIMEOUT": _parse_seconds,
+}
+KNOBS = tuple(_PARSERS)
+
+
+def load(
+    environ: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from defaults, then the environment's LARKNS_* knobs, then flags."""
+    env = os.environ if environ is None else environ
+    settings = Settings().with_overrides({k: v for k, v in env.items() if k in _PARSERS})
+    return settings.with_overrides(flags or {})
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"--name: {name!r} is not a valid job name "
+            "(1-12 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit)"
+        )
+    return name
+
+
+def host_ula_prefix(lib_dir: Path) -> ipaddress.IPv6Network:
+    """The host's own ULA /48 (RFC 4193), made at random once and then kept."""
+    path = lib_dir / "ula-prefix"
+    try:
+        return ipaddress.IPv6Network(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    except ValueError as e:
+        raise ConfigError(
+            f"{path}: not an IPv6 prefix ({e}); remove it to make a new one"
+        ) from None
+    global_id = secrets.token_bytes(5)
+    prefix = ipaddress.IPv6Network((b"\xfd" + global_id + bytes(10), 48))
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{prefix}\n")
+    # link() fails if another process made one first: then theirs is kept.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ipaddress.IPv6Network(path.read_text().strip())

@@ -1,0 +1,340 @@
+"""The C core: syscalls Python 3.11 lacks, and spawning a job into namespaces.
+
+Everything here is a thin, typed front to ``larkns._core`` (cffi, API mode, built
+from ``csrc/``).  The C side holds no policy; the few defaults that are policy
+(which signals to reset, what happens to supplementary groups when ids drop) are
+decided here, in Python, where they can be read.
+"""
+
+import errno
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from larkns._core import ffi, lib
+
+CLONE_NEWNET: Final[int] = int(lib.CLONE_NEWNET)
+CLONE_NEWNS: Final[int] = int(lib.CLONE_NEWNS)
+CLONE_NEWPID: Final[int] = int(lib.CLONE_NEWPID)
+CLONE_NEWIPC: Final[int] = int(lib.CLONE_NEWIPC)
+CLONE_NEWUTS: Final[int] = int(lib.CLONE_NEWUTS)
+CLONE_NEWCGROUP: Final[int] = int(lib.CLONE_NEWCGROUP)
+CLONE_NEWUSER: Final[int] = int(lib.CLONE_NEWUSER)
+MS_BIND: Final[int] = int(lib.MS_BIND)
+MS_REC: Final[int] = int(lib.MS_REC)
+MS_SHARED: Final[int] = int(lib.MS_SHARED)
+MS_SLAVE: Final[int] = int(lib.MS_SLAVE)
+MS_PRIVATE: Final[int] = int(lib.MS_PRIVATE)
+MNT_DETACH: Final[int] = int(lib.MNT_DETACH)
+
+# clone3() continues running Python in the child, so only flags that leave the
+# child a normal forked process (its own memory, files, signal handlers) are
+# accepted; anything else (CLONE_VM, CLONE_THREAD, ...) would corrupt the
+# interpreter.
+_NS_FLAGS: Final[int] = (
+    CLONE_NEWNET
+    | CLONE_NEWNS
+    | CLONE_NEWPID
+    | CLONE_NEWIPC
+    | CLONE_NEWUTS
+    | CLONE_NEWCGROUP
+    | CLONE_NEWUSER
+)
+
+_MAX_SIGNAL: Final[int] = 64
+_NO_ID: Final[int] = 2**32 - 1  # (uid_t)-1 means "unchanged" to the kernel
+
+#: Every signal a process can catch or ignore: SIG_IGN survives execve, and a job
+#: must not inherit the daemon's ignored SIGPIPE (or anything else).
+ALL_CATCHABLE_SIGNALS: Final[tuple[int, ...]] = tuple(
+    s for s in range(1, _MAX_SIGNAL + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)
+)
+
+#: Stage numbers reported by lk_spawn, by name.
+STAGES: Final[Mapping[int, str]] = {
+    int(lib.LK_STAGE_CLONE): "clone",
+    int(lib.LK_STAGE_SETNS): "setns",
+    int(lib.LK_STAGE_SETSID): "setsid",
+    int(lib.LK_STAGE_UMASK): "umask",
+    int(lib.LK_STAGE_SETGROUPS): "setgroups",
+    int(lib.LK_STAGE_SETGID): "setgid",
+    int(lib.LK_STAGE_SETUID): "setuid",
+    int(lib.LK_STAGE_CHDIR): "chdir",
+    int(lib.LK_STAGE_PDEATHSIG): "pdeathsig",
+    int(lib.LK_STAGE_STDIO): "stdio",
+    int(lib.LK_STAGE_FDS): "fds",
+    int(lib.LK_STAGE_SIGNALS): "signals",
+    int(lib.LK_STAGE_EXEC): "exec",
+}
+
+
+class CoreError(OSError):
+    """A syscall wrapper of the C core failed; ``errno`` is the kernel's."""
+
+
+def _error(call: str) -> CoreError:
+    err = int(ffi.errno)
+    return CoreError(err, f"{call} failed: {os.strerror(err)}")
+
+
+def clone3(flags: int = 0, cgroup_fd: int | None = None) -> tuple[int, int]:
+    """Fork with clone3: returns (pid, pidfd) in the parent, (0, -1) in the child.
+
+    ``flags`` may hold CLONE_NEW* flags only; with ``cgroup_fd`` (an fd of a
+    cgroup v2 directory) the child starts in that cgroup, with no window in which
+    it runs elsewhere.  The child gets the same treatment as after os.fork()
+    (at-fork callbacks, threading state), but glibc's own fork handlers do not
+    run: if other threads exist, the child should only exec or ``os._exit``.
+    """
+    if flags & ~_NS_FLAGS:
+        raise ValueError(f"clone3: only CLONE_NEW* flags are allowed, got {flags:#x}")
+    if cgroup_fd is not None and cgroup_fd < 0:
+        raise ValueError(f"clone3: bad cgroup fd {cgroup_fd}")
+    pidfd = ffi.new("int *", -1)
+    pid = int(lib.lk_py_clone3(flags, -1 if cgroup_fd is None else cgroup_fd, pidfd))
+    if pid < 0:
+        raise _error(f"clone3(flags={flags:#x}, cgroup_fd={cgroup_fd})")
+    return pid, int(pidfd[0])
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Move the calling thread into the namespace(s) of ``fd``.
+
+    ``fd`` is a namespace fd (``nstype`` 0 accepts any type) or a pidfd (then
+    ``nstype`` must name the namespaces to join, several at once if wanted).
+    """
+    if lib.lk_setns(fd, nstype) < 0:
+        raise _error(f"setns(fd={fd}, nstype={nstype:#x})")
+
+
+def unshare(flags: int) -> None:
+    """Give the calling thread new namespaces (CLONE_NEW* flags)."""
+    if lib.lk_unshare(flags) < 0:
+        raise _error(f"unshare({flags:#x})")
+
+
+def pidfd_open(pid: int) -> int:
+    """Return a close-on-exec pidfd for ``pid``."""
+    fd = int(lib.lk_pidfd_open(pid, 0))
+    if fd < 0:
+        raise _error(f"pidfd_open({pid})")
+    return fd
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    """Signal the process of ``pidfd``: unlike kill(), never a recycled pid."""
+    if lib.lk_pidfd_send_signal(pidfd, sig) < 0:
+        raise _error(f"pidfd_send_signal({pidfd}, {sig})")
+
+
+def _opt_cstr(s: str | None) -> Any:
+    return ffi.NULL if s is None else ffi.new("char[]", _encode(s, "mount argument"))
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    """mount(2), with the strings encoded as the file system encoding does."""
+    c_source = _opt_cstr(source)
+    c_target = ffi.new("char[]", _encode(target, "mount target"))
+    c_fstype = _opt_cstr(fstype)
+    c_data = _opt_cstr(data)
+    if lib.lk_mount(c_source, c_target, c_fstype, flags, c_data) < 0:
+        raise _error(f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x}, {data!r})")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    if lib.lk_umount2(ffi.new("char[]", _encode(target, "umount target")), flags) < 0:
+        raise _error(f"umount2({target!r}, {flags:#x})")
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    """Everything the job process needs, prepared before it exists.
+
+    The child applies it in this order: join ``ns_fds`` (in order), ``new_session``,
+    ``umask``, ``groups``/``gid``/``uid``, ``cwd`` (so it is entered with the
+    job owner's rights), ``pdeathsig``, ``stdio``, close-on-exec for every other
+    fd, ``reset_signals``, execve.
+
+    - ``path``: absolute and already resolved (no PATH search happens).
+    - ``ns_fds``: namespace fds, or ``(fd, nstype)`` pairs; a pidfd needs a pair
+      naming the namespaces to join.  A pid namespace joined this way holds the
+      job's children, not the job itself (setns semantics).
+    - ``groups``: None keeps the caller's supplementary groups unless ``uid`` or
+      ``gid`` is given: then they are cleared, since the daemon's (root's)
+      groups must never reach a job.
+    - ``stdio``: fds to become 0, 1, 2; -1 inherits the caller's.
+    - ``pdeathsig``: sent to the job when the *thread* that called spawn() exits
+      (the kernel tracks the thread, not the process): spawn from a long-lived
+      thread.
+    - ``cgroup_fd``: a cgroup v2 directory fd; the job starts in it.
+    - ``reset_signals``: signals whose disposition goes back to SIG_DFL even if
+      ignored; caught signals are always reset.  The signal mask is emptied.
+    """
+
+    path: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    ns_fds: Sequence[int | tuple[int, int]] = ()
+    uid: int | None = None
+    gid: int | None = None
+    groups: Sequence[int] | None = None
+    umask: int | None = None
+    cwd: str | None = None
+    stdio: tuple[int, int, int] = (-1, -1, -1)
+    pdeathsig: int = 0
+    cgroup_fd: int | None = None
+    new_session: bool = False
+    reset_signals: Sequence[int] = ALL_CATCHABLE_SIGNALS
+
+
+class SpawnError(Exception):
+    """spawn() failed; ``stage`` names the step ("exec", "chdir", "setns", ...)."""
+
+    def __init__(self, stage: str, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.errno = errno
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type["SpawnError"], tuple[str, int, str]]:
+        return (SpawnError, (self.stage, self.errno, self.message))
+
+
+def _encode(s: str, what: str) -> bytes:
+    b = os.fsencode(s)
+    if b"\0" in b:
+        raise ValueError(f"{what} contains a NUL byte: {s!r}")
+    return b
+
+
+def _check_id(value: int | None, what: str) -> int:
+    if value is None:
+        return -1
+    if not 0 <= value < _NO_ID:
+        raise ValueError(f"spawn: {what} {value} out of range")
+    return value
+
+
+def _describe(spec: SpawnSpec, stage: str, err: int) -> str:
+    if stage == "pdeathsig" and err == errno.ESRCH:
+        return "the spawning process died before the job started"
+    if stage == "exec":
+        return f"cannot exec {spec.path}"
+    if stage == "chdir":
+        return f"cannot chdir to {spec.cwd}"
+    if stage == "setns":
+        return f"cannot join namespaces {list(spec.ns_fds)}"
+    if stage == "setuid":
+        return f"cannot set uid {spec.uid}"
+    if stage == "setgid":
+        return f"cannot set gid {spec.gid}"
+    if stage == "setgroups":
+        return f"cannot set groups {list(spec.groups or [])}"
+    if stage == "stdio":
+        return f"cannot set up stdio from fds {spec.stdio}"
+    if stage == "pdeathsig":
+        return f"cannot arm parent-death signal {spec.pdeathsig}"
+    if stage == "clone":
+        return "cannot create the job process"
+    return f"cannot prepare the job ({stage})"
+
+
+def spawn(spec: SpawnSpec) -> tuple[int, int]:
+    """Start a job as described by ``spec``; return (pid, pidfd).
+
+    Returns only once execve has succeeded; any failure before that raises
+    SpawnError, with the child already reaped.  The pidfd is close-on-exec and
+    belongs to the caller.
+    """
+    if not os.path.isabs(spec.path):
+        raise ValueError(f"spawn: path must be absolute, got {spec.path!r}")
+    if not spec.argv:
+        raise ValueError("spawn: argv must not be empty")
+    if len(spec.stdio) != 3 or any(fd < -1 for fd in spec.stdio):
+        raise ValueError(f"spawn: bad stdio {spec.stdio!r}")
+    if spec.umask is not None and not 0 <= spec.umask <= 0o777:
+        raise ValueError(f"spawn: bad umask {spec.umask!r}")
+    if spec.cgroup_fd is not None and spec.cgroup_fd < 0:
+        raise ValueError(f"spawn: bad cgroup fd {spec.cgroup_fd}")
+    if not 0 <= spec.pdeathsig <= _MAX_SIGNAL:
+        raise ValueError(f"spawn: bad pdeathsig {spec.pdeathsig}")
+
+    # Every cdata the attr points into must outlive the lk_spawn call: cffi frees
+    # an ffi.new() object as soon as Python drops it.
+    keep: list[Any] = []
+
+    def cstr(s: str, what: str) -> Any:
+        c = ffi.new("char[]", _encode(s, what))
+        keep.append(c)
+        return c
+
+    def carray(ctype: str, items: list[Any]) -> Any:
+        c = ffi.new(ctype, items)
+        keep.append(c)
+        return c
+
+    env_items = []
+    for k, v in spec.env.items():
+        if not k or "=" in k:
+            raise ValueError(f"spawn: bad environment variable name {k!r}")
+        env_items.append(cstr(f"{k}={v}", "environment"))
+
+    fds: list[int] = []
+    types: list[int] = []
+    for item in spec.ns_fds:
+        fd, nstype = item if isinstance(item, tuple) else (item, 0)
+        fds.append(fd)
+        types.append(nstype)
+
+    groups: Sequence[int] | None = spec.groups
+    if groups is None and (spec.uid is not None or spec.gid is not None):
+        groups = ()
+
+    mask = 0
+    for sig in spec.reset_signals:
+        if not 1 <= sig <= _MAX_SIGNAL:
+            raise ValueError(f"spawn: bad signal {sig} in reset_signals")
+        mask |= 1 << (sig - 1)
+
+    attr = ffi.new("struct lk_spawn_attr *")
+    attr.path = cstr(spec.path, "path")
+    attr.argv = carray("char *[]", [cstr(a, "argv") for a in spec.argv] + [ffi.NULL])
+    attr.envp = carray("char *[]", [*env_items, ffi.NULL])
+    attr.ns_fds = carray("int[]", fds) if fds else ffi.NULL
+    attr.ns_types = carray("int[]", types) if types else ffi.NULL
+    attr.n_ns = len(fds)
+    attr.cgroup_fd = -1 if spec.cgroup_fd is None else spec.cgroup_fd
+    attr.new_session = int(spec.new_session)
+    attr.umask = -1 if spec.umask is None else spec.umask
+    attr.uid = _check_id(spec.uid, "uid")
+    attr.gid = _check_id(spec.gid, "gid")
+    if groups is None:
+        attr.groups = ffi.NULL
+        attr.n_groups = -1
+    else:
+        attr.groups = (
+            carray("uint32_t[]", [_check_id(g, "group") for g in groups]) if groups else ffi.NULL
+        )
+        attr.n_groups = len(groups)
+    attr.cwd = ffi.NULL if spec.cwd is None else cstr(spec.cwd, "cwd")
+    attr.stdio = list(spec.stdio)
+    attr.pdeathsig = spec.pdeathsig
+    attr.sigdefault = mask
+
+    pidfd = ffi.new("int *", -1)
+    err_stage = ffi.new("int *", 0)
+    err_errno = ffi.new("int *", 0)
+    pid = int(lib.lk_spawn(attr, pidfd, err_stage, err_errno))
+    if pid < 0:
+        stage = STAGES.get(int(err_stage[0]), f"stage {int(err_stage[0])}")
+        err = int(err_errno[0])
+        raise SpawnError(stage, err, f"{_describe(spec, stage, err)}: {os.strerror(err)}")
+    return pid, int(pidfd[0])

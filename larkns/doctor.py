@@ -1,0 +1,173 @@
+"""`larkns doctor`: which kernel features larkns can use on this host.
+
+Every probe runs inside a throwaway network namespace of its own, so the
+doctor never changes the host's network.  Production kernels (EL8/EL9) have
+more than small VMs (fq, fq_codel, police): probe, never assume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from larkns.kernel import netns, sysctl
+
+QDISCS = ("htb", "tbf", "ingress", "fq", "fq_codel", "sfq", "cake", "prio", "netem")
+
+
+@dataclass(frozen=True)
+class Finding:
+    what: str
+    ok: bool
+    detail: str = ""
+    needed: bool = True  # False: optional, larkns works without it
+
+
+def _probe(what: str, fn: Callable[[], str], needed: bool = True) -> Finding:
+    try:
+        return Finding(what, True, fn(), needed)
+    except Exception as e:
+        return Finding(what, False, str(e).splitlines()[0] if str(e) else type(e).__name__, needed)
+
+
+def _nft_probe() -> str:
+    from larkns.kernel.nft import Ruleset
+
+    r = Ruleset()
+    r.ensure_table()
+    r.add_job("doctor", "lk-doctor", masquerade=True)
+    r.counters("doctor")
+    r.remove_job("doctor", "lk-doctor")
+    r.delete_table()
+    return "inet table, verdict maps, named counters, masquerade"
+
+
+def findings() -> list[Finding]:
+    out: list[Finding] = []
+    out.append(
+        Finding("root", os.geteuid() == 0, "" if os.geteuid() == 0 else "run as root to probe")
+    )
+    if os.geteuid() != 0:
+        return out
+    from larkns import core
+
+    out.append(_probe("C core (clone3, pidfd, setns)", lambda: _core_probe(core)))
+    name = f"larkns-doctor-{secrets.token_hex(3)}"
+    try:
+        netns.create(name)
+    except Exception as e:
+        out.append(Finding("network namespaces", False, str(e)))
+        return out
+    out.append(Finding("network namespaces", True, "unshare + bind mount under /run/netns"))
+    try:
+        with netns.entered(name):
+            out.extend(_inside())
+    finally:
+        netns.delete(name)
+    fwd4 = sysctl.read("ipv4/ip_forward") == "1"
+    fwd6 = sysctl.read("ipv6/conf/all/forwarding") == "1"
+    out.append(
+        Finding(
+            "forwarding on this host",
+            True,
+            f"ipv4 {'on' if fwd4 else 'off (larkns turns it on)'}, "
+            f"ipv6 {'on' if fwd6 else 'off (larkns turns it on, keeping SLAAC with accept_ra=2)'}",
+            needed=False,
+        )
+    )
+    return out
+
+
+def _core_probe(core: object) -> str:
+    import select
+
+    from larkns import core as c
+
+    pid, pidfd = c.spawn(c.SpawnSpec(path="/bin/true", argv=["true"], env={}))
+    try:
+        select.select([pidfd], [], [], 5)
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    finally:
+        os.close(pidfd)
+    return f"spawned pid {pid} through clone3 with a pidfd"
+
+
+def _inside() -> list[Finding]:
+    from pyroute2 import IPRoute
+
+    out: list[Finding] = []
+    with IPRoute() as ipr:
+        ok = _probe("veth", lambda: _veth(ipr))
+        out.append(ok)
+        out.append(_probe("nftables", _nft_probe))
+        out.append(
+            _probe(
+                "IPv6",
+                lambda: "enabled" if os.path.exists("/proc/sys/net/ipv6") else _raise("disabled"),
+            )
+        )
+        if not ok.ok:
+            return out
+        idx = ipr.link_lookup(ifname="lkd0")[0]
+        for q in QDISCS:
+            out.append(_probe(f"qdisc {q}", lambda q=q: _qdisc(ipr, idx, q), needed=False))
+        out.append(_probe("ifb (upload shaping)", lambda: _ifb(ipr), needed=False))
+        with contextlib.suppress(Exception):
+            ipr.link("del", index=idx)
+    return out
+
+
+def _raise(msg: str) -> str:
+    raise RuntimeError(msg)
+
+
+def _veth(ipr: object) -> str:
+    from pyroute2 import IPRoute
+
+    assert isinstance(ipr, IPRoute)
+    ipr.link("add", ifname="lkd0", kind="veth", peer="lkd1")
+    return "veth pairs"
+
+
+def _qdisc(ipr: object, idx: int, kind: str) -> str:
+    from pyroute2 import IPRoute
+
+    assert isinstance(ipr, IPRoute)
+    if kind == "ingress":
+        ipr.tc("add", "ingress", idx, "ffff:")
+        ipr.tc("del", "ingress", idx, "ffff:")
+        return "works"
+    kwargs: dict[str, object] = {}
+    if kind == "tbf":
+        kwargs = {"rate": "10mbit", "burst": 10240, "latency": "50ms"}
+    elif kind == "htb":
+        kwargs = {"default": 0x10}
+    ipr.tc("add", kind, idx, "1:", **kwargs)
+    ipr.tc("del", kind, idx, "1:")
+    return "works"
+
+
+def _ifb(ipr: object) -> str:
+    from pyroute2 import IPRoute
+
+    assert isinstance(ipr, IPRoute)
+    ipr.link("add", ifname="lkd-ifb", kind="ifb")
+    ipr.link("del", ifname="lkd-ifb")
+    return "works"
+
+
+def main() -> int:
+    results = findings()
+    width = max(len(f.what) for f in results)
+    for f in results:
+        mark = "ok  " if f.ok else ("MISSING" if f.needed else "no  ")
+        print(f"{mark:<7} {f.what:<{width}}  {f.detail}")
+    missing = [f for f in results if f.needed and not f.ok]
+    if missing:
+        print(f"larkns cannot run here: missing {', '.join(f.what for f in missing)}")
+        return 1
+    print("larkns can run here (nat and none modes)")
+    return 0

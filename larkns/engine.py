@@ -1,0 +1,370 @@
+"""The verbs: setup, check, teardown, gc, stats.
+
+Each verb is idempotent (CNI style): teardown of a job that is half built, or
+already gone, succeeds and removes exactly what is left.  The journal record
+of a job is written before any of its objects exists and removed after the
+last one is gone, so gc can always find what a killed process left behind.
+
+All kernel work happens in the network namespace of the calling thread: the
+worker node's (in tests, a namespace that plays it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from larkns import leases
+from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
+from larkns.journal import Journal, NameInUse, Process, Record
+from larkns.kernel import addrs, links, netns, sysctl
+from larkns.kernel.nft import Ruleset
+from larkns.plan import HOST_LINK_PREFIX, JobNetwork, build, slot_count
+from larkns.traffic import Traffic
+
+if TYPE_CHECKING:
+    from larkns.kernel.ra import Advertiser
+
+
+class SetupError(Exception):
+    """A job's network could not be built; nothing of it is left."""
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        advertiser: Advertiser | None = None,
+        remove_table_when_idle: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.journal = Journal(settings.state_dir)
+        self.advertiser = advertiser
+        # `larkns run` leaves nothing behind, not even the empty table; a
+        # daemon that serves jobs all day keeps it.
+        self.remove_table_when_idle = remove_table_when_idle
+        self._ipr: IPRoute | None = None
+        self._ruleset: Ruleset | None = None
+        self._forwarding = False
+        self._job_iprs: dict[str, IPRoute] = {}
+        self._advertised: dict[str, int] = {}
+
+    # -- resources ---------------------------------------------------------
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    @property
+    def ruleset(self) -> Ruleset:
+        if self._ruleset is None:
+            self._ruleset = Ruleset()
+        return self._ruleset
+
+    def close(self) -> None:
+        for ipr in self._job_iprs.values():
+            ipr.close()
+        self._job_iprs.clear()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- setup -------------------------------------------------------------
+
+    def setup(self, name: str, mode: str, owner: Process) -> JobNetwork:
+        """Build job `name`'s network; on any failure remove what was built and raise."""
+        check_name(name)
+        if mode == "nat":
+            _ = self.ruleset  # no nftables: refuse before anything is built
+        record = Record(name=name, owner=owner)
+        try:
+            self.journal.claim(record)
+        except NameInUse:
+            raise SetupError(f"job name {name!r} is in use (see `larkns list`)") from None
+        try:
+            plan = self._plan(name, mode)
+            record.plan = plan
+            record.state = "building"
+            self.journal.write(record)
+            self._build(plan)
+            record.state = "ready"
+            self.journal.write(record)
+            return plan
+        except BaseException:
+            self.teardown(name)
+            raise
+
+    def _plan(self, name: str, mode: str) -> JobNetwork:
+        if mode == "none":
+            return build(self.settings, name, mode, None, None)
+        if mode != "nat":
+            raise ConfigError(f"--mode: unknown network type {mode!r} (expected nat or none)")
+        prefix = self.settings.ipv6_prefix or host_ula_prefix(self.settings.lib_dir)
+        try:
+            slot = leases.lease(self.journal, name, slot_count(self.settings, prefix))
+        except leases.PoolExhausted as e:
+            raise SetupError(
+                f"address pool exhausted: {e} (LARKNS_IPV4_POOL={self.settings.ipv4_pool}, "
+                f"LARKNS_IPV6_PREFIX={prefix})"
+            ) from None
+        return build(self.settings, name, mode, slot, prefix)
+
+    def _build(self, plan: JobNetwork) -> None:
+        try:
+            netns.create(plan.netns)
+        except FileExistsError:
+            # Our name is claimed, so a namespace by that name has no live
+            # owner: it is what a killed job left. Remove it and go on.
+            self._remove_netns(plan.netns)
+            netns.create(plan.netns)
+        with netns.entered(plan.netns):
+            # Set before the job's link exists, which then inherits "default":
+            # DAD would hold every address tentative for a second or more.
+            sysctl.write("ipv6/conf/all/accept_dad", 0)
+            sysctl.write("ipv6/conf/default/accept_dad", 0)
+            job_ipr = IPRoute()
+        self._job_iprs[plan.name] = job_ipr
+        links.up(job_ipr, 1)  # lo is always index 1 in a fresh namespace
+        if plan.mode == "nat":
+            self._build_nat(plan, job_ipr)
+
+    def _build_nat(self, plan: JobNetwork, job_ipr: IPRoute) -> None:
+        assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
+        assert plan.ipv4_host and plan.ipv4_job and plan.ipv6_prefix
+        if not self._forwarding:
+            sysctl.enable_forwarding()
+            self._forwarding = True
+        with self.journal.lock(exclusive=False):
+            self.ruleset.ensure_table()
+            self.ruleset.add_job(plan.name, plan.host_link, masquerade=True)
+        try:
+            idx = links.create_veth(
+                self.ipr,
+                plan.host_link,
+                plan.host_mac,
+                plan.job_link,
+                plan.job_mac,
+                netns.path(plan.netns),
+            )
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+            # A previous job of this name whose namespace the kernel is still
+            # dismantling (that is asynchronous): remove its link now.
+            links.delete(self.ipr, plan.host_link)
+            idx = links.create_veth(
+                self.ipr,
+                plan.host_link,
+                plan.host_mac,
+                plan.job_link,
+                plan.job_mac,
+                netns.path(plan.netns),
+            )
+        # The job must not be able to teach the host routes; DAD on a link
+        # with two known ends only delays the first RA.
+        sysctl.write(f"ipv6/conf/{plan.host_link}/accept_ra", 0)
+        sysctl.write(f"ipv6/conf/{plan.host_link}/accept_dad", 0)
+        addrs.add(self.ipr, idx, plan.ipv4_host)
+        jidx = links.index(job_ipr, plan.job_link)
+        assert jidx is not None
+        addrs.add(job_ipr, jidx, plan.ipv4_job)
+        links.up(job_ipr, jidx)
+        addrs.default_route(job_ipr, plan.ipv4_host.ip, jidx)
+        links.up(self.ipr, idx)
+        addrs.prefix_route(self.ipr, plan.ipv6_prefix, idx)
+        if self.advertiser is not None:
+            assert plan.host_link_local is not None
+            mac = bytes(int(x, 16) for x in plan.host_mac.split(":"))
+            self.advertiser.add(idx, plan.ipv6_prefix, plan.host_link_local, mac)
+            self._advertised[plan.name] = idx
+
+    def wait_ready(self, plan: JobNetwork, timeout: float) -> float | None:
+        """Wait for the job's SLAAC address; seconds waited, or None on timeout."""
+        job_ipr = self._job_iprs.get(plan.name)
+        if (
+            plan.mode != "nat"
+            or job_ipr is None
+            or plan.ipv6_prefix is None
+            or plan.job_link is None
+        ):
+            return 0.0
+        jidx = links.index(job_ipr, plan.job_link)
+        if jidx is None:
+            return None
+        return addrs.wait_slaac(job_ipr, jidx, plan.ipv6_prefix, timeout)
+
+    def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
+        """(IPv4, [IPv6 global addresses]) the job has now."""
+        job_ipr = self._job_iprs.get(plan.name)
+        if job_ipr is None or plan.job_link is None:
+            return (None, [])
+        jidx = links.index(job_ipr, plan.job_link)
+        if jidx is None:
+            return (None, [])
+        v6 = [str(a) for a in addrs.ipv6_global(job_ipr, jidx)]
+        return (str(plan.ipv4_job.ip) if plan.ipv4_job else None, v6)
+
+    # -- check / stats -----------------------------------------------------
+
+    def check(self, name: str) -> list[str]:
+        """What is missing or wrong in job `name`'s network (empty: all well)."""
+        record = self.journal.read(name)
+        if record is None:
+            return [f"job {name}: no record"]
+        if record.plan is None:
+            return [f"job {name}: setup never finished planning (state {record.state})"]
+        plan = record.plan
+        problems = []
+        if not netns.exists(plan.netns):
+            problems.append(f"netns {plan.netns} is missing")
+        if plan.mode == "nat":
+            assert plan.host_link
+            idx = links.index(self.ipr, plan.host_link)
+            if idx is None:
+                problems.append(f"link {plan.host_link} is missing")
+            else:
+                link = self.ipr.get_links(idx)[0]
+                if link.get_attr("IFLA_OPERSTATE") != "UP":
+                    problems.append(f"link {plan.host_link} is not up")
+            jobs, _ = self.ruleset.job_objects()
+            if name not in jobs:
+                problems.append(f"nft chains and counters of {name} are missing")
+        return problems
+
+    def stats(self, name: str) -> Traffic:
+        record = self.journal.read(name)
+        if record is None or record.plan is None or record.plan.mode != "nat":
+            return Traffic()
+        c = self.ruleset.counters(name)
+        return Traffic(
+            ipv4_in=c["in4"],
+            ipv4_out=c["out4"],
+            ipv6_in=c["in6"],
+            ipv6_out=c["out6"],
+            control_in=c["ctl-in"],
+            control_out=c["ctl-out"],
+        )
+
+    # -- teardown / gc -----------------------------------------------------
+
+    def teardown(self, name: str) -> bool:
+        """Remove everything of job `name`; False if there was no such job."""
+        record = self.journal.read(name)
+        slots = [s for s, owner in leases.leased(self.journal).items() if owner == name]
+        plan = record.plan if record is not None else None
+        if record is None and not slots:
+            return False
+        # Names derive from the job name, so a record that never got its
+        # plan (killed right after claiming) still tells what to remove.
+        ns_name = plan.netns if plan else self.settings.netns_prefix + name
+        host_link = plan.host_link if plan else HOST_LINK_PREFIX + name
+        idx = self._advertised.pop(name, None)
+        if idx is not None and self.advertiser is not None:
+            self.advertiser.remove(idx)
+        job_ipr = self._job_iprs.pop(name, None)
+        if job_ipr is not None:
+            job_ipr.close()
+        self._remove_netns(ns_name)
+        if plan is None or plan.mode == "nat":
+            with contextlib.suppress(OSError):
+                self._nft_remove(name, host_link)
+        for slot in slots:
+            leases.release(self.journal, slot, name)
+        self.journal.remove(name)
+        self._remove_table_if_idle()
+        return True
+
+    def _nft_remove(self, name: str, host_link: str | None) -> None:
+        try:
+            ruleset = self.ruleset
+        except Exception:
+            return
+        ruleset.remove_job(name, host_link)
+
+    def _remove_netns(self, ns_name: str) -> None:
+        ino = netns.inode(ns_name)
+        if ino is not None:
+            # A job's processes would keep its namespace (and link) alive.
+            netns.kill_all(ino)
+        netns.delete(ns_name)
+
+    def _remove_table_if_idle(self) -> None:
+        if not self.remove_table_when_idle:
+            return
+        with self.journal.lock(exclusive=True):
+            if not self.journal.names():
+                with contextlib.suppress(Exception):
+                    self.ruleset.delete_table()
+
+    def records(self) -> list[Record]:
+        out = []
+        for name in self.journal.names():
+            r = self.journal.read(name)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def gc(self) -> list[str]:
+        """Remove every orphan; returns what was removed, one line each."""
+        removed: list[str] = []
+        # Kernel objects are listed before the records: an object exists only
+        # after its record, so one seen first and then found without a record
+        # is truly orphaned, never a job being set up right now.
+        ns_names = [n for n in netns.names() if n.startswith(self.settings.netns_prefix)]
+        link_names = links.names_with_prefix(self.ipr, HOST_LINK_PREFIX)
+        try:
+            nft_jobs, nft_links = self.ruleset.job_objects()
+        except Exception:
+            nft_jobs, nft_links = set(), set()
+        lease_owners = leases.leased(self.journal)
+
+        for record in self.records():
+            if record.owner.alive():
+                continue
+            self.teardown(record.name)
+            removed.append(f"job {record.name} (its owner, pid {record.owner.pid}, is gone)")
+        live = set(self.journal.names())
+
+        for ns_name in ns_names:
+            if ns_name[len(self.settings.netns_prefix) :] not in live:
+                self._remove_netns(ns_name)
+                removed.append(f"netns {ns_name}")
+        for link in link_names:
+            if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
+                removed.append(f"link {link}")
+        for job in sorted(nft_jobs - live):
+            self._nft_remove(job, None)
+            removed.append(f"nft chains and counters of {job}")
+        for link in sorted(nft_links):
+            if link[len(HOST_LINK_PREFIX) :] not in live:
+                self._nft_remove(link[len(HOST_LINK_PREFIX) :], link)
+                removed.append(f"nft map entries of {link}")
+        for slot, owner in sorted(lease_owners.items()):
+            if owner not in live:
+                leases.release(self.journal, slot, owner)
+                removed.append(f"address slot {slot} (of {owner})")
+        for tmp in self.journal.stale_temp_files():
+            with contextlib.suppress(FileNotFoundError):
+                if _age(tmp) > 10:
+                    tmp.unlink()
+        self._remove_table_if_idle()
+        return removed
+
+
+def _age(path: os.PathLike[str]) -> float:
+    import time
+
+    return time.time() - os.stat(path).st_mtime

@@ -1,0 +1,178 @@
+"""Per-job records under the state dir (/run/larkns), written before each object exists.
+
+Layout:
+  STATE/jobs/NAME.json   one record per job: its owner and its plan
+  STATE/slots/N          one file per leased pool index, holding the job name
+  STATE/lock             flock: shared while a job adds its rules, exclusive
+                         while the last job out removes larkns's nft table
+
+The state dir is on tmpfs, like the network namespaces it describes: both are
+gone after a reboot.  A record is created (by link(2), so a name is claimed once)
+before anything else of the job exists, and removed only after everything
+else is gone: so whatever a kill -9 leaves, a record points at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from larkns.plan import JobNetwork
+
+
+class NameInUse(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Process:
+    """A pid made unambiguous by its start time (pids are reused)."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> Process:
+        start = start_time(pid)
+        if start is None:
+            raise ProcessLookupError(pid)
+        return cls(pid, start)
+
+    def alive(self) -> bool:
+        return start_time(self.pid) == self.start
+
+
+def start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm may hold spaces and parens: fields resume after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+@dataclass
+class Record:
+    name: str
+    owner: Process
+    state: str = "claimed"
+    plan: JobNetwork | None = None
+    job: Process | None = None
+    created: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "name": self.name,
+            "owner": {"pid": self.owner.pid, "start": self.owner.start},
+            "state": self.state,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "job": None if self.job is None else {"pid": self.job.pid, "start": self.job.start},
+            "created": self.created,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Record:
+        job = d.get("job")
+        plan = d.get("plan")
+        return cls(
+            name=d["name"],
+            owner=Process(d["owner"]["pid"], d["owner"]["start"]),
+            state=d.get("state", "claimed"),
+            plan=None if plan is None else JobNetwork.from_dict(plan),
+            job=None if job is None else Process(job["pid"], job["start"]),
+            created=d.get("created", 0.0),
+            extra=d.get("extra", {}),
+        )
+
+
+class Journal:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.jobs = state_dir / "jobs"
+        self.slots = state_dir / "slots"
+
+    def _ensure(self) -> None:
+        for d in (self.dir, self.jobs, self.slots):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=0o700, parents=True)
+
+    def path(self, name: str) -> Path:
+        return self.jobs / f"{name}.json"
+
+    def claim(self, record: Record) -> None:
+        """Create the job's record; a name that has one already is in use."""
+        self._ensure()
+        tmp = self._temp(record)
+        try:
+            os.link(tmp, self.path(record.name))
+        except FileExistsError:
+            raise NameInUse(record.name) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _temp(self, record: Record) -> Path:
+        tmp = self.jobs / f".{record.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(json.dumps(record.to_dict()).encode())
+        return tmp
+
+    def write(self, record: Record) -> None:
+        """Replace the record atomically: a reader sees the old one or the new one."""
+        os.replace(self._temp(record), self.path(record.name))
+
+    def read(self, name: str) -> Record | None:
+        try:
+            data = self.path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return Record.from_dict(json.loads(data))
+        except (ValueError, KeyError, TypeError):
+            # Records appear whole (link/rename), so this is damage from
+            # outside; treat it as a claim whose owner is gone.
+            return Record(name=name, owner=Process(0, 0), state="corrupt")
+
+    def names(self) -> list[str]:
+        try:
+            entries = os.listdir(self.jobs)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e[: -len(".json")] for e in entries if e.endswith(".json") and not e.startswith(".")
+        )
+
+    def remove(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def stale_temp_files(self) -> list[Path]:
+        try:
+            return [
+                self.jobs / e
+                for e in os.listdir(self.jobs)
+                if e.startswith(".") and e.endswith(".tmp")
+            ]
+        except FileNotFoundError:
+            return []
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        self._ensure()
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,1 @@
+"""Thin kernel layer: one module per kind of kernel object larkns creates."""

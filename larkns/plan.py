@@ -1,0 +1,142 @@
+"""JobNetwork: what one job's network will be, as plain data.
+
+A plan is built from settings and a slot (the job's index in the address
+pools) without touching the kernel, so it can be printed, journaled and tested
+without root.  Everything the engine creates is named here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from larkns.config import ConfigError, Settings
+
+JOB_LINK = "eth0"
+HOST_LINK_PREFIX = "lk-"
+
+
+def slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
+    """How many jobs the pools can address at once."""
+    v4 = settings.ipv4_pool.num_addresses // 2
+    v6 = 1 << min(64 - ipv6_prefix.prefixlen, 32)
+    return min(v4, v6)
+
+
+def _mac(first: int, slot: int) -> str:
+    # Locally administered unicast; the slot makes it unique on this host, and a
+    # fixed MAC makes the job's SLAAC (EUI-64) address known before it exists.
+    b = [first, 0x6C, 0x6B, (slot >> 16) & 0xFF, (slot >> 8) & 0xFF, slot & 0xFF]
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def eui64(prefix: ipaddress.IPv6Network, mac: str) -> ipaddress.IPv6Address:
+    b = bytes(int(x, 16) for x in mac.split(":"))
+    iid = bytes([b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    return ipaddress.IPv6Address(prefix.network_address.packed[:8] + iid)
+
+
+@dataclass(frozen=True)
+class JobNetwork:
+    name: str
+    mode: str
+    netns: str
+    slot: int | None = None
+    host_link: str | None = None
+    job_link: str | None = None
+    host_mac: str | None = None
+    job_mac: str | None = None
+    ipv4_host: ipaddress.IPv4Interface | None = None
+    ipv4_job: ipaddress.IPv4Interface | None = None
+    ipv6_prefix: ipaddress.IPv6Network | None = None
+
+    @property
+    def ipv6_job(self) -> ipaddress.IPv6Address | None:
+        """The address the job will form by SLAAC from larkns's RA."""
+        if self.ipv6_prefix is None or self.job_mac is None:
+            return None
+        return eui64(self.ipv6_prefix, self.job_mac)
+
+    @property
+    def host_link_local(self) -> ipaddress.IPv6Address | None:
+        if self.host_mac is None:
+            return None
+        return eui64(ipaddress.IPv6Network("fe80::/64"), self.host_mac)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: (str(v) if isinstance(v, ipaddress._BaseNetwork | ipaddress._BaseAddress) else v)
+            for k, v in asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobNetwork:
+        def opt(kind: type[Any], key: str) -> Any:
+            v = d.get(key)
+            return None if v is None else kind(v)
+
+        return cls(
+            name=d["name"],
+            mode=d["mode"],
+            netns=d["netns"],
+            slot=d.get("slot"),
+            host_link=d.get("host_link"),
+            job_link=d.get("job_link"),
+            host_mac=d.get("host_mac"),
+            job_mac=d.get("job_mac"),
+            ipv4_host=opt(ipaddress.IPv4Interface, "ipv4_host"),
+            ipv4_job=opt(ipaddress.IPv4Interface, "ipv4_job"),
+            ipv6_prefix=opt(ipaddress.IPv6Network, "ipv6_prefix"),
+        )
+
+    def describe(self) -> str:
+        lines = [f"job {self.name}: mode {self.mode}, netns {self.netns}"]
+        if self.host_link:
+            lines.append(
+                f"  veth {self.host_link} (host, {self.host_mac})"
+                f" <-> {self.job_link} (job, {self.job_mac})"
+            )
+        if self.ipv4_job:
+            lines.append(
+                f"  ipv4 {self.ipv4_job} via {self.ipv4_host.ip if self.ipv4_host else '-'}"
+            )
+        if self.ipv6_prefix:
+            lines.append(
+                f"  ipv6 {self.ipv6_job} (SLAAC in {self.ipv6_prefix}) via {self.host_link_local}"
+            )
+        return "\n".join(lines)
+
+
+def build(
+    settings: Settings,
+    name: str,
+    mode: str,
+    slot: int | None,
+    ipv6_prefix: ipaddress.IPv6Network | None,
+) -> JobNetwork:
+    """The plan of job `name` in `mode`, addressed from pool index `slot`."""
+    netns = settings.netns_prefix + name
+    if mode == "none":
+        return JobNetwork(name=name, mode=mode, netns=netns)
+    if mode != "nat":
+        raise ConfigError(f"--mode: unknown network type {mode!r} (expected nat or none)")
+    if slot is None or ipv6_prefix is None:
+        raise ValueError("nat mode needs a slot and an IPv6 prefix")
+    if not 0 <= slot < slot_count(settings, ipv6_prefix):
+        raise ConfigError(f"slot {slot} is outside the address pools")
+    base4 = int(settings.ipv4_pool.network_address) + 2 * slot
+    prefix6 = ipaddress.IPv6Network((int(ipv6_prefix.network_address) + (slot << 64), 64))
+    return JobNetwork(
+        name=name,
+        mode=mode,
+        netns=netns,
+        slot=slot,
+        host_link=HOST_LINK_PREFIX + name,
+        job_link=JOB_LINK,
+        host_mac=_mac(0x02, slot),
+        job_mac=_mac(0x06, slot),
+        ipv4_host=ipaddress.IPv4Interface((base4, 31)),
+        ipv4_job=ipaddress.IPv4Interface((base4 + 1, 31)),
+        ipv6_prefix=prefix6,
+    )

@@ -1,0 +1,122 @@
+"""The job report: JSON (a stable interface) and the human summary.
+
+Keys are only ever added, never renamed.  Incoming/outgoing are from the job's
+point of view; bytes are L3 (IP header + payload) as nftables counts them on
+the host end of the job's veth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from larkns.traffic import Count, Traffic
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the command ended."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None  # the command never ran (not found, not executable)
+
+    @property
+    def status(self) -> int:
+        """larkns's own exit status for this outcome, as `docker run` and `timeout` use."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 125
+
+
+def _pair(inc: Count, out: Count, attr: str) -> dict[str, int]:
+    return {"incoming": getattr(inc, attr), "outgoing": getattr(out, attr)}
+
+
+def _family(inc: Count, out: Count) -> dict[str, Any]:
+    return {"bytes": _pair(inc, out, "bytes"), "packets": _pair(inc, out, "packets")}
+
+
+def build(
+    *,
+    name: str,
+    mode: str,
+    netns: str,
+    outcome: Outcome,
+    duration_s: float,
+    setup_s: float,
+    slaac_s: float | None,
+    ipv4: str | None,
+    ipv6: list[str],
+    traffic: Traffic,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "name": name,
+        "mode": mode,
+        "netns": netns,
+        "exit_code": outcome.exit_code,
+        "signal": outcome.signal,
+        "signal_name": signal.Signals(outcome.signal).name if outcome.signal else None,
+        "error": outcome.error,
+        "exit_status": outcome.status,
+        "duration_s": round(duration_s, 6),
+        "setup_s": round(setup_s, 6),
+        "slaac_s": None if slaac_s is None else round(slaac_s, 6),
+        "addresses": {"ipv4": ipv4, "ipv6": ipv6},
+        **_family(traffic.incoming, traffic.outgoing),
+        "families": {
+            "ipv4": _family(traffic.ipv4_in, traffic.ipv4_out),
+            "ipv6": _family(traffic.ipv6_in, traffic.ipv6_out),
+        },
+        # ND, RA/RS and MLD on the job's link: not the job's traffic, shown apart.
+        "link_control": _family(traffic.control_in, traffic.control_out),
+    }
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def summary(report: dict[str, Any]) -> str:
+    if report["error"]:
+        how = report["error"]
+    elif report["signal"] is not None:
+        how = f"killed by {report['signal_name']}"
+    else:
+        how = f"exited with code {report['exit_code']}"
+    lines = [
+        f"larkns: job {report['name']} ({report['mode']}) {how} after {report['duration_s']:.2f} s"
+    ]
+    addrs = report["addresses"]
+    shown = ([addrs["ipv4"]] if addrs["ipv4"] else []) + addrs["ipv6"]
+    if report["mode"] != "none":
+        lines.append(f"larkns:   addresses {', '.join(shown) or '(none)'}")
+        for fam in ("ipv4", "ipv6"):
+            f = report["families"][fam]
+            lines.append(
+                f"larkns:   {fam}  in {human_bytes(f['bytes']['incoming'])}"
+                f" ({f['packets']['incoming']} pkts)"
+                f"  out {human_bytes(f['bytes']['outgoing'])} ({f['packets']['outgoing']} pkts)"
+            )
+    else:
+        lines.append("larkns:   no network (loopback only)")
+    return "\n".join(lines)

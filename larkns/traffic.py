@@ -1,0 +1,35 @@
+"""Byte and packet counts of a job, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Count:
+    packets: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Count) -> Count:
+        return Count(self.packets + other.packets, self.bytes + other.bytes)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """A job's counters, from the job's point of view (in = received)."""
+
+    ipv4_in: Count = field(default_factory=Count)
+    ipv4_out: Count = field(default_factory=Count)
+    ipv6_in: Count = field(default_factory=Count)
+    ipv6_out: Count = field(default_factory=Count)
+    # ND, RA/RS and MLD on the job's link: not the job's own traffic.
+    control_in: Count = field(default_factory=Count)
+    control_out: Count = field(default_factory=Count)
+
+    @property
+    def incoming(self) -> Count:
+        return self.ipv4_in + self.ipv6_in
+
+    @property
+    def outgoing(self) -> Count:
+        return self.ipv4_out + self.ipv6_out
