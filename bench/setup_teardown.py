@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -23,19 +22,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from larkns import config  # noqa: E402
-from larkns.engine import Engine  # noqa: E402
-from larkns.journal import Process  # noqa: E402
-from larkns.kernel import netns  # noqa: E402
-from larkns.kernel.nft import Ruleset  # noqa: E402
-from larkns.kernel.ra import Advertiser  # noqa: E402
-from larkns.plan import build  # noqa: E402
-from tests.world import World  # noqa: E402
+from larkns import config
+from larkns.engine import Engine
+from larkns.journal import Process
+from larkns.kernel import netns
+from larkns.kernel.nft import COUNTER_KEYS, COUNTER_MAPS, Ruleset
+from larkns.kernel.ra import Advertiser
+from larkns.plan import build
+from tests.world import World
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def fmt(xs: list[float]) -> str:
@@ -61,8 +60,9 @@ class LarknsJobs:
 
 
 class BatchCliJobs:
-    """The same objects (netns, veth, addresses, routes, nft chain/counters/map
-    entries in the shared table) made with one `ip -batch` and one `nft -f`."""
+    """The same objects (netns, veth, addresses, routes, nft counters and map
+    entries in the shared table) made with `ip -batch` (host, then job side)
+    and one `nft -f`."""
 
     def __init__(self, world: World, settings: config.Settings) -> None:
         self.settings = settings
@@ -78,34 +78,36 @@ class BatchCliJobs:
         p = build(self.settings, name, "nat", self.slot, self.prefix)
         self.plans[name] = p
         ns = p.netns
-        ipb = "\n".join([
-            f"netns add {ns}",
-            f"-n {ns} link set lo up",
-            f"link add {p.host_link} address {p.host_mac} type veth peer name {p.job_link} "
-            f"address {p.job_mac} netns {ns}",
-            f"addr add {p.ipv4_host} dev {p.host_link}",
-            f"-n {ns} addr add {p.ipv4_job} dev {p.job_link}",
-            f"-n {ns} link set {p.job_link} up",
-            f"-n {ns} route add default via {p.ipv4_host.ip if p.ipv4_host else ''}",
-            f"link set {p.host_link} up",
-            f"-6 route add {p.ipv6_prefix} dev {p.host_link}",
-        ])
-        subprocess.run(["ip", "-batch", "-"], input=ipb, text=True, check=True)
+        host = "\n".join(
+            [
+                f"netns add {ns}",
+                f"link add {p.host_link} address {p.host_mac} type veth peer name {p.job_link} "
+                f"address {p.job_mac} netns {ns}",
+                f"addr add {p.ipv4_host} dev {p.host_link}",
+                f"link set {p.host_link} up",
+                f"route add {p.ipv6_prefix} dev {p.host_link}",
+            ]
+        )
+        job = "\n".join(
+            [
+                "link set lo up",
+                f"addr add {p.ipv4_job} dev {p.job_link}",
+                f"link set {p.job_link} up",
+                f"route add default via {p.ipv4_host.ip if p.ipv4_host else ''}",
+            ]
+        )
+        subprocess.run(["ip", "-batch", "-"], input=host, text=True, check=True)
+        subprocess.run(["ip", "-n", ns, "-batch", "-"], input=job, text=True, check=True)
+        link = p.host_link
         nf = "\n".join(
-            [f"add counter inet larkns {name}-{k}" for k in ("out4", "out6", "in4", "in6", "ctl-out", "ctl-in")]
+            [f"add counter inet larkns {name}-{k}" for k in COUNTERS]
             + [
-                f"add chain inet larkns from-{name}",
-                f"add rule inet larkns from-{name} icmpv6 type @link_control counter name {name}-ctl-out return",
-                f"add rule inet larkns from-{name} meta nfproto ipv4 counter name {name}-out4",
-                f"add rule inet larkns from-{name} meta nfproto ipv6 counter name {name}-out6",
-                f"add chain inet larkns to-{name}",
-                f"add rule inet larkns to-{name} icmpv6 type @link_control counter name {name}-ctl-in return",
-                f"add rule inet larkns to-{name} meta nfproto ipv4 counter name {name}-in4",
-                f"add rule inet larkns to-{name} meta nfproto ipv6 counter name {name}-in6",
-                f'add element inet larkns job_from {{ "{p.host_link}" : jump from-{name} }}',
-                f'add element inet larkns job_to {{ "{p.host_link}" : jump to-{name} }}',
-                f'add element inet larkns job_links {{ "{p.host_link}" }}',
-                f'add element inet larkns masquerade_from {{ "{p.host_link}" }}',
+                f'add element inet larkns {m} {{ "{link}" : "{name}-{k}" }}'
+                for k, m in MAPS.items()
+            ]
+            + [
+                f'add element inet larkns {s} {{ "{link}" }}'
+                for s in ("job_links", "masquerade_from")
             ]
         )
         subprocess.run(["nft", "-f", "-"], input=nf, text=True, check=True)
@@ -114,10 +116,12 @@ class BatchCliJobs:
         p = self.plans.pop(name)
         link = p.host_link  # type: ignore[attr-defined]
         nf = "\n".join(
-            [f'delete element inet larkns {m} {{ "{link}" }}'
-             for m in ("job_from", "job_to", "job_links", "masquerade_from")]
-            + [f"flush chain inet larkns {c}-{name}\ndelete chain inet larkns {c}-{name}" for c in ("from", "to")]
-            + [f"delete counter inet larkns {name}-{k}" for k in ("out4", "out6", "in4", "in6", "ctl-out", "ctl-in")]
+            [f'delete element inet larkns {m} {{ "{link}" }}' for m in MAPS.values()]
+            + [
+                f'delete element inet larkns {s} {{ "{link}" }}'
+                for s in ("job_links", "masquerade_from")
+            ]
+            + [f"delete counter inet larkns {name}-{k}" for k in COUNTERS]
         )
         subprocess.run(["nft", "-f", "-"], input=nf, text=True, check=True)
         subprocess.run(["ip", "netns", "del", p.netns], check=True)  # type: ignore[attr-defined]
@@ -137,10 +141,19 @@ def cycles(jobs: LarknsJobs | BatchCliJobs, n: int, tag: str) -> list[float]:
     return times
 
 
+def each(fn: Callable[[str], None], names: list[str]) -> None:
+    for n in names:
+        fn(n)
+
+
 def timed(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+COUNTERS = COUNTER_KEYS
+MAPS = COUNTER_MAPS
 
 
 def main() -> None:
@@ -172,24 +185,29 @@ def main() -> None:
 
             print(f"larkns engine, setup+teardown      {fmt(ours)}")
             print(f"ip -batch + nft -f, setup+teardown {fmt(base)}")
-            print(f"ratio larkns/baseline p50 {pct(ours, 50) / pct(base, 50):.2f}x  "
-                  f"p99 {pct(ours, 99) / pct(base, 99):.2f}x  (target p50 <= 0.5x, <= 15 ms)")
+            print(
+                f"ratio larkns/baseline p50 {pct(ours, 50) / pct(base, 50):.2f}x  "
+                f"p99 {pct(ours, 99) / pct(base, 99):.2f}x  (target p50 <= 0.5x, <= 15 ms)"
+            )
 
             lark = LarknsJobs(world, settings)
             try:
                 first = cycles(lark, args.scale_samples, "f")
-                t_fill = timed(lambda: [lark.setup(f"z{i}") for i in range(args.alive)] and None)
+                alive = [f"z{i}" for i in range(args.alive)]
+                t_fill = timed(lambda: each(lark.setup, alive))
                 later = cycles(lark, args.scale_samples, "l")
-                t_drain = timed(lambda: [lark.teardown(f"z{i}") for i in range(args.alive)] and None)
+                t_drain = timed(lambda: each(lark.teardown, alive))
             finally:
-                for i in range(args.alive):
-                    lark.teardown(f"z{i}")
+                each(lark.teardown, [f"z{i}" for i in range(args.alive)])
                 lark.close()
             Ruleset().delete_table()
             print(f"job with 0 others alive            {fmt(first)}")
             print(f"job with {args.alive} others alive          {fmt(later)}")
-            print(f"ratio {args.alive + 1}th/1st p50 {pct(later, 50) / pct(first, 50):.2f}x  (target <= 1.2x); "
-                  f"{args.alive} setups took {t_fill:.2f} s, their teardowns {t_drain:.2f} s")
+            print(
+                f"ratio {args.alive + 1}th/1st p50 {pct(later, 50) / pct(first, 50):.2f}x"
+                "  (target <= 1.2x); "
+                f"{args.alive} setups took {t_fill:.2f} s, their teardowns {t_drain:.2f} s"
+            )
     finally:
         world.close()
 

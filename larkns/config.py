@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,7 +99,10 @@ def _parse_ipv6_prefix(knob: str, raw: str) -> tuple[str, object]:
     return "ipv6_prefix", net
 
 
-def _parse_dir(attr: str) -> object:
+Parser = Callable[[str, str], tuple[str, object]]
+
+
+def _parse_dir(attr: str) -> Parser:
     def parse(knob: str, raw: str) -> tuple[str, object]:
         if not raw.startswith("/"):
             raise ConfigError(f"{knob}: expected an absolute path, got {raw!r}")
@@ -124,7 +127,7 @@ def _parse_seconds(knob: str, raw: str) -> tuple[str, object]:
     return "slaac_timeout", value
 
 
-_PARSERS = {
+_PARSERS: dict[str, Parser] = {
     "LARKNS_NETWORK_TYPE": _parse_mode,
     "LARKNS_IPV4_POOL": _parse_ipv4_pool,
     "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,

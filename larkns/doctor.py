@@ -8,6 +8,7 @@ more than small VMs (fq, fq_codel, police): probe, never assume.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import Callable
@@ -113,7 +114,7 @@ def _inside() -> list[Finding]:
             return out
         idx = ipr.link_lookup(ifname="lkd0")[0]
         for q in QDISCS:
-            out.append(_probe(f"qdisc {q}", lambda q=q: _qdisc(ipr, idx, q), needed=False))
+            out.append(_probe(f"qdisc {q}", functools.partial(_qdisc, ipr, idx, q), needed=False))
         out.append(_probe("ifb (upload shaping)", lambda: _ifb(ipr), needed=False))
         with contextlib.suppress(Exception):
             ipr.link("del", index=idx)

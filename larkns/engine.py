@@ -17,13 +17,13 @@ import os
 from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from larkns import leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record
-from larkns.kernel import addrs, links, netns, sysctl
+from larkns.kernel import addrs, links, netns, rtnl, sysctl
 from larkns.kernel.nft import Ruleset
+from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import HOST_LINK_PREFIX, JobNetwork, build, slot_count
 from larkns.traffic import Traffic
 
@@ -48,16 +48,25 @@ class Engine:
         # `larkns run` leaves nothing behind, not even the empty table; a
         # daemon that serves jobs all day keeps it.
         self.remove_table_when_idle = remove_table_when_idle
+        self._rtnl: Rtnl | None = None
         self._ipr: IPRoute | None = None
         self._ruleset: Ruleset | None = None
         self._forwarding = False
-        self._job_iprs: dict[str, IPRoute] = {}
+        self._job_rtnl: dict[str, Rtnl] = {}
         self._advertised: dict[str, int] = {}
 
     # -- resources ---------------------------------------------------------
 
     @property
+    def rtnl(self) -> Rtnl:
+        """Netlink for the hot path (setup, teardown)."""
+        if self._rtnl is None:
+            self._rtnl = Rtnl()
+        return self._rtnl
+
+    @property
     def ipr(self) -> IPRoute:
+        """pyroute2, for dumps and deletions by name (check, gc)."""
         if self._ipr is None:
             self._ipr = IPRoute()
         return self._ipr
@@ -69,12 +78,18 @@ class Engine:
         return self._ruleset
 
     def close(self) -> None:
-        for ipr in self._job_iprs.values():
-            ipr.close()
-        self._job_iprs.clear()
+        for sock in self._job_rtnl.values():
+            sock.close()
+        self._job_rtnl.clear()
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._ruleset is not None:
+            self._ruleset.close()
+            self._ruleset = None
 
     def __enter__(self) -> Engine:
         return self
@@ -89,16 +104,15 @@ class Engine:
         check_name(name)
         if mode == "nat":
             _ = self.ruleset  # no nftables: refuse before anything is built
-        record = Record(name=name, owner=owner)
+        plan = self._plan(name, mode)
+        record = Record(name=name, owner=owner, state="building", plan=plan)
         try:
             self.journal.claim(record)
         except NameInUse:
+            if plan.slot is not None:
+                leases.release(self.journal, plan.slot, name)
             raise SetupError(f"job name {name!r} is in use (see `larkns list`)") from None
         try:
-            plan = self._plan(name, mode)
-            record.plan = plan
-            record.state = "building"
-            self.journal.write(record)
             self._build(plan)
             record.state = "ready"
             self.journal.write(record)
@@ -135,86 +149,62 @@ class Engine:
             # DAD would hold every address tentative for a second or more.
             sysctl.write("ipv6/conf/all/accept_dad", 0)
             sysctl.write("ipv6/conf/default/accept_dad", 0)
-            job_ipr = IPRoute()
-        self._job_iprs[plan.name] = job_ipr
-        links.up(job_ipr, 1)  # lo is always index 1 in a fresh namespace
+            job = Rtnl()
+        self._job_rtnl[plan.name] = job
         if plan.mode == "nat":
-            self._build_nat(plan, job_ipr)
+            self._build_nat(plan, job)
+        else:
+            job.run(rtnl.link_up(1, "lo"))
 
-    def _build_nat(self, plan: JobNetwork, job_ipr: IPRoute) -> None:
+    def _build_nat(self, plan: JobNetwork, job: Rtnl) -> None:
         assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
-        assert plan.ipv4_host and plan.ipv4_job and plan.ipv6_prefix
+        assert plan.host_index and plan.job_index
+        assert plan.ipv4_host and plan.ipv4_job and plan.ipv6_prefix and plan.host_link_local
         if not self._forwarding:
             sysctl.enable_forwarding()
             self._forwarding = True
         with self.journal.lock(exclusive=False):
-            self.ruleset.ensure_table()
             self.ruleset.add_job(plan.name, plan.host_link, masquerade=True)
+        args = (
+            plan.host_link,
+            plan.host_index,
+            plan.host_mac,
+            plan.job_link,
+            plan.job_index,
+            plan.job_mac,
+            netns.path(plan.netns),
+        )
         try:
-            idx = links.create_veth(
-                self.ipr,
-                plan.host_link,
-                plan.host_mac,
-                plan.job_link,
-                plan.job_mac,
-                netns.path(plan.netns),
-            )
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
+            idx = links.create_veth(self.rtnl, *args)
+        except RtnlError as e:
+            if e.errno != errno.EEXIST:
                 raise
             # A previous job of this name whose namespace the kernel is still
             # dismantling (that is asynchronous): remove its link now.
             links.delete(self.ipr, plan.host_link)
-            idx = links.create_veth(
-                self.ipr,
-                plan.host_link,
-                plan.host_mac,
-                plan.job_link,
-                plan.job_mac,
-                netns.path(plan.netns),
-            )
-        # The job must not be able to teach the host routes; DAD on a link
-        # with two known ends only delays the first RA.
-        sysctl.write(f"ipv6/conf/{plan.host_link}/accept_ra", 0)
-        sysctl.write(f"ipv6/conf/{plan.host_link}/accept_dad", 0)
-        addrs.add(self.ipr, idx, plan.ipv4_host)
-        jidx = links.index(job_ipr, plan.job_link)
-        assert jidx is not None
-        addrs.add(job_ipr, jidx, plan.ipv4_job)
-        links.up(job_ipr, jidx)
-        addrs.default_route(job_ipr, plan.ipv4_host.ip, jidx)
-        links.up(self.ipr, idx)
-        addrs.prefix_route(self.ipr, plan.ipv6_prefix, idx)
+            idx = links.create_veth(self.rtnl, *args)
+        addrs.host_side(
+            self.rtnl, idx, plan.host_link, plan.ipv4_host, plan.host_link_local, plan.ipv6_prefix
+        )
+        addrs.job_side(job, plan.job_index, plan.ipv4_job, plan.ipv4_host.ip)
         if self.advertiser is not None:
-            assert plan.host_link_local is not None
             mac = bytes(int(x, 16) for x in plan.host_mac.split(":"))
             self.advertiser.add(idx, plan.ipv6_prefix, plan.host_link_local, mac)
             self._advertised[plan.name] = idx
 
     def wait_ready(self, plan: JobNetwork, timeout: float) -> float | None:
         """Wait for the job's SLAAC address; seconds waited, or None on timeout."""
-        job_ipr = self._job_iprs.get(plan.name)
-        if (
-            plan.mode != "nat"
-            or job_ipr is None
-            or plan.ipv6_prefix is None
-            or plan.job_link is None
-        ):
+        job = self._job_rtnl.get(plan.name)
+        if plan.mode != "nat" or job is None or plan.ipv6_prefix is None or plan.job_index is None:
             return 0.0
-        jidx = links.index(job_ipr, plan.job_link)
-        if jidx is None:
-            return None
-        return addrs.wait_slaac(job_ipr, jidx, plan.ipv6_prefix, timeout)
+        return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout)
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
         """(IPv4, [IPv6 global addresses]) the job has now."""
-        job_ipr = self._job_iprs.get(plan.name)
-        if job_ipr is None or plan.job_link is None:
+        job = self._job_rtnl.get(plan.name)
+        if job is None or plan.job_index is None:
             return (None, [])
-        jidx = links.index(job_ipr, plan.job_link)
-        if jidx is None:
-            return (None, [])
-        v6 = [str(a) for a in addrs.ipv6_global(job_ipr, jidx)]
+        v6 = [str(a) for a in addrs.ipv6_global(job, plan.job_index)]
         return (str(plan.ipv4_job.ip) if plan.ipv4_job else None, v6)
 
     # -- check / stats -----------------------------------------------------
@@ -236,12 +226,10 @@ class Engine:
             if idx is None:
                 problems.append(f"link {plan.host_link} is missing")
             else:
-                link = self.ipr.get_links(idx)[0]
-                if link.get_attr("IFLA_OPERSTATE") != "UP":
+                if not links.is_up(self.ipr, idx):
                     problems.append(f"link {plan.host_link} is not up")
-            jobs, _ = self.ruleset.job_objects()
-            if name not in jobs:
-                problems.append(f"nft chains and counters of {name} are missing")
+            if not self.ruleset.has_job(name):
+                problems.append(f"nft counters of {name} are missing")
         return problems
 
     def stats(self, name: str) -> Traffic:
@@ -263,8 +251,11 @@ class Engine:
     def teardown(self, name: str) -> bool:
         """Remove everything of job `name`; False if there was no such job."""
         record = self.journal.read(name)
-        slots = [s for s, owner in leases.leased(self.journal).items() if owner == name]
         plan = record.plan if record is not None else None
+        if plan is not None:
+            slots = [] if plan.slot is None else [plan.slot]
+        else:
+            slots = [s for s, lease in leases.leased(self.journal).items() if lease.name == name]
         if record is None and not slots:
             return False
         # Names derive from the job name, so a record that never got its
@@ -274,9 +265,13 @@ class Engine:
         idx = self._advertised.pop(name, None)
         if idx is not None and self.advertiser is not None:
             self.advertiser.remove(idx)
-        job_ipr = self._job_iprs.pop(name, None)
-        if job_ipr is not None:
-            job_ipr.close()
+        job = self._job_rtnl.pop(name, None)
+        if job is not None:
+            job.close()
+        if plan is not None and plan.ipv4_host and plan.ipv6_prefix and host_link:
+            host_idx = self.rtnl.link_index(host_link)
+            if host_idx is not None:
+                addrs.release(self.rtnl, host_idx, plan.ipv4_host, plan.ipv6_prefix)
         self._remove_netns(ns_name)
         if plan is None or plan.mode == "nat":
             with contextlib.suppress(OSError):
@@ -347,24 +342,19 @@ class Engine:
                 removed.append(f"link {link}")
         for job in sorted(nft_jobs - live):
             self._nft_remove(job, None)
-            removed.append(f"nft chains and counters of {job}")
+            removed.append(f"nft counters of {job}")
         for link in sorted(nft_links):
             if link[len(HOST_LINK_PREFIX) :] not in live:
                 self._nft_remove(link[len(HOST_LINK_PREFIX) :], link)
                 removed.append(f"nft map entries of {link}")
-        for slot, owner in sorted(lease_owners.items()):
-            if owner not in live:
-                leases.release(self.journal, slot, owner)
-                removed.append(f"address slot {slot} (of {owner})")
+        for slot, lease in sorted(lease_owners.items()):
+            # A lease is taken just before its job's record is claimed: one
+            # without a record is orphaned only once its leaser is gone.
+            if lease.name not in live and not os.path.exists(f"/proc/{lease.pid}"):
+                leases.release(self.journal, slot, lease.name)
+                removed.append(f"address slot {slot} (of {lease.name})")
         for tmp in self.journal.stale_temp_files():
-            with contextlib.suppress(FileNotFoundError):
-                if _age(tmp) > 10:
-                    tmp.unlink()
+            tmp.unlink(missing_ok=True)
+            removed.append(f"journal temp file {tmp.name}")
         self._remove_table_if_idle()
         return removed
-
-
-def _age(path: os.PathLike[str]) -> float:
-    import time
-
-    return time.time() - os.stat(path).st_mtime

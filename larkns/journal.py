@@ -105,7 +105,7 @@ class Journal:
         self.jobs = state_dir / "jobs"
         self.slots = state_dir / "slots"
 
-    def _ensure(self) -> None:
+    def ensure_dirs(self) -> None:
         for d in (self.dir, self.jobs, self.slots):
             with contextlib.suppress(FileExistsError):
                 d.mkdir(mode=0o700, parents=True)
@@ -115,7 +115,7 @@ class Journal:
 
     def claim(self, record: Record) -> None:
         """Create the job's record; a name that has one already is in use."""
-        self._ensure()
+        self.ensure_dirs()
         tmp = self._temp(record)
         try:
             os.link(tmp, self.path(record.name))
@@ -158,18 +158,24 @@ class Journal:
         self.path(name).unlink(missing_ok=True)
 
     def stale_temp_files(self) -> list[Path]:
-        try:
-            return [
-                self.jobs / e
-                for e in os.listdir(self.jobs)
-                if e.startswith(".") and e.endswith(".tmp")
-            ]
-        except FileNotFoundError:
-            return []
+        """Temp files (".NAME.PID.tmp") whose writer died before renaming them."""
+        out = []
+        for d in (self.jobs, self.slots):
+            try:
+                entries = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                parts = e.split(".")
+                writer = parts[-2] if len(parts) > 2 else ""
+                dead = writer.isdigit() and not os.path.exists(f"/proc/{writer}")
+                if e.endswith(".tmp") and dead:
+                    out.append(d / e)
+        return out
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
-        self._ensure()
+        self.ensure_dirs()
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

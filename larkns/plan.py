@@ -15,6 +15,13 @@ from larkns.config import ConfigError, Settings
 
 JOB_LINK = "eth0"
 HOST_LINK_PREFIX = "lk-"
+# Link indexes are chosen, not looked up: the job end is the first link of a
+# fresh namespace (lo is 1), the host end is numbered after the slot, far above
+# what a host's own links use.  Known indexes spare setup every lookup, and
+# the two ends never share an index (when they do, the kernel delays the
+# carrier change, and the first RA, by up to a second).
+JOB_INDEX = 2
+HOST_INDEX_BASE = 1_000_000
 
 
 def slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
@@ -45,6 +52,8 @@ class JobNetwork:
     slot: int | None = None
     host_link: str | None = None
     job_link: str | None = None
+    host_index: int | None = None
+    job_index: int | None = None
     host_mac: str | None = None
     job_mac: str | None = None
     ipv4_host: ipaddress.IPv4Interface | None = None
@@ -83,6 +92,8 @@ class JobNetwork:
             slot=d.get("slot"),
             host_link=d.get("host_link"),
             job_link=d.get("job_link"),
+            host_index=d.get("host_index"),
+            job_index=d.get("job_index"),
             host_mac=d.get("host_mac"),
             job_mac=d.get("job_mac"),
             ipv4_host=opt(ipaddress.IPv4Interface, "ipv4_host"),
@@ -134,6 +145,8 @@ def build(
         slot=slot,
         host_link=HOST_LINK_PREFIX + name,
         job_link=JOB_LINK,
+        host_index=HOST_INDEX_BASE + slot,
+        job_index=JOB_INDEX,
         host_mac=_mac(0x02, slot),
         job_mac=_mac(0x06, slot),
         ipv4_host=ipaddress.IPv4Interface((base4, 31)),

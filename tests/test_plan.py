@@ -123,9 +123,19 @@ def test_a_released_slot_is_leased_again_and_the_pool_runs_out(tmp_path: Path) -
     with pytest.raises(leases.PoolExhausted):
         leases.lease(j, "c", 2)
     leases.release(j, 0, "not-a")  # not a's owner: kept
-    assert leases.leased(j) == {0: "a", 1: "b"}
+    assert {s: lease.name for s, lease in leases.leased(j).items()} == {0: "a", 1: "b"}
     leases.release(j, 0, "a")
     assert leases.lease(j, "c", 2) == 0
+
+
+def test_slots_are_handed_out_round_robin(tmp_path: Path) -> None:
+    # A just-released slot is not reused at once: its old link may linger.
+    j = Journal(tmp_path)
+    j.claim(Record(name="seed", owner=Process(1, 1)))
+    assert leases.lease(j, "a", 4) == 0
+    leases.release(j, 0, "a")
+    assert [leases.lease(j, n, 4) for n in ("b", "c", "d")] == [1, 2, 3]
+    assert leases.lease(j, "e", 4) == 0
 
 
 def test_a_name_is_claimed_once_and_records_round_trip(tmp_path: Path) -> None:

@@ -30,6 +30,10 @@ def run_job(
     return proc, data
 
 
+def _strs(d: dict[str, object]) -> dict[str, str]:
+    return {k: str(v) for k, v in d.items()}
+
+
 def lines_json(out: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -45,7 +49,7 @@ def test_job_reaches_the_site_over_both_families_and_the_site_sees_the_worker(
         f"{PY} {PEER} tcp {SITE4} {PORT} && {PY} {PEER} tcp {SITE6} {PORT}",
     )
     assert proc.returncode == 0, proc.stderr
-    v4, v6 = lines_json(proc.stdout)
+    v4, v6 = (_strs(d) for d in lines_json(proc.stdout))
     assert v4["seen_as"] == WORKER4  # NAT44: the site sees the worker, not the job
     assert v6["seen_as"] == WORKER6  # NAT66 likewise
     assert ipaddress.ip_address(v4["local"]) in ipaddress.ip_network(clean_world.ipv4_pool)
@@ -191,7 +195,7 @@ def test_while_a_job_runs_its_objects_exist_and_are_listed(
         assert f"{clean_world.netns_prefix}lktlive" in sh("ip", "netns", "list").stdout
         assert "lk-lktlive" in sh("ip", "-o", "link", ns=clean_world.worker).stdout
         rules = sh("nft", "list", "table", "inet", "larkns", ns=clean_world.worker).stdout
-        assert "chain from-lktlive" in rules and "counter lktlive-out4" in rules
+        assert "counter lktlive-out4" in rules and '"lk-lktlive" : "lktlive-out4"' in rules
         listing = clean_world.larkns("list")
         assert "lktlive" in listing.stdout and "running" in listing.stdout
         shown = json.loads(clean_world.larkns("show", "lktlive").stdout)
@@ -264,21 +268,35 @@ def test_sigkill_while_the_command_runs_then_gc_leaves_nothing(
 def test_sigkill_at_any_moment_of_setup_then_gc_leaves_nothing(
     clean_world: World, tmp_path: Path
 ) -> None:
-    # Kill larkns at a spread of instants from its start to the command's:
-    # whatever it had built by then, gc must remove.
-    interrupted = 0
-    for i in range(24):
-        p = clean_world.larkns_popen("run", "--name", f"lktk{i}", "--", "true")
-        time.sleep(0.15 + i * 0.01)  # interpreter start-up is ~0.15 s
+    # Setup takes ~10-20 ms from the moment the job's record appears: kill
+    # larkns at a spread of instants after that, and once before it.  Whatever
+    # it had built by then, gc must remove.
+    delays = [None, 0, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.012, 0.015]
+    states = []
+    for i, delay in enumerate(delays):
+        name = f"lktk{i}"
+        record = clean_world.state_dir / "jobs" / f"{name}.json"
+        p = clean_world.larkns_popen("run", "--name", name, "--", "sleep", "5")
+        if delay is not None:
+            while not record.exists():
+                assert p.poll() is None, p.communicate()
+                time.sleep(0.0002)
+            time.sleep(delay)
         p.kill()
-        p.communicate()
-        if p.returncode == -signal.SIGKILL:
-            interrupted += 1
+        p.wait()
+        try:
+            states.append(json.loads(record.read_text())["state"])
+        except (FileNotFoundError, ValueError):
+            states.append("none")
         gc = clean_world.larkns("gc")
         assert gc.returncode == 0, gc.stderr
         left = clean_world.wait_no_leftovers()
-        assert not left, f"after a kill at {0.15 + i * 0.01:.2f} s: {left}"
-    assert interrupted > 0
+        assert not left, f"after a kill in state {states[-1]}: {left}"
+        for f in (p.stdout, p.stderr):
+            assert f is not None
+            f.close()
+    # The kills did land inside setup, not only before or after it.
+    assert {"claimed", "building", "ready"} & set(states), states
 
 
 def test_bad_input_is_one_line_exit_125_and_builds_nothing(

@@ -9,39 +9,47 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-
-def index(ipr: IPRoute, name: str) -> int | None:
-    found: list[int] = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+from larkns.kernel import rtnl
+from larkns.kernel.rtnl import Rtnl, RtnlError
 
 
 def create_veth(
-    ipr: IPRoute, host: str, host_mac: str, peer: str, peer_mac: str, peer_netns: str
+    host_rtnl: Rtnl,
+    host: str,
+    host_index: int,
+    host_mac: str,
+    peer: str,
+    peer_index: int,
+    peer_mac: str,
+    peer_netns: str,
 ) -> int:
-    """Create the pair with `peer` born inside `peer_netns`; returns the host end's index.
+    """Create the pair, the peer born inside `peer_netns`; returns the host end's index.
 
-    Creating the peer directly in the job's namespace (rather than moving it)
-    makes it take that namespace's default sysctls, such as accept_dad=0.
+    The peer is created in the job's namespace rather than moved there, so it
+    takes that namespace's default sysctls (accept_dad=0).  Indexes are
+    chosen (see plan.py) so setup needs no lookups; should the host index be
+    taken, the kernel picks one.
     """
     fd = os.open(peer_netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        ipr.link(
-            "add",
-            ifname=host,
-            address=host_mac,
-            kind="veth",
-            peer={"ifname": peer, "address": peer_mac, "net_ns_fd": fd},
-        )
+        try:
+            host_rtnl.run(rtnl.veth(host, host_index, host_mac, peer, peer_index, peer_mac, fd))
+            return host_index
+        except RtnlError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        host_rtnl.run(rtnl.veth(host, 0, host_mac, peer, peer_index, peer_mac, fd))
     finally:
         os.close(fd)
-    idx = index(ipr, host)
+    idx = host_rtnl.link_index(host)
     if idx is None:
         raise OSError(errno.ENODEV, f"veth {host} vanished right after it was made")
     return idx
 
 
-def up(ipr: IPRoute, idx: int) -> None:
-    ipr.link("set", index=idx, state="up")
+def index(ipr: IPRoute, name: str) -> int | None:
+    found: list[int] = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
 
 
 def delete(ipr: IPRoute, name: str) -> bool:
@@ -66,3 +74,8 @@ def names_with_prefix(ipr: IPRoute, prefix: str) -> list[str]:
         if name and name.startswith(prefix):
             out.append(name)
     return out
+
+
+def is_up(ipr: IPRoute, idx: int) -> bool:
+    link: Any = ipr.get_links(idx)[0]
+    return bool(link.get_attr("IFLA_OPERSTATE") == "UP")

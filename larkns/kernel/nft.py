@@ -1,37 +1,45 @@
 """larkns's own nftables table: accounting and NAT for every job.
 
-One table, `inet larkns`, for all jobs.  Its base chains look a packet's
-interface up in a verdict map and jump to that job's chain, so the cost of a
-packet and of adding a job stays flat however many jobs are alive (one table
-per job makes every nft operation slower with each job: MEASURED.md).
+One table, `inet larkns`, for all jobs.  Its base chains count each packet
+into the counters of the job whose link it crosses, found by looking the
+interface name up in maps (hash lookups: a packet costs the same with 1 or
+500 jobs alive), and masquerade what jobs send out:
 
     table inet larkns
-      map job_from  ifname : verdict     host end of a job's veth -> jump from-NAME
-      map job_to    ifname : verdict     host end of a job's veth -> jump to-NAME
-      set masquerade_from  ifname        jobs in nat mode
-      set job_links        ifname        every job's host end
-      set link_control     icmpv6_type   ND, RA/RS and MLD messages
-      chain forward     hook forward     iifname vmap @job_from; oifname vmap @job_to
-      chain input       hook input       iifname vmap @job_from
-      chain output      hook output      oifname vmap @job_to
-      chain postrouting hook postrouting (nat)
-                        iifname @masquerade_from oifname != @job_links masquerade
-      chain from-NAME / to-NAME          @link_control -> counter NAME-ctl-*, return
-                                         then counter NAME-{out,in}{4,6} by family
-      counter NAME-out4 NAME-out6 NAME-in4 NAME-in6 NAME-ctl-out NAME-ctl-in
+      set link_control  icmpv6_type         ND, RA/RS and MLD messages
+      set job_links     ifname              every job's host end
+      set masquerade_from ifname            jobs in nat mode
+      map out4 out6 in4 in6 ctl_out ctl_in  ifname : counter
+      counter NAME-out4 NAME-out6 NAME-in4 NAME-in6 NAME-ctl-out NAME-ctl-in   (per job)
+      chain forward  hook forward  priority 300
+            icmpv6 type @link_control counter name iifname map @ctl_out
+            icmpv6 type @link_control counter name oifname map @ctl_in
+            icmpv6 type @link_control return
+            meta nfproto ipv4 counter name iifname map @out4
+            meta nfproto ipv4 counter name oifname map @in4    (and ipv6)
+      chain input    hook input    priority 300     (the iifname half)
+      chain output   hook output   priority 300     (the oifname half)
+      chain postrouting  nat hook postrouting
+            iifname @masquerade_from oifname != @job_links masquerade
 
-Counters are named objects: they are read by name, never reset, and can be
+A job adds only named counters and map elements, never chains or rules.  The
+table itself is declared through libnftables (JSON); the per-job objects go
+through nfnetlink (nftnl.py), because libnftables reloads its view of the
+whole ruleset before each command and so gets slower with every job alive.
+
+Counters are named objects: read by name, never reset, and they could be
 re-created with their old values should someone flush the ruleset.
-
-Only this module knows nft's JSON; callers pass names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from typing import Any
 
+from larkns.kernel import nftnl
+from larkns.kernel.nftnl import Nftnl, NftnlError
 from larkns.traffic import Count
 
 FAMILY = "inet"
@@ -57,7 +65,16 @@ LINK_CONTROL_ICMPV6 = [
     "mld2-listener-report",
 ]
 
-COUNTER_KEYS = ("out4", "out6", "in4", "in6", "ctl-out", "ctl-in")
+# counter key -> the map that leads to it
+COUNTER_MAPS = {
+    "out4": "out4",
+    "out6": "out6",
+    "in4": "in4",
+    "in6": "in6",
+    "ctl-out": "ctl_out",
+    "ctl-in": "ctl_in",
+}
+COUNTER_KEYS = tuple(COUNTER_MAPS)
 
 
 class NftError(Exception):
@@ -82,13 +99,8 @@ def _load() -> Any:
     return nft
 
 
-def _counter_name(job: str, key: str) -> str:
+def counter_name(job: str, key: str) -> str:
     return f"{job}-{key}"
-
-
-def _elem(name: str, key: str, value: Any | None = None) -> dict[str, Any]:
-    e: Any = [key, value] if value is not None else key
-    return {"element": {**_T, "name": name, "elem": [e]}}
 
 
 def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +115,13 @@ def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
-def _base_objects() -> list[dict[str, Any]]:
+def _count_into(key: str, m: str) -> dict[str, Any]:
+    return {"counter": {"map": {"key": _meta(key), "data": f"@{m}"}}}
+
+
+def _declaration() -> list[dict[str, Any]]:
+    """The whole table as `add` commands, for one transaction."""
+
     def base(
         name: str, hook: str, ctype: str = "filter", prio: int = ACCOUNT_PRIORITY
     ) -> dict[str, Any]:
@@ -118,58 +136,44 @@ def _base_objects() -> list[dict[str, Any]]:
             }
         }
 
-    return [
+    objs: list[dict[str, Any]] = [
         {"table": {"family": FAMILY, "name": TABLE}},
-        {"map": {**_T, "name": "job_from", "type": "ifname", "map": "verdict"}},
-        {"map": {**_T, "name": "job_to", "type": "ifname", "map": "verdict"}},
-        {"set": {**_T, "name": "masquerade_from", "type": "ifname"}},
-        {"set": {**_T, "name": "job_links", "type": "ifname"}},
         {"set": {**_T, "name": "link_control", "type": "icmpv6_type"}},
+        {"element": {**_T, "name": "link_control", "elem": LINK_CONTROL_ICMPV6}},
+        {"set": {**_T, "name": "job_links", "type": "ifname"}},
+        {"set": {**_T, "name": "masquerade_from", "type": "ifname"}},
+    ]
+    objs += [
+        {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
+        for m in COUNTER_MAPS.values()
+    ]
+    objs += [
         base("forward", "forward"),
         base("input", "input"),
         base("output", "output"),
         base("postrouting", "postrouting", "nat", 100),
     ]
-
-
-def _base_elements() -> list[dict[str, Any]]:
-    return [{"element": {**_T, "name": "link_control", "elem": LINK_CONTROL_ICMPV6}}]
-
-
-def _base_rules() -> list[dict[str, Any]]:
-    def vmap(key: str, m: str) -> dict[str, Any]:
-        return {"vmap": {"key": _meta(key), "data": f"@{m}"}}
-
-    return [
-        _rule("forward", vmap("iifname", "job_from")),
-        _rule("forward", vmap("oifname", "job_to")),
-        _rule("input", vmap("iifname", "job_from")),
-        _rule("output", vmap("oifname", "job_to")),
+    ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
+    halves = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
+    for chain, keys in halves.items():
+        for key in keys:
+            objs.append(
+                _rule(chain, ctl, _count_into(key, "ctl_out" if key == "iifname" else "ctl_in"))
+            )
+        objs.append(_rule(chain, ctl, {"return": None}))
+        for fam, v in (("ipv4", "4"), ("ipv6", "6")):
+            for key in keys:
+                m = ("out" if key == "iifname" else "in") + v
+                objs.append(_rule(chain, _match(_meta("nfproto"), fam), _count_into(key, m)))
+    objs.append(
         _rule(
             "postrouting",
             _match(_meta("iifname"), "@masquerade_from"),
             _match(_meta("oifname"), "@job_links", "!="),
             {"masquerade": None},
-        ),
-    ]
-
-
-def _job_chain(chain: str, job: str, direction: str) -> list[dict[str, Any]]:
-    ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
-    return [
-        {"chain": {**_T, "name": chain}},
-        _rule(chain, ctl, {"counter": _counter_name(job, f"ctl-{direction}")}, {"return": None}),
-        _rule(
-            chain,
-            _match(_meta("nfproto"), "ipv4"),
-            {"counter": _counter_name(job, f"{direction}4")},
-        ),
-        _rule(
-            chain,
-            _match(_meta("nfproto"), "ipv6"),
-            {"counter": _counter_name(job, f"{direction}6")},
-        ),
-    ]
+        )
+    )
+    return [{"add": o} for o in objs]
 
 
 class Ruleset:
@@ -177,6 +181,11 @@ class Ruleset:
 
     def __init__(self) -> None:
         self._nft = _load()
+        self._nl = Nftnl()
+        self._ready = False  # the table was there at our last look
+
+    def close(self) -> None:
+        self._nl.close()
 
     def _run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rc, out, err = self._nft.cmd(json.dumps({"nftables": commands}))
@@ -185,118 +194,113 @@ class Ruleset:
         return _parse(out)
 
     def ensure_table(self) -> None:
-        """Create the table, its maps and base chains, unless present."""
-        if self.has_table():
-            return
-        # The table is made in one transaction, so it exists whole or not at all.
-        self._run([{"add": o} for o in _base_objects() + _base_elements() + _base_rules()])
+        """Declare the table, unless present (whole or not at all: one transaction)."""
+        if not self.has_table():
+            self._run(_declaration())
+        self._ready = True
 
     def has_table(self) -> bool:
-        rc, _out, _err = self._nft.cmd(
-            json.dumps({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        # "list tables" costs the same with 1 or 500 jobs; listing the table
+        # itself would return every job's objects.
+        rc, out, _err = self._nft.cmd(
+            json.dumps({"nftables": [{"list": {"tables": {"family": FAMILY}}}]})
         )
-        return bool(rc == 0)
+        if rc != 0:
+            return False
+        return any(o.get("table", {}).get("name") == TABLE for o in _parse(out))
 
     def delete_table(self) -> bool:
+        self._ready = False
         rc, _out, _err = self._nft.cmd(
             json.dumps({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})
         )
         return bool(rc == 0)
 
     def add_job(self, job: str, link: str, masquerade: bool) -> None:
-        """Counters, chains and map entries of one job, in one transaction."""
-        objs: list[dict[str, Any]] = [
-            {"counter": {**_T, "name": _counter_name(job, k)}} for k in COUNTER_KEYS
+        """Counters and map entries of one job, in one transaction."""
+        key = nftnl.ifname_key(link)
+        ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in COUNTER_KEYS]
+        ops += [
+            nftnl.add_element(TABLE, m, key, counter_name(job, k)) for k, m in COUNTER_MAPS.items()
         ]
-        objs += _job_chain(f"from-{job}", job, "out")
-        objs += _job_chain(f"to-{job}", job, "in")
-        objs.append(_elem("job_from", link, {"jump": {"target": f"from-{job}"}}))
-        objs.append(_elem("job_to", link, {"jump": {"target": f"to-{job}"}}))
-        objs.append(_elem("job_links", link))
+        ops.append(nftnl.add_element(TABLE, "job_links", key))
         if masquerade:
-            objs.append(_elem("masquerade_from", link))
-        self._run([{"add": o} for o in objs])
+            ops.append(nftnl.add_element(TABLE, "masquerade_from", key))
+        if not self._ready:
+            self.ensure_table()
+        try:
+            self._nl.batch(ops)
+        except NftnlError as e:
+            if e.errno == errno.EEXIST:
+                # A killed job of the same name left its objects (its record,
+                # and so its name, is ours now): remove them, start at zero.
+                self.remove_job(job, link)
+            elif e.errno == errno.ENOENT:
+                # The table went since our last look (the last job out
+                # removed it, or someone flushed the ruleset).
+                self.ensure_table()
+            else:
+                raise NftError(str(e)) from None
+            try:
+                self._nl.batch(ops)
+            except NftnlError as e2:
+                raise NftError(str(e2)) from None
 
     def remove_job(self, job: str, link: str | None) -> bool:
         """Remove everything of `job`; True if anything was there.
 
-        The whole removal is one transaction in the common case; when some
-        part is already gone (a half-built or half-removed job), nft refuses
-        the batch, so we fall back to removing each object on its own.
+        One transaction in the common case; when part of it is already gone
+        (a half-built or half-removed job), the kernel refuses the batch, so
+        each object is then removed on its own.
         """
-        ops = self._removal(job, link)
+        ops = []
+        if link is not None:
+            key = nftnl.ifname_key(link)
+            # Map entries first: they hold references to the counters.
+            ops += [nftnl.delete_element(TABLE, m, key) for m in COUNTER_MAPS.values()]
+            ops += [nftnl.delete_element(TABLE, s, key) for s in ("job_links", "masquerade_from")]
+        ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in COUNTER_KEYS]
         try:
-            self._run(ops)
+            self._nl.batch(ops)
             return True
-        except NftError:
+        except NftnlError:
             pass
         removed = False
         for op in ops:
-            with contextlib.suppress(NftError):
-                self._run([op])
+            with contextlib.suppress(NftnlError):
+                self._nl.batch([op])
                 removed = True
         return removed
 
-    def _removal(self, job: str, link: str | None) -> list[dict[str, Any]]:
-        ops: list[dict[str, Any]] = []
-        if link is not None:
-            # Map entries go first: they hold references to the chains.
-            for m in ("job_from", "job_to", "job_links", "masquerade_from"):
-                ops.append({"delete": _elem(m, link)})
-        for chain in (f"from-{job}", f"to-{job}"):
-            ops.append({"flush": {"chain": {**_T, "name": chain}}})
-            ops.append({"delete": {"chain": {**_T, "name": chain}}})
-        for k in COUNTER_KEYS:
-            ops.append({"delete": {"counter": {**_T, "name": _counter_name(job, k)}}})
-        return ops
-
     def counters(self, job: str) -> dict[str, Count]:
         """The job's counters by key (out4, in6, ...); missing ones read as zero."""
-        cmds = [{"list": {"counter": {**_T, "name": _counter_name(job, k)}}} for k in COUNTER_KEYS]
-        rc, out, _err = self._nft.cmd(json.dumps({"nftables": cmds}))
-        found: dict[str, Count] = {}
-        for obj in _parse(out):
-            c = obj.get("counter")
-            if c is None:
-                continue
-            key = c["name"][len(job) + 1 :]
-            found[key] = Count(int(c["packets"]), int(c["bytes"]))
-        if rc != 0 and not found:
-            # One missing counter fails the whole listing: read one by one.
-            for k in COUNTER_KEYS:
-                rc1, out1, _ = self._nft.cmd(
-                    json.dumps({"nftables": [cmds[COUNTER_KEYS.index(k)]]})
-                )
-                for obj in _parse(out1) if rc1 == 0 else []:
-                    c = obj.get("counter")
-                    if c is not None:
-                        found[k] = Count(int(c["packets"]), int(c["bytes"]))
-        return {k: found.get(k, Count()) for k in COUNTER_KEYS}
+        got = self._nl.counters(TABLE, [counter_name(job, k) for k in COUNTER_KEYS])
+        out = {}
+        for k in COUNTER_KEYS:
+            packets, nbytes = got.get(counter_name(job, k), (0, 0))
+            out[k] = Count(packets, nbytes)
+        return out
+
+    def has_job(self, job: str) -> bool:
+        """Whether all of the job's counters exist."""
+        got = self._nl.counters(TABLE, [counter_name(job, k) for k in COUNTER_KEYS])
+        return len(got) == len(COUNTER_KEYS)
 
     def job_objects(self) -> tuple[set[str], set[str]]:
-        """(job names that own chains or counters, links in the job maps), for gc."""
+        """(job names that own counters, links in the job maps and sets), for gc."""
         if not self.has_table():
             return set(), set()
         jobs: set[str] = set()
         links: set[str] = set()
+        maps = set(COUNTER_MAPS.values()) | {"job_links", "masquerade_from"}
         for obj in self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}]):
-            if "chain" in obj:
-                name = obj["chain"]["name"]
-                for p in ("from-", "to-"):
-                    if name.startswith(p):
-                        jobs.add(name[len(p) :])
-            elif "counter" in obj:
+            if "counter" in obj:
                 name = obj["counter"]["name"]
                 for k in COUNTER_KEYS:
                     if name.endswith(f"-{k}"):
                         jobs.add(name[: -len(k) - 1])
-            elif obj.get("map", {}).get("name") in ("job_from", "job_to") or obj.get("set", {}).get(
-                "name"
-            ) in (
-                "job_links",
-                "masquerade_from",
-            ):
-                body = obj.get("map") or obj.get("set") or {}
+            body = obj.get("map") or obj.get("set") or {}
+            if body.get("name") in maps:
                 for e in body.get("elem", []):
                     links.add(e[0] if isinstance(e, list) else e)
         return jobs, links

@@ -1,0 +1,323 @@
+"""A small synchronous rtnetlink socket for the hot path of a job's setup.
+
+pyroute2 is the general tool (dumps, gc, doctor), but each of its calls runs
+an asyncio loop: ~0.2 ms before the kernel sees anything.  A job's setup is a
+handful of requests whose values are all known in advance (even the link
+indexes: see plan.py), so they are encoded here with struct and sent in one
+sendmsg per namespace; the kernel handles them in order and acks each.
+
+Only what larkns sends is encoded: RTM_NEWLINK (veth pair, link up),
+RTM_NEWADDR/RTM_DELADDR, RTM_NEWROUTE/RTM_DELROUTE.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+# netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h)
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+RTM_GETADDR = 22
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_LINKINFO = 18
+IFLA_NET_NS_FD = 28
+IFLA_AF_SPEC = 26
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
+IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+VETH_INFO_PEER = 1
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_FLAGS = 8
+IFA_F_NODAD = 0x02
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RTN_UNICAST = 1
+IFF_UP = 0x1
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct(
+    "=BBBBBBBBI"
+)  # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+
+
+class RtnlError(OSError):
+    """The kernel refused request `what` of a batch."""
+
+    def __init__(self, code: int, what: str) -> None:
+        super().__init__(code, f"{what}: {os.strerror(code)}")
+        self.what = what
+
+
+def _attr(kind: int, data: bytes, nested: bool = False) -> bytes:
+    length = 4 + len(data)
+    return (
+        struct.pack("=HH", length, kind | (0x8000 if nested else 0)) + data + b"\0" * (-length % 4)
+    )
+
+
+def _mac(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def _family(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+@dataclass(frozen=True)
+class Request:
+    what: str  # for error messages: "add veth lk-a"
+    type: int
+    flags: int
+    body: bytes
+
+
+def veth(
+    host: str,
+    host_index: int,
+    host_mac: str,
+    peer: str,
+    peer_index: int,
+    peer_mac: str,
+    peer_netns_fd: int,
+) -> Request:
+    """A veth pair with chosen indexes (0: the kernel's choice), the peer born
+    inside another netns; both down (a veth end cannot be opened before its
+    peer is registered: ENOTCONN)."""
+    peer_msg = (
+        _IFINFO.pack(0, 0, peer_index, 0, 0)
+        + _attr(IFLA_IFNAME, peer.encode() + b"\0")
+        + _attr(IFLA_ADDRESS, _mac(peer_mac))
+        + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd))
+    )
+    linkinfo = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(
+        IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_msg)
+    )
+    body = (
+        _IFINFO.pack(0, 0, host_index, 0, 0)
+        + _attr(IFLA_IFNAME, host.encode() + b"\0")
+        + _attr(IFLA_ADDRESS, _mac(host_mac))
+        + _attr(IFLA_LINKINFO, linkinfo)
+    )
+    return Request(f"add veth {host}", RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def no_link_local(index: int, what: str) -> Request:
+    """Stop the kernel from making an EUI-64 link-local on this link.
+
+    The kernel would run DAD on it (a second, with the host's default
+    accept_dad), and no RA can leave before it is done; larkns adds the same
+    address itself, without DAD.
+    """
+    spec = _attr(
+        socket.AF_INET6,
+        _attr(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE])),
+        nested=True,
+    )
+    body = _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_AF_SPEC, spec, nested=True)
+    return Request(f"set {what} addrgenmode none", RTM_NEWLINK, 0, body)
+
+
+def link_up(index: int, what: str) -> Request:
+    return Request(f"set {what} up", RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, IFF_UP, IFF_UP))
+
+
+def address(
+    index: int,
+    iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+    delete: bool = False,
+    nodad: bool = False,
+) -> Request:
+    fam = _family(iface.ip)
+    body = (
+        _IFADDR.pack(fam, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+        + _attr(IFA_LOCAL, iface.ip.packed)
+        + _attr(IFA_ADDRESS, iface.ip.packed)
+    )
+    if nodad:
+        body += _attr(IFA_FLAGS, struct.pack("=I", IFA_F_NODAD))
+    if delete:
+        return Request(f"delete address {iface}", RTM_DELADDR, 0, body)
+    return Request(f"add address {iface}", RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def route(
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    oif: int,
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
+    delete: bool = False,
+) -> Request:
+    fam = _family(dst.network_address)
+    scope = RT_SCOPE_LINK if gateway is None and fam == socket.AF_INET else RT_SCOPE_UNIVERSE
+    body = _RTMSG.pack(fam, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
+    if dst.prefixlen:
+        body += _attr(RTA_DST, dst.network_address.packed)
+    body += _attr(RTA_OIF, struct.pack("=i", oif))
+    if gateway is not None:
+        body += _attr(RTA_GATEWAY, gateway.packed)
+    if delete:
+        return Request(f"delete route {dst}", RTM_DELROUTE, 0, body)
+    # replace: a finished job's route may still sit on its dying link
+    return Request(f"add route {dst}", RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
+class Rtnl:
+    """An rtnetlink socket bound to the netns of the thread that made it."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, *requests: Request, ignore: tuple[int, ...] = ()) -> None:
+        """Send all requests at once and wait for every ack.
+
+        The first refusal whose errno is not in `ignore` raises RtnlError,
+        after all acks are in (so the socket stays in step).
+        """
+        first = self._seq + 1
+        out = bytearray()
+        for r in requests:
+            self._seq += 1
+            out += (
+                _HDR.pack(
+                    _HDR.size + len(r.body),
+                    r.type,
+                    r.flags | NLM_F_REQUEST | NLM_F_ACK,
+                    self._seq,
+                    0,
+                )
+                + r.body
+            )
+        self._sock.sendall(out)
+        pending = set(range(first, self._seq + 1))
+        failure: RtnlError | None = None
+        while pending:
+            data = self._sock.recv(65536)
+            pos = 0
+            while pos + _HDR.size <= len(data):
+                length, mtype, _flags, seq, _pid = _HDR.unpack_from(data, pos)
+                if mtype == NLMSG_ERROR and seq in pending:
+                    pending.discard(seq)
+                    (code,) = struct.unpack_from("=i", data, pos + _HDR.size)
+                    if code and -code not in ignore and failure is None:
+                        failure = RtnlError(-code, requests[seq - first].what)
+                pos += (length + 3) & ~3
+                if length == 0:
+                    break
+        if failure is not None:
+            raise failure
+
+    def link_index(self, name: str) -> int | None:
+        """The index of link `name` in this socket's netns, or None."""
+        self._seq += 1
+        body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+        self._sock.sendall(
+            _HDR.pack(_HDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, self._seq, 0) + body
+        )
+        for mtype, payload in self._replies(self._seq):
+            if mtype == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", payload)
+                if -code == errno.ENODEV:
+                    return None
+                raise RtnlError(-code, f"look up link {name}")
+            if mtype == RTM_NEWLINK:
+                return int(_IFINFO.unpack_from(payload)[2])
+        return None
+
+    def ipv6_addresses(self, index: int) -> list[tuple[ipaddress.IPv6Address, int, int]]:
+        """(address, scope, flags) of every IPv6 address on link `index`."""
+        self._seq += 1
+        body = _IFADDR.pack(socket.AF_INET6, 0, 0, 0, 0)
+        self._sock.sendall(
+            _HDR.pack(_HDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
+            + body
+        )
+        out = []
+        for mtype, payload in self._replies(self._seq, dump=True):
+            if mtype != RTM_NEWADDR:
+                continue
+            _fam, _plen, flags, scope, idx = _IFADDR.unpack_from(payload)
+            if idx != index:
+                continue
+            addr = None
+            for kind, data in _attrs(payload, _IFADDR.size):
+                if kind == IFA_ADDRESS:
+                    addr = ipaddress.IPv6Address(data[:16])
+                elif kind == IFA_FLAGS:
+                    (flags,) = struct.unpack_from("=I", data)
+            if addr is not None:
+                out.append((addr, scope, flags))
+        return out
+
+    def _replies(self, seq: int, dump: bool = False) -> list[tuple[int, bytes]]:
+        """Messages answering request `seq`: one, or a dump up to NLMSG_DONE."""
+        out: list[tuple[int, bytes]] = []
+        while True:
+            data = self._sock.recv(1 << 16)
+            pos = 0
+            while pos + _HDR.size <= len(data):
+                length, mtype, _flags, mseq, _pid = _HDR.unpack_from(data, pos)
+                if length < _HDR.size:
+                    break
+                if mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        return out
+                    out.append((mtype, data[pos + _HDR.size : pos + length]))
+                    if not dump or mtype == NLMSG_ERROR:
+                        return out
+                pos += (length + 3) & ~3
+
+
+def _attrs(payload: bytes, offset: int) -> list[tuple[int, bytes]]:
+    out = []
+    pos = offset
+    while pos + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, pos)
+        if length < 4:
+            break
+        out.append((kind & 0x3FFF, payload[pos + 4 : pos + length]))
+        pos += (length + 3) & ~3
+    return out
+
+
+def ignore_missing() -> tuple[int, ...]:
+    """Errnos meaning "already gone", for idempotent removal."""
+    return (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
