@@ -147,7 +147,7 @@ class Engine:
         with netns.entered(plan.netns):
             # Set before the job's link exists, which then inherits "default":
             # DAD would hold every address tentative for a second or more.
-            sysctl.write("ipv6/conf/all/accept_dad", 0)
+            # ("all" is 0 in a new namespace; DAD runs only if both are 1.)
             sysctl.write("ipv6/conf/default/accept_dad", 0)
             job = Rtnl()
         self._job_rtnl[plan.name] = job
