@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import secrets
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ def _nft_probe() -> str:
     r.counters("doctor")
     r.remove_job("doctor", "lk-doctor")
     r.delete_table()
-    return "inet table, verdict maps, named counters, masquerade"
+    return "inet table, counter maps, named counters, masquerade, nfnetlink batches"
 
 
 def findings() -> list[Finding]:
@@ -133,21 +134,38 @@ def _veth(ipr: object) -> str:
     return "veth pairs"
 
 
-def _qdisc(ipr: object, idx: int, kind: str) -> str:
-    from pyroute2 import IPRoute
+_QDISC_ARGS = {
+    "htb": ["default", "10"],
+    "tbf": ["rate", "10mbit", "burst", "32k", "latency", "50ms"],
+    "netem": ["delay", "1ms"],
+}
 
-    assert isinstance(ipr, IPRoute)
+
+def _qdisc(ipr: object, idx: int, kind: str) -> str:
+    # tc(8) rather than pyroute2: its per-qdisc option handling differs from
+    # kernel to kernel, and tc's own error says what is missing.
+    dev = "lkd0"
     if kind == "ingress":
-        ipr.tc("add", "ingress", idx, "ffff:")
-        ipr.tc("del", "ingress", idx, "ffff:")
-        return "works"
-    kwargs: dict[str, object] = {}
-    if kind == "tbf":
-        kwargs = {"rate": "10mbit", "burst": 10240, "latency": "50ms"}
-    elif kind == "htb":
-        kwargs = {"default": 0x10}
-    ipr.tc("add", kind, idx, "1:", **kwargs)
-    ipr.tc("del", kind, idx, "1:")
+        add = ["tc", "qdisc", "add", "dev", dev, "ingress"]
+        delete = ["tc", "qdisc", "del", "dev", dev, "ingress"]
+    else:
+        add = [
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "handle",
+            "1:",
+            kind,
+            *_QDISC_ARGS.get(kind, []),
+        ]
+        delete = ["tc", "qdisc", "del", "dev", dev, "root"]
+    proc = subprocess.run(add, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["tc failed"])[0])
+    subprocess.run(delete, capture_output=True)
     return "works"
 
 

@@ -179,6 +179,10 @@ class Engine:
         except RtnlError as e:
             if e.errno != errno.EEXIST:
                 raise
+            if not links.is_veth(self.ipr, plan.host_link):
+                raise SetupError(
+                    f"link {plan.host_link} exists and is not larkns's; rename it or the job"
+                ) from None
             # A previous job of this name whose namespace the kernel is still
             # dismantling (that is asynchronous): remove its link now.
             links.delete(self.ipr, plan.host_link)
@@ -319,7 +323,7 @@ class Engine:
         # after its record, so one seen first and then found without a record
         # is truly orphaned, never a job being set up right now.
         ns_names = [n for n in netns.names() if n.startswith(self.settings.netns_prefix)]
-        link_names = links.names_with_prefix(self.ipr, HOST_LINK_PREFIX)
+        link_names = links.veths_with_prefix(self.ipr, HOST_LINK_PREFIX)
         try:
             nft_jobs, nft_links = self.ruleset.job_objects()
         except Exception:

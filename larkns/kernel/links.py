@@ -66,14 +66,27 @@ def delete(ipr: IPRoute, name: str) -> bool:
     return True
 
 
-def names_with_prefix(ipr: IPRoute, prefix: str) -> list[str]:
+def veths_with_prefix(ipr: IPRoute, prefix: str) -> list[str]:
+    """veth links whose name starts with `prefix` (a link of another kind is never larkns's)."""
     out = []
     link: Any
     for link in ipr.get_links():
         name = link.get_attr("IFLA_IFNAME")
-        if name and name.startswith(prefix):
+        if name and name.startswith(prefix) and _kind(link) == "veth":
             out.append(name)
     return out
+
+
+def is_veth(ipr: IPRoute, name: str) -> bool:
+    link: Any
+    for link in ipr.get_links(ifname=name):
+        return _kind(link) == "veth"
+    return False
+
+
+def _kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
 def is_up(ipr: IPRoute, idx: int) -> bool:

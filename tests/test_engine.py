@@ -1,0 +1,156 @@
+"""The engine's verbs, in-process, inside the simulated worker (real kernel)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from larkns import config, leases
+from larkns.engine import Engine, SetupError
+from larkns.journal import Process, Record
+from larkns.kernel import netns
+from larkns.kernel.nft import Ruleset
+from larkns.kernel.ra import Advertiser
+from tests.world import World, sh
+
+
+@pytest.fixture()
+def engine(clean_world: World) -> Iterator[Engine]:
+    settings = config.Settings(
+        ipv4_pool=ipaddress.IPv4Network(clean_world.ipv4_pool),
+        ipv6_prefix=ipaddress.IPv6Network(clean_world.ipv6_prefix),
+        state_dir=clean_world.state_dir,
+        netns_prefix=clean_world.netns_prefix,
+    )
+    with netns.entered(clean_world.worker):
+        advertiser = Advertiser()
+        eng = Engine(settings, advertiser)
+        try:
+            yield eng
+        finally:
+            for name in eng.journal.names():
+                eng.teardown(name)
+            eng.close()
+            advertiser.close()
+
+
+def me() -> Process:
+    return Process.of(os.getpid())
+
+
+def test_setup_builds_what_check_verifies_and_teardown_removes_it(
+    engine: Engine, clean_world: World
+) -> None:
+    plan = engine.setup("lkte1", "nat", me())
+    assert engine.check("lkte1") == []
+    assert netns.exists(plan.netns)
+    assert engine.wait_ready(plan, 2.0) is not None
+    ipv4, ipv6 = engine.job_addresses(plan)
+    assert ipv4 == str(plan.ipv4_job.ip) if plan.ipv4_job else False
+    assert ipv6 == [str(plan.ipv6_job)]  # SLAAC formed exactly the planned EUI-64 address
+    assert engine.teardown("lkte1") is True
+    assert engine.teardown("lkte1") is False  # idempotent: nothing left to remove
+    assert engine.check("lkte1") == ["job lkte1: no record"]
+
+
+def test_check_names_what_is_missing(engine: Engine, clean_world: World) -> None:
+    plan = engine.setup("lkte2", "nat", me())
+    assert plan.host_link is not None
+    sh("ip", "link", "set", plan.host_link, "down", ns=clean_world.worker)
+    assert engine.check("lkte2") == [f"link {plan.host_link} is not up"]
+    Ruleset().remove_job("lkte2", plan.host_link)
+    assert engine.check("lkte2") == [
+        f"link {plan.host_link} is not up",
+        "nft counters of lkte2 are missing",
+    ]
+    # teardown of a half-gone job succeeds and removes the rest
+    assert engine.teardown("lkte2") is True
+
+
+def test_teardown_of_a_job_whose_objects_are_partly_gone(
+    engine: Engine, clean_world: World
+) -> None:
+    plan = engine.setup("lkte3", "nat", me())
+    sh("ip", "netns", "del", plan.netns)
+    assert engine.teardown("lkte3") is True
+    assert engine.journal.read("lkte3") is None
+    assert leases.leased(engine.journal) == {}
+
+
+def test_gc_removes_orphans_without_records_and_spares_live_jobs(
+    engine: Engine, clean_world: World
+) -> None:
+    live = engine.setup("lkte4", "nat", me())
+    dead = engine.setup("lkte5", "nat", me())
+    # lkte5's record vanishes (as if its journal entry were lost): its
+    # namespace, link, counters and lease are now orphans without a record.
+    engine.journal.remove("lkte5")
+    assert dead.slot is not None
+    # its lease names a leaser that is gone (a lease whose leaser lives is
+    # spared: its record is about to be claimed)
+    (engine.journal.slots / str(dead.slot)).write_text(leases.Lease("lkte5", 2**22 + 1).encode())
+    # and a record whose owner is dead (a pid that cannot exist now)
+    engine.journal.claim(Record(name="lkte6", owner=Process(2**22 + 1, 1)))
+    removed = engine.gc()
+    assert f"netns {dead.netns}" in removed
+    assert f"link {dead.host_link}" in removed or not _link_exists(clean_world, dead.host_link)
+    assert "nft counters of lkte5" in removed
+    assert any(r.startswith("address slot") and "lkte5" in r for r in removed)
+    assert any("job lkte6" in r for r in removed)
+    assert engine.check("lkte4") == []  # the live job is untouched
+    assert netns.exists(live.netns)
+    assert engine.gc() == []  # nothing more to do
+
+
+def _link_exists(world: World, name: str | None) -> bool:
+    return (
+        bool(name)
+        and sh("ip", "link", "show", str(name), ns=world.worker, check=False).returncode == 0
+    )
+
+
+def test_a_failed_setup_leaves_nothing(engine: Engine, clean_world: World) -> None:
+    # A link that takes the job's host link name makes setup fail midway
+    # (the name check only covers links larkns knows about: this one is
+    # someone else's, of another kind).
+    sh("ip", "link", "add", "lk-lkte7", "type", "bridge", ns=clean_world.worker)
+    try:
+        with pytest.raises(SetupError, match="lk-lkte7 exists and is not larkns's"):
+            engine.setup("lkte7", "nat", me())
+        # the bridge is someone else's: left alone
+        assert "bridge" in sh("ip", "-d", "link", "show", "lk-lkte7", ns=clean_world.worker).stdout
+        assert engine.journal.read("lkte7") is None
+        assert not netns.exists(f"{clean_world.netns_prefix}lkte7")
+        assert leases.leased(engine.journal) == {}
+    finally:
+        sh("ip", "link", "del", "lk-lkte7", ns=clean_world.worker, check=False)
+
+
+def test_names_and_pools_are_enforced(engine: Engine, clean_world: World) -> None:
+    engine.setup("lkte8", "nat", me())
+    with pytest.raises(SetupError, match="in use"):
+        engine.setup("lkte8", "nat", me())
+    assert len(leases.leased(engine.journal)) == 1  # the refused setup gave its lease back
+
+
+def test_doctor_reports_what_this_kernel_has(clean_world: World) -> None:
+    proc = subprocess.run(
+        clean_world.worker_cmd(str(Path(sys.executable).parent / "larkns"), "doctor"),
+        capture_output=True,
+        text=True,
+        env=clean_world.env(),
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for line in ("network namespaces", "veth", "nftables", "qdisc htb", "qdisc tbf", "ifb"):
+        assert any(line in x and x.startswith("ok") for x in out.splitlines()), (line, out)
+    # MEASURED.md: this kernel has no fq_codel; the doctor must say so, not claim it
+    assert any("qdisc fq_codel" in x and not x.startswith("ok") for x in out.splitlines()), out
+    assert "can run here" in out
+    assert not [n for n in netns.names() if n.startswith("larkns-doctor")]
