@@ -45,7 +45,7 @@ class LarknsJobs:
     def __init__(self, world: World, settings: config.Settings, ra: bool = True) -> None:
         self.advertiser = Advertiser() if ra else None
         # A node that serves jobs all day keeps its table between jobs.
-        self.engine = Engine(settings, self.advertiser, remove_table_when_idle=False)
+        self.engine = Engine(settings, self.advertiser, clean_when_idle=False)
         self.owner = Process.of(os.getpid())
 
     def setup(self, name: str) -> None:

@@ -40,14 +40,14 @@ class Engine:
         self,
         settings: Settings,
         advertiser: Advertiser | None = None,
-        remove_table_when_idle: bool = True,
+        clean_when_idle: bool = True,
     ) -> None:
         self.settings = settings
         self.journal = Journal(settings.state_dir)
         self.advertiser = advertiser
-        # `larkns run` leaves nothing behind, not even the empty table; a
-        # daemon that serves jobs all day keeps it.
-        self.remove_table_when_idle = remove_table_when_idle
+        # `larkns run` leaves nothing behind, not even the empty table or the
+        # state dir; a daemon that serves jobs all day keeps them.
+        self.clean_when_idle = clean_when_idle
         self._rtnl: Rtnl | None = None
         self._ipr: IPRoute | None = None
         self._ruleset: Ruleset | None = None
@@ -104,21 +104,27 @@ class Engine:
         check_name(name)
         if mode == "nat":
             _ = self.ruleset  # no nftables: refuse before anything is built
-        plan = self._plan(name, mode)
-        record = Record(name=name, owner=owner, state="building", plan=plan)
+        claimed = False
         try:
-            self.journal.claim(record)
-        except NameInUse:
-            if plan.slot is not None:
-                leases.release(self.journal, plan.slot, name)
-            raise SetupError(f"job name {name!r} is in use (see `larkns list`)") from None
-        try:
-            self._build(plan)
-            record.state = "ready"
-            self.journal.write(record)
-            return plan
+            # Shared: the last job out cannot remove the state dir or the
+            # table while this job is being set up.
+            with self.journal.lock(exclusive=False):
+                plan = self._plan(name, mode)
+                record = Record(name=name, owner=owner, state="building", plan=plan)
+                try:
+                    self.journal.claim(record)
+                except NameInUse:
+                    if plan.slot is not None:
+                        leases.release(self.journal, plan.slot, name)
+                    raise SetupError(f"job name {name!r} is in use (see `larkns list`)") from None
+                claimed = True
+                self._build(plan)
+                record.state = "ready"
+                self.journal.write(record)
+                return plan
         except BaseException:
-            self.teardown(name)
+            if claimed:
+                self.teardown(name)  # outside the lock: teardown may take it exclusively
             raise
 
     def _plan(self, name: str, mode: str) -> JobNetwork:
@@ -163,8 +169,7 @@ class Engine:
         if not self._forwarding:
             sysctl.enable_forwarding()
             self._forwarding = True
-        with self.journal.lock(exclusive=False):
-            self.ruleset.add_job(plan.name, plan.host_link, masquerade=True)
+        self.ruleset.add_job(plan.name, plan.host_link, masquerade=True)
         args = (
             plan.host_link,
             plan.host_index,
@@ -283,7 +288,7 @@ class Engine:
         for slot in slots:
             leases.release(self.journal, slot, name)
         self.journal.remove(name)
-        self._remove_table_if_idle()
+        self._clean_when_idle()
         return True
 
     def _nft_remove(self, name: str, host_link: str | None) -> None:
@@ -300,13 +305,15 @@ class Engine:
             netns.kill_all(ino)
         netns.delete(ns_name)
 
-    def _remove_table_if_idle(self) -> None:
-        if not self.remove_table_when_idle:
+    def _clean_when_idle(self) -> None:
+        """The last job out removes the table and the state dir."""
+        if not self.clean_when_idle:
             return
         with self.journal.lock(exclusive=True):
             if not self.journal.names():
                 with contextlib.suppress(Exception):
                     self.ruleset.delete_table()
+                self.journal.remove_if_idle()
 
     def records(self) -> list[Record]:
         out = []
@@ -360,5 +367,5 @@ class Engine:
         for tmp in self.journal.stale_temp_files():
             tmp.unlink(missing_ok=True)
             removed.append(f"journal temp file {tmp.name}")
-        self._remove_table_if_idle()
+        self._clean_when_idle()
         return removed

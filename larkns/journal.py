@@ -175,10 +175,43 @@ class Journal:
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
-        self.ensure_dirs()
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
+        """Shared while jobs are set up, exclusive for the last job out, which
+        removes the state dir (lock file included) when nothing is left."""
+        while True:
+            self.ensure_dirs()
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                same = os.stat(self.dir / "lock").st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            # We waited on a lock file the last job out has since removed.
+            os.close(fd)
+        try:
             yield
         finally:
             os.close(fd)
+
+    def remove_if_idle(self) -> bool:
+        """Remove the state dir if no job has a record or a lease; call under
+        the exclusive lock.  True if it is gone."""
+        if self.names() or any(e.isdigit() for e in _listdir(self.slots)):
+            return False
+        (self.slots / "next").unlink(missing_ok=True)
+        for d in (self.jobs, self.slots):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                d.rmdir()
+        (self.dir / "lock").unlink(missing_ok=True)
+        # A job that started meanwhile made the dir anew: then it stays.
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.dir.rmdir()
+        return True
+
+
+def _listdir(d: Path) -> list[str]:
+    try:
+        return os.listdir(d)
+    except FileNotFoundError:
+        return []

@@ -150,11 +150,12 @@ class World:
         ]
         tables = sh("nft", "list", "tables", ns=self.worker, check=False).stdout
         left += [f"nft {t}" for t in tables.splitlines() if t.strip()]
-        for sub in ("jobs", "slots"):
-            d = self.state_dir / sub
-            if d.exists():
-                # slots/next is the lease cursor: kept on purpose
-                left += [f"state {sub}/{e}" for e in os.listdir(d) if e != "next"]
+        if self.state_dir.exists():
+            # the last job out removes the whole state dir
+            left += [
+                f"state {p.relative_to(self.state_dir)}" for p in sorted(self.state_dir.rglob("*"))
+            ]
+            left.append(f"state dir {self.state_dir}")
         return left
 
     def wait_no_leftovers(self, timeout: float = 3.0) -> list[str]:
