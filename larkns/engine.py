@@ -52,7 +52,6 @@ class Engine:
         self._ipr: IPRoute | None = None
         self._ruleset: Ruleset | None = None
         self._forwarding = False
-        self._job_rtnl: dict[str, Rtnl] = {}
         self._advertised: dict[str, int] = {}
 
     # -- resources ---------------------------------------------------------
@@ -78,9 +77,6 @@ class Engine:
         return self._ruleset
 
     def close(self) -> None:
-        for sock in self._job_rtnl.values():
-            sock.close()
-        self._job_rtnl.clear()
         if self._rtnl is not None:
             self._rtnl.close()
             self._rtnl = None
@@ -156,11 +152,11 @@ class Engine:
             # ("all" is 0 in a new namespace; DAD runs only if both are 1.)
             sysctl.write("ipv6/conf/default/accept_dad", 0)
             job = Rtnl()
-        self._job_rtnl[plan.name] = job
-        if plan.mode == "nat":
-            self._build_nat(plan, job)
-        else:
-            job.run(rtnl.link_up(1, "lo"))
+        with job:
+            if plan.mode == "nat":
+                self._build_nat(plan, job)
+            else:
+                job.run(rtnl.link_up(1, "lo"))
 
     def _build_nat(self, plan: JobNetwork, job: Rtnl) -> None:
         assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
@@ -201,19 +197,26 @@ class Engine:
             self.advertiser.add(idx, plan.ipv6_prefix, plan.host_link_local, mac)
             self._advertised[plan.name] = idx
 
+    @staticmethod
+    def _job_socket(plan: JobNetwork) -> Rtnl:
+        # Opened on demand, not kept per job: a process with hundreds of jobs
+        # would otherwise hold hundreds of sockets for nothing.
+        with netns.entered(plan.netns):
+            return Rtnl()
+
     def wait_ready(self, plan: JobNetwork, timeout: float) -> float | None:
         """Wait for the job's SLAAC address; seconds waited, or None on timeout."""
-        job = self._job_rtnl.get(plan.name)
-        if plan.mode != "nat" or job is None or plan.ipv6_prefix is None or plan.job_index is None:
+        if plan.mode != "nat" or plan.ipv6_prefix is None or plan.job_index is None:
             return 0.0
-        return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout)
+        with self._job_socket(plan) as job:
+            return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout)
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
         """(IPv4, [IPv6 global addresses]) the job has now."""
-        job = self._job_rtnl.get(plan.name)
-        if job is None or plan.job_index is None:
+        if plan.mode != "nat" or plan.job_index is None:
             return (None, [])
-        v6 = [str(a) for a in addrs.ipv6_global(job, plan.job_index)]
+        with self._job_socket(plan) as job:
+            v6 = [str(a) for a in addrs.ipv6_global(job, plan.job_index)]
         return (str(plan.ipv4_job.ip) if plan.ipv4_job else None, v6)
 
     # -- check / stats -----------------------------------------------------
@@ -274,9 +277,6 @@ class Engine:
         idx = self._advertised.pop(name, None)
         if idx is not None and self.advertiser is not None:
             self.advertiser.remove(idx)
-        job = self._job_rtnl.pop(name, None)
-        if job is not None:
-            job.close()
         if plan is not None and plan.ipv4_host and plan.ipv6_prefix and host_link:
             host_idx = self.rtnl.link_index(host_link)
             if host_idx is not None:
