@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("larkns run: no command given (larkns run [options] -- CMD [ARG...])")
     settings = _settings(args)
     _require_root("run")
-    name = config.check_name(args.name) if args.name else "j" + secrets.token_hex(4)
+    name = "j" + secrets.token_hex(4) if args.name is None else config.check_name(args.name)
     return run(
         settings,
         RunRequest(
@@ -135,6 +135,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from larkns.engine import Engine
 
+    config.check_name(args.name, "NAME")
     _require_root("show")
     with Engine(_settings(args)) as engine:
         record = engine.journal.read(args.name)
@@ -156,6 +157,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from larkns.engine import Engine
 
+    config.check_name(args.name, "NAME")
     _require_root("check")
     with Engine(_settings(args)) as engine:
         problems = engine.check(args.name)
@@ -167,10 +169,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_teardown(args: argparse.Namespace) -> int:
     from larkns.engine import Engine
 
+    config.check_name(args.name, "NAME")
     _require_root("teardown")
     with Engine(_settings(args)) as engine:
         if not engine.teardown(args.name):
-            raise ConfigError(f"no job named {args.name!r} (see `larkns list`)")
+            # Like a CNI DEL: removing what is not there succeeds.
+            print(f"larkns: no job named {args.name!r}; nothing to remove", file=sys.stderr)
     return 0
 
 

@@ -29,8 +29,10 @@ DEFAULT_SLAAC_TIMEOUT = 2.0
 
 # A job name becomes part of the host veth name "lk-NAME" (IFNAMSIZ: 15 chars),
 # of nft object names and of file names: keep it to a safe alphabet.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,11}$")
-NETNS_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,11}")
+# Anything under /run/netns with this prefix is taken for larkns's own (gc
+# removes it): a few characters at least, so it cannot match everything.
+NETNS_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 
 
 class ConfigError(Exception):
@@ -112,8 +114,8 @@ def _parse_dir(attr: str) -> Parser:
 
 
 def _parse_netns_prefix(knob: str, raw: str) -> tuple[str, object]:
-    if not NETNS_PREFIX_RE.match(raw):
-        raise ConfigError(f"{knob}: expected 1-32 characters of A-Z a-z 0-9 _ . -, got {raw!r}")
+    if not NETNS_PREFIX_RE.fullmatch(raw):
+        raise ConfigError(f"{knob}: expected 3-32 characters of A-Z a-z 0-9 _ . -, got {raw!r}")
     return "netns_prefix", raw
 
 
@@ -148,10 +150,10 @@ def load(
     return settings.with_overrides(flags or {})
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+def check_name(name: str, what: str = "--name") -> str:
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"--name: {name!r} is not a valid job name "
+            f"{what}: {name!r} is not a valid job name "
             "(1-12 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit)"
         )
     return name
@@ -171,7 +173,7 @@ def host_ula_prefix(lib_dir: Path) -> ipaddress.IPv6Network:
     global_id = secrets.token_bytes(5)
     prefix = ipaddress.IPv6Network((b"\xfd" + global_id + bytes(10), 48))
     lib_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".ula-prefix.{os.getpid()}.tmp")
     tmp.write_text(f"{prefix}\n")
     # link() fails if another process made one first: then theirs is kept.
     try:

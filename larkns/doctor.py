@@ -57,7 +57,8 @@ def findings() -> list[Finding]:
     from larkns import core
 
     out.append(_probe("C core (clone3, pidfd, setns)", lambda: _core_probe(core)))
-    name = f"larkns-doctor-{secrets.token_hex(3)}"
+    # Not under larkns's own netns prefix: a gc running meanwhile would take it for an orphan.
+    name = f"lkdoctor-{secrets.token_hex(3)}"
     try:
         netns.create(name)
     except Exception as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
@@ -105,6 +106,11 @@ class Engine:
             # Shared: the last job out cannot remove the state dir or the
             # table while this job is being set up.
             with self.journal.lock(exclusive=False):
+                # Checked before the lease too, so that a name in use is
+                # reported as such even when the pool is full; claim() below
+                # is what guarantees it.
+                if self.journal.path(name).exists():
+                    raise SetupError(f"job name {name!r} is in use (see `larkns list`)")
                 plan = self._plan(name, mode)
                 record = Record(name=name, owner=owner, state="building", plan=plan)
                 try:
@@ -204,12 +210,15 @@ class Engine:
         with netns.entered(plan.netns):
             return Rtnl()
 
-    def wait_ready(self, plan: JobNetwork, timeout: float) -> float | None:
-        """Wait for the job's SLAAC address; seconds waited, or None on timeout."""
+    def wait_ready(
+        self, plan: JobNetwork, timeout: float, cancel: Callable[[], bool] = lambda: False
+    ) -> float | None:
+        """Wait for the job's SLAAC address; seconds waited, or None on timeout
+        (or when `cancel()` says so)."""
         if plan.mode != "nat" or plan.ipv6_prefix is None or plan.job_index is None:
             return 0.0
         with self._job_socket(plan) as job:
-            return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout)
+            return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout, cancel)
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
         """(IPv4, [IPv6 global addresses]) the job has now."""
@@ -262,12 +271,24 @@ class Engine:
 
     def teardown(self, name: str) -> bool:
         """Remove everything of job `name`; False if there was no such job."""
+        removed = self._teardown(name)
+        self._clean_when_idle()
+        return removed
+
+    def _teardown(self, name: str) -> bool:
         record = self.journal.read(name)
         plan = record.plan if record is not None else None
         if plan is not None:
             slots = [] if plan.slot is None else [plan.slot]
         else:
-            slots = [s for s, lease in leases.leased(self.journal).items() if lease.name == name]
+            # No plan: a setup killed between its lease and its claim.  Only
+            # leases whose leaser is gone (or is us) are that job's; another
+            # may be about to claim the same name.
+            slots = [
+                s
+                for s, lease in leases.leased(self.journal).items()
+                if lease.name == name and (lease.pid == os.getpid() or not _pid_alive(lease.pid))
+            ]
         if record is None and not slots:
             return False
         # Names derive from the job name, so a record that never got its
@@ -288,7 +309,6 @@ class Engine:
         for slot in slots:
             leases.release(self.journal, slot, name)
         self.journal.remove(name)
-        self._clean_when_idle()
         return True
 
     def _nft_remove(self, name: str, host_link: str | None) -> None:
@@ -310,10 +330,13 @@ class Engine:
         if not self.clean_when_idle:
             return
         with self.journal.lock(exclusive=True):
-            if not self.journal.names():
-                with contextlib.suppress(Exception):
-                    self.ruleset.delete_table()
-                self.journal.remove_if_idle()
+            self._clean_if_idle_locked()
+
+    def _clean_if_idle_locked(self) -> None:
+        if self.clean_when_idle and not self.journal.names():
+            with contextlib.suppress(Exception):
+                self.ruleset.delete_table()
+            self.journal.remove_if_idle()
 
     def records(self) -> list[Record]:
         out = []
@@ -324,33 +347,40 @@ class Engine:
         return out
 
     def gc(self) -> list[str]:
-        """Remove every orphan; returns what was removed, one line each."""
+        """Remove every orphan; returns what was removed, one line each.
+
+        Runs under the exclusive state lock, which every setup holds shared
+        from its lease to its last object: so nothing gc sees without a
+        record can be a job being set up (or one reusing a finished job's
+        name) right now.
+        """
+        with self.journal.lock(exclusive=True):
+            removed = self._gc_locked()
+            self._clean_if_idle_locked()
+        return removed
+
+    def _gc_locked(self) -> list[str]:
         removed: list[str] = []
-        # Kernel objects are listed before the records: an object exists only
-        # after its record, so one seen first and then found without a record
-        # is truly orphaned, never a job being set up right now.
-        ns_names = [n for n in netns.names() if n.startswith(self.settings.netns_prefix)]
-        link_names = links.veths_with_prefix(self.ipr, HOST_LINK_PREFIX)
+        for record in self.records():
+            if record.owner.alive():
+                continue
+            self._teardown(record.name)
+            removed.append(f"job {record.name} (its owner, pid {record.owner.pid}, is gone)")
+        live = set(self.journal.names())
+
+        for ns_name in netns.names():
+            if ns_name.startswith(self.settings.netns_prefix) and (
+                ns_name[len(self.settings.netns_prefix) :] not in live
+            ):
+                self._remove_netns(ns_name)
+                removed.append(f"netns {ns_name}")
+        for link in links.veths_with_prefix(self.ipr, HOST_LINK_PREFIX):
+            if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
+                removed.append(f"link {link}")
         try:
             nft_jobs, nft_links = self.ruleset.job_objects()
         except Exception:
             nft_jobs, nft_links = set(), set()
-        lease_owners = leases.leased(self.journal)
-
-        for record in self.records():
-            if record.owner.alive():
-                continue
-            self.teardown(record.name)
-            removed.append(f"job {record.name} (its owner, pid {record.owner.pid}, is gone)")
-        live = set(self.journal.names())
-
-        for ns_name in ns_names:
-            if ns_name[len(self.settings.netns_prefix) :] not in live:
-                self._remove_netns(ns_name)
-                removed.append(f"netns {ns_name}")
-        for link in link_names:
-            if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
-                removed.append(f"link {link}")
         for job in sorted(nft_jobs - live):
             self._nft_remove(job, None)
             removed.append(f"nft counters of {job}")
@@ -358,14 +388,17 @@ class Engine:
             if link[len(HOST_LINK_PREFIX) :] not in live:
                 self._nft_remove(link[len(HOST_LINK_PREFIX) :], link)
                 removed.append(f"nft map entries of {link}")
-        for slot, lease in sorted(lease_owners.items()):
+        for slot, lease in sorted(leases.leased(self.journal).items()):
             # A lease is taken just before its job's record is claimed: one
             # without a record is orphaned only once its leaser is gone.
-            if lease.name not in live and not os.path.exists(f"/proc/{lease.pid}"):
+            if lease.name not in live and not _pid_alive(lease.pid):
                 leases.release(self.journal, slot, lease.name)
                 removed.append(f"address slot {slot} (of {lease.name})")
         for tmp in self.journal.stale_temp_files():
             tmp.unlink(missing_ok=True)
             removed.append(f"journal temp file {tmp.name}")
-        self._clean_when_idle()
         return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    return pid > 0 and os.path.exists(f"/proc/{pid}")

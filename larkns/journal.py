@@ -140,7 +140,7 @@ class Journal:
             return None
         try:
             return Record.from_dict(json.loads(data))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             # Records appear whole (link/rename), so this is damage from
             # outside; treat it as a claim whose owner is gone.
             return Record(name=name, owner=Process(0, 0), state="corrupt")

@@ -62,7 +62,7 @@ def build(
         "netns": netns,
         "exit_code": outcome.exit_code,
         "signal": outcome.signal,
-        "signal_name": signal.Signals(outcome.signal).name if outcome.signal else None,
+        "signal_name": signal_name(outcome.signal) if outcome.signal else None,
         "error": outcome.error,
         "exit_status": outcome.status,
         "duration_s": round(duration_s, 6),
@@ -79,12 +79,24 @@ def build(
     }
 
 
-def write_json(report: dict[str, Any], path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def signal_name(signum: int) -> str:
+    """SIGTERM, ..., and SIGRTMIN+N for real-time signals, which have no name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
+
+
+def write_json(report: dict[str, Any], fd: int) -> None:
+    """Write the report to `fd`, a file opened (and truncated) before the job ran."""
+    data = (json.dumps(report, indent=2) + "\n").encode()
+    os.ftruncate(fd, 0)
+    view = memoryview(data)
+    offset = 0
+    while offset < len(data):
+        offset += os.pwrite(fd, view[offset:], offset)
 
 
 def human_bytes(n: int) -> str:

@@ -4,6 +4,12 @@ The command's exit status becomes larkns's (128+N when killed by signal N, 126
 when it cannot be executed, 127 when not found; 125 for larkns's own
 failures), every signal larkns gets is passed on to the command, and the
 command dies with larkns (PR_SET_PDEATHSIG), as with `unshare --kill-child`.
+
+Signals are never handled asynchronously here: from the start every signal
+that matters is blocked (in every thread), and taken with sigwaitinfo when
+larkns is ready for it.  So no signal can cut a teardown short, one that
+arrives before the command exists waits and is passed on, and the siginfo
+tells a terminal's ^C (which reached the command too) from a kill(1).
 """
 
 from __future__ import annotations
@@ -12,44 +18,51 @@ import contextlib
 import errno
 import os
 import pwd
-import select
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import FrameType
 
 from larkns import core, report
 from larkns.config import ConfigError, Settings
 from larkns.engine import Engine
 from larkns.journal import Process
 from larkns.kernel import netns
-from larkns.traffic import Traffic
+from larkns.plan import JobNetwork
 
-# Signals passed on to the command.  SIGTSTP/TTIN/TTOU keep their default: the
-# terminal stops larkns and the command together, as they share a group.
-FORWARDED = (
+# Before the command exists, these end larkns (it tears down, exits 128+N).
+ABORTING = {
     signal.SIGHUP,
     signal.SIGINT,
     signal.SIGQUIT,
     signal.SIGTERM,
     signal.SIGUSR1,
     signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGCONT,
-)
+}
+# Every other signal is passed on, except job control (the terminal stops
+# larkns and the command together, as they share a process group), SIGCHLD
+# (which tells larkns its command ended) and faults.
+_KEPT = {
+    signal.SIGCHLD,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
+FORWARDED = signal.valid_signals() - _KEPT
 # A terminal sends these to its whole foreground process group, the command
 # included: passing them on again would deliver them twice.
-_FROM_TERMINAL = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+_FROM_TERMINAL = {signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH}
+SI_KERNEL = 0x80  # si_code of a signal the kernel (the tty) generated
 
 
 @dataclass(frozen=True)
@@ -73,8 +86,9 @@ def identity(user: str | None, env: Mapping[str, str]) -> Identity | None:
     if user is None:
         return None
     try:
-        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
+        numeric = user.isascii() and user.isdigit()
+        pw = pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(user)
+    except (KeyError, ValueError):
         raise ConfigError(f"--user: no such user {user!r}") from None
     new_env = dict(env)
     new_env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
@@ -87,161 +101,98 @@ def resolve(cmd: str, env: Mapping[str, str]) -> str | None:
     return shutil.which(cmd, path=env.get("PATH", os.defpath))
 
 
-@contextmanager
-def _signals_raise() -> Iterator[None]:
-    """While the network is built, a forwarded signal aborts the setup cleanly."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, handler) for s in FORWARDED}
+def open_report(path: str) -> int:
+    """Open the JSON report's file before anything runs: a bad path is larkns's
+    error (125), not something found after the command did its work.  Never
+    through a symlink: larkns runs as root, often in /tmp."""
     try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+    except OSError as e:
+        raise ConfigError(f"--json-report: cannot write {path}: {e.strerror}") from None
 
 
-@contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Teardown runs to the end: a second ^C must not leave half a network."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+def _aborting() -> int | None:
+    """An aborting signal that is pending, taken; or None."""
+    if not ABORTING & signal.sigpending():
+        return None
+    info = signal.sigtimedwait(ABORTING, 0)
+    return None if info is None else info.si_signo
 
 
-def _in_terminal_foreground() -> bool:
-    for fd in (0, 1, 2):
-        try:
-            if os.isatty(fd):
-                return os.tcgetpgrp(fd) == os.getpgrp()
-        except OSError:
-            continue
-    return False
-
-
-def _wait(spawn: Callable[[], tuple[int, int]]) -> report.Outcome:
-    """Start the command and wait for it, passing on every signal larkns gets.
-
-    Forwarded signals are blocked on entry (since the end of setup), so one
-    that arrives before the command exists waits and is passed on after.
-    """
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    old = {s: signal.signal(s, lambda *_: None) for s in FORWARDED}
-    pidfd = -1
-    try:
-        try:
-            _pid, pidfd = spawn()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-        while True:
-            ready, _, _ = select.select([pidfd, rfd], [], [])
-            if rfd in ready:
-                try:
-                    data = os.read(rfd, 64)
-                except BlockingIOError:
-                    data = b""
-                for signum in data:
-                    if signum in _FROM_TERMINAL and _in_terminal_foreground():
-                        continue
-                    try:
-                        core.pidfd_send_signal(pidfd, signum)
-                    except ProcessLookupError:
-                        pass
-                    except OSError as e:
-                        if e.errno != errno.ESRCH:
-                            raise
-            if pidfd in ready:
-                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-                assert info is not None
-                if info.si_code == os.CLD_EXITED:
-                    return report.Outcome(exit_code=info.si_status)
-                return report.Outcome(signal=info.si_status)
-    finally:
-        # Signals stay blocked from here to larkns's exit: teardown must finish.
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        for s, h in old.items():
-            signal.signal(s, h)
-        signal.set_wakeup_fd(old_wakeup)
-        os.close(rfd)
-        os.close(wfd)
-        if pidfd >= 0:
-            os.close(pidfd)
-
-
-def run(settings: Settings, req: RunRequest, err: object = sys.stderr) -> int:
+def run(settings: Settings, req: RunRequest) -> int:
     """Run req.argv in a network of its own; returns the exit status for larkns."""
     env = dict(os.environ)
     ident = identity(req.user, env)
     job_env = ident.env if ident else env
     path = resolve(req.argv[0], job_env)
+    report_fd = open_report(req.json_report) if req.json_report else None
 
+    # Blocked before any thread exists: threads inherit the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGCHLD})
     advertiser = None
     if req.mode == "nat":
         from larkns.kernel.ra import Advertiser
 
         advertiser = Advertiser()
     engine = Engine(settings, advertiser)
-    t0 = time.monotonic()
-    outcome = report.Outcome()
-    traffic = Traffic()
-    addresses: tuple[str | None, list[str]] = (None, [])
-    slaac: float | None = None
-    setup_s = duration = 0.0
-    plan = None
     try:
-        with _signals_raise():
-            plan = engine.setup(req.name, req.mode, Process.of(os.getpid()))
-            slaac = engine.wait_ready(plan, settings.slaac_timeout)
-            if slaac is None:
-                print(
-                    f"larkns: warning: job {req.name} got no IPv6 address by SLAAC within "
-                    f"{settings.slaac_timeout} s; IPv6 may not work",
-                    file=sys.stderr,
-                )
-            setup_s = time.monotonic() - t0
-            addresses = engine.job_addresses(plan)
-            ns_fd = os.open(netns.path(plan.netns), os.O_RDONLY | os.O_CLOEXEC)
-            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        started = time.monotonic()
-        try:
-            if path is None:
-                outcome = report.Outcome(exit_code=127, error=f"{req.argv[0]}: command not found")
-            else:
-                outcome = _spawn_and_wait(engine, req, path, job_env, ident, ns_fd)
-        finally:
-            os.close(ns_fd)
-        duration = time.monotonic() - started
-    except Interrupted as e:
-        with _signals_blocked():
-            if plan is not None:
-                engine.teardown(req.name)
+        return _run(engine, settings, req, path, job_env, ident, report_fd)
+    finally:
         engine.close()
         if advertiser is not None:
             advertiser.close()
-        print(
-            f"larkns: interrupted by {e} while setting up job {req.name}; nothing is left",
-            file=sys.stderr,
-        )
-        return 128 + e.signum
+        if report_fd is not None:
+            os.close(report_fd)
+
+
+def _run(
+    engine: Engine,
+    settings: Settings,
+    req: RunRequest,
+    path: str | None,
+    env: Mapping[str, str],
+    ident: Identity | None,
+    report_fd: int | None,
+) -> int:
+    t0 = time.monotonic()
+    try:
+        plan = engine.setup(req.name, req.mode, Process.of(os.getpid()))
     except BaseException:
-        # setup() already removed what it built; anything later is ours to undo.
-        with _signals_blocked():
-            if plan is not None:
-                engine.teardown(req.name)
-        engine.close()
-        if advertiser is not None:
-            advertiser.close()
+        # setup() removed what it had built; a killed setup leaves it to gc.
+        _remove_unless_others(engine, req.name)
         raise
-    with _signals_blocked():  # already blocked after a spawn; not after "not found"
+    try:
+        slaac = engine.wait_ready(
+            plan, settings.slaac_timeout, cancel=lambda: bool(ABORTING & signal.sigpending())
+        )
+        signum = _aborting()
+        if signum is not None:
+            engine.teardown(req.name)
+            print(
+                f"larkns: {report.signal_name(signum)} while setting up job {req.name}; "
+                "nothing is left",
+                file=sys.stderr,
+            )
+            return 128 + signum
+        if slaac is None and plan.mode == "nat":
+            print(
+                f"larkns: warning: job {req.name} got no IPv6 address by SLAAC within "
+                f"{settings.slaac_timeout} s; IPv6 may not work",
+                file=sys.stderr,
+            )
+        setup_s = time.monotonic() - t0
+        addresses = engine.job_addresses(plan)
+        started = time.monotonic()
+        if path is None:
+            outcome = report.Outcome(exit_code=127, error=f"{req.argv[0]}: command not found")
+        else:
+            outcome = _spawn_and_wait(engine, req, plan, path, env, ident)
+        duration = time.monotonic() - started
         traffic = engine.stats(req.name)
+    finally:
         engine.teardown(req.name)
-        engine.close()
-        if advertiser is not None:
-            advertiser.close()
     rep = report.build(
         name=req.name,
         mode=req.mode,
@@ -257,33 +208,48 @@ def run(settings: Settings, req: RunRequest, err: object = sys.stderr) -> int:
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)
     print(report.summary(rep), file=sys.stderr)
-    if req.json_report:
-        report.write_json(rep, req.json_report)
+    if report_fd is not None:
+        report.write_json(rep, report_fd)
     return outcome.status
+
+
+def _remove_unless_others(engine: Engine, name: str) -> None:
+    """After a failed setup: remove what is ours of job `name`, never another's."""
+    record = engine.journal.read(name)
+    if record is None or record.owner.pid == os.getpid():
+        engine.teardown(name)
 
 
 def _spawn_and_wait(
     engine: Engine,
     req: RunRequest,
+    plan: JobNetwork,
     path: str,
     env: Mapping[str, str],
     ident: Identity | None,
-    ns_fd: int,
 ) -> report.Outcome:
-    spec = core.SpawnSpec(
-        path=path,
-        argv=req.argv,
-        env=env,
-        ns_fds=[ns_fd],
-        uid=ident.uid if ident else None,
-        gid=ident.gid if ident else None,
-        groups=ident.groups if ident else None,
-        cwd=os.getcwd(),
-        pdeathsig=signal.SIGKILL,
-    )
-
-    def spawn() -> tuple[int, int]:
-        pid, pidfd = core.spawn(spec)
+    ns_fd = os.open(netns.path(plan.netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        spec = core.SpawnSpec(
+            path=path,
+            argv=req.argv,
+            env=env,
+            ns_fds=[ns_fd],
+            uid=ident.uid if ident else None,
+            gid=ident.gid if ident else None,
+            groups=ident.groups if ident else None,
+            cwd=os.getcwd(),
+            pdeathsig=signal.SIGKILL,
+        )
+        try:
+            pid, pidfd = core.spawn(spec)
+        except core.SpawnError as e:
+            if e.stage != "exec":
+                return report.Outcome(exit_code=125, error=str(e))
+            return report.Outcome(exit_code=127 if e.errno == errno.ENOENT else 126, error=str(e))
+    finally:
+        os.close(ns_fd)
+    try:
         record = engine.journal.read(req.name)
         if record is not None:
             # The job's pid lets `larkns show` and gc tell it apart; a command
@@ -292,12 +258,28 @@ def _spawn_and_wait(
                 record.job = Process.of(pid)
             record.state = "running"
             engine.journal.write(record)
-        return pid, pidfd
+        return _wait(pidfd)
+    finally:
+        os.close(pidfd)
 
-    try:
-        return _wait(spawn)
-    except core.SpawnError as e:
-        if e.stage != "exec":
-            return report.Outcome(exit_code=125, error=str(e))
-        code = 127 if e.errno == errno.ENOENT else 126
-        return report.Outcome(exit_code=code, error=str(e))
+
+def _wait(pidfd: int) -> report.Outcome:
+    """Pass every signal on to the command until it ends."""
+    waited = FORWARDED | {signal.SIGCHLD}
+    while True:
+        # The command may have ended before its SIGCHLD was waited for.
+        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        if info is not None and info.si_pid:
+            if info.si_code == os.CLD_EXITED:
+                return report.Outcome(exit_code=info.si_status)
+            return report.Outcome(signal=info.si_status)
+        sig = signal.sigwaitinfo(waited)
+        if sig.si_signo == signal.SIGCHLD:
+            continue
+        if sig.si_signo in _FROM_TERMINAL and sig.si_code == SI_KERNEL:
+            continue
+        try:
+            core.pidfd_send_signal(pidfd, sig.si_signo)
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise

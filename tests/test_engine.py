@@ -153,4 +153,4 @@ def test_doctor_reports_what_this_kernel_has(clean_world: World) -> None:
     # MEASURED.md: this kernel has no fq_codel; the doctor must say so, not claim it
     assert any("qdisc fq_codel" in x and not x.startswith("ok") for x in out.splitlines()), out
     assert "can run here" in out
-    assert not [n for n in netns.names() if n.startswith("larkns-doctor")]
+    assert not [n for n in netns.names() if n.startswith("lkdoctor-")]

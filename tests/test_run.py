@@ -77,7 +77,8 @@ def test_the_jobs_ipv6_address_and_route_come_from_larkns_router_advertisement(
     addr = ipaddress.ip_interface(addr_line.split()[3])
     assert addr.network.prefixlen == 64
     assert addr.network.subnet_of(ipaddress.ip_network(clean_world.ipv6_prefix))  # type: ignore[arg-type]
-    # usable well within the target of 20 ms after link up (MEASURED.md: 5-8 ms)
+    # larkns waited for it: usable before the command started (the time it
+    # takes is measured in bench/ and tests/test_ra.py, not asserted here)
     assert rep["slaac_s"] is not None
 
 
@@ -309,7 +310,10 @@ def test_bad_input_is_one_line_exit_125_and_builds_nothing(
         (("run", "--ipv6-prefix", "fd00::/64", "--", "true"), "--ipv6-prefix"),
         (("run", "--user", "lkt-no-such-user", "--", "true"), "--user"),
         (("run",), "no command"),
-        (("teardown", "lktnothere"), "no job"),
+        (("run", "--name", "lkt\n", "--", "true"), "--name"),
+        (("run", "--name", "", "--", "true"), "--name"),
+        (("show", "../jobs/x"), "NAME"),
+        (("run", "--json-report", "/nonexistent/lkt/report.json", "--", "true"), "--json-report"),
         (("frobnicate",), "invalid choice"),
     ]
     for args, word in cases:
@@ -374,3 +378,96 @@ def test_not_root_and_missing_nftables_are_refused(clean_world: World, tmp_path:
     )
     assert proc.returncode == 125, proc.stderr
     assert "nftables" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_jobs_started_back_to_back_with_one_name_both_run(
+    clean_world: World, tmp_path: Path
+) -> None:
+    # The first job's link (and its index) may still be going away when the
+    # second one is built: no waiting in between.
+    for _ in range(3):
+        proc = clean_world.larkns("run", "--name", "lktbb", "--", "true")
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_two_jobs_starting_at_once_on_an_idle_node_count_once(
+    clean_world: World, tmp_path: Path
+) -> None:
+    procs = [
+        clean_world.larkns_popen("run", "--name", f"lktc{i}", "--", "sleep", "2") for i in range(2)
+    ]
+    try:
+        for i in range(2):
+            _wait_state(clean_world, f"lktc{i}", "running")
+        forward = sh(
+            "nft", "list", "chain", "inet", "larkns", "forward", ns=clean_world.worker
+        ).stdout
+        # declared once: 2 link-control counters, 1 return, 4 per-family counters
+        assert forward.count("counter name") == 6 and forward.count("return") == 1, forward
+    finally:
+        for p in procs:
+            p.communicate(timeout=10)
+            assert p.returncode == 0
+
+
+def test_sigint_from_another_process_reaches_the_command(
+    clean_world: World, tmp_path: Path
+) -> None:
+    p = clean_world.larkns_popen("run", "--name", "lktint", "--", "sleep", "30")
+    _wait_state(clean_world, "lktint", "running")
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=10)
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert "killed by SIGINT" in err
+
+
+def test_a_real_time_signal_is_reported_by_number(clean_world: World, tmp_path: Path) -> None:
+    rt = signal.SIGRTMIN + 1
+    proc, rep = run_job(clean_world, tmp_path, PY, "-c", f"import os; os.kill(os.getpid(), {rt})")
+    assert proc.returncode == 128 + rt, proc.stderr
+    assert rep["signal"] == rt and rep["signal_name"] == "SIGRTMIN+1"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGWINCH, signal.SIGTERM])
+def test_a_signal_while_the_network_is_built_is_handled_and_leaves_nothing(
+    clean_world: World, tmp_path: Path, sig: int
+) -> None:
+    # Sent as soon as the job's record appears, i.e. while larkns builds the
+    # network (or, if it is quicker, just after the command started).
+    record = clean_world.state_dir / "jobs" / "lktsb.json"
+    p = clean_world.larkns_popen("run", "--name", "lktsb", "--", "sleep", "0.5")
+    while not record.exists():
+        assert p.poll() is None
+        time.sleep(0.0002)
+    p.send_signal(sig)
+    _out, err = p.communicate(timeout=10)
+    if sig == signal.SIGWINCH:
+        assert p.returncode == 0, err  # a window resize does not end a job
+    else:
+        assert p.returncode == 128 + sig, err
+
+
+def test_teardown_of_an_unknown_job_succeeds(clean_world: World) -> None:
+    proc = clean_world.larkns("teardown", "lktnothere")
+    assert proc.returncode == 0 and "nothing to remove" in proc.stderr
+
+
+def test_a_bad_report_path_is_refused_before_the_command_runs(
+    clean_world: World, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    proc = clean_world.larkns(
+        "run",
+        "--json-report",
+        str(tmp_path / "no" / "such" / "dir.json"),
+        "--",
+        "touch",
+        str(marker),
+    )
+    assert proc.returncode == 125 and "--json-report" in proc.stderr
+    assert not marker.exists()
+    link = tmp_path / "report-link.json"
+    link.symlink_to(tmp_path / "target.json")
+    proc = clean_world.larkns("run", "--json-report", str(link), "--", "true")
+    assert proc.returncode == 125  # never written through a symlink
+    assert not (tmp_path / "target.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Callable
 
 from larkns.kernel import rtnl
 from larkns.kernel.rtnl import Rtnl
@@ -71,7 +72,13 @@ def ipv6_global(job: Rtnl, idx: int) -> list[ipaddress.IPv6Address]:
     ]
 
 
-def wait_slaac(job: Rtnl, idx: int, prefix: ipaddress.IPv6Network, timeout: float) -> float | None:
+def wait_slaac(
+    job: Rtnl,
+    idx: int,
+    prefix: ipaddress.IPv6Network,
+    timeout: float,
+    cancel: Callable[[], bool] = lambda: False,
+) -> float | None:
     """Wait until the link has a usable address in `prefix`; seconds waited, or None.
 
     The kernel installs the RA's default route before it forms the address
@@ -83,6 +90,6 @@ def wait_slaac(job: Rtnl, idx: int, prefix: ipaddress.IPv6Network, timeout: floa
     while True:
         if any(a in prefix for a in ipv6_global(job, idx)):
             return time.monotonic() - start
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or cancel():
             return None
         time.sleep(0.0005)

@@ -36,7 +36,10 @@ def create_veth(
             host_rtnl.run(rtnl.veth(host, host_index, host_mac, peer, peer_index, peer_mac, fd))
             return host_index
         except RtnlError as e:
-            if e.errno != errno.EBUSY:
+            # EEXIST is the kernel's answer both for a name and for an index
+            # in use (a request with an index names an existing link): only
+            # the name is the caller's business.
+            if e.errno != errno.EEXIST or host_rtnl.link_index(host) is not None:
                 raise
         host_rtnl.run(rtnl.veth(host, 0, host_mac, peer, peer_index, peer_mac, fd))
     finally:

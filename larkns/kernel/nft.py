@@ -196,7 +196,15 @@ class Ruleset:
     def ensure_table(self) -> None:
         """Declare the table, unless present (whole or not at all: one transaction)."""
         if not self.has_table():
-            self._run(_declaration())
+            # "create" fails if the table exists: two jobs starting at once on
+            # an idle node must not both declare it (its rules would be there
+            # twice, and count every packet twice).
+            create = [{"create": {"table": {"family": FAMILY, "name": TABLE}}}]
+            try:
+                self._run(create + _declaration()[1:])
+            except NftError:
+                if not self.has_table():
+                    raise
         self._ready = True
 
     def has_table(self) -> bool:

@@ -169,7 +169,7 @@ class Nftnl:
 
     def batch(self, ops: list[Op], ignore: tuple[int, ...] = ()) -> None:
         """Run `ops` as one transaction: all of them, or (on any error) none."""
-        _, begin = self._msg(
+        begin_seq, begin = self._msg(
             NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""
         )
         seqs: dict[int, Op] = {}
@@ -194,10 +194,16 @@ class Nftnl:
         while pending:
             data = self._sock.recv(1 << 16)
             for mtype, seq, payload in _messages(data):
-                if mtype != NLMSG_ERROR or seq not in pending:
+                if mtype != NLMSG_ERROR:
+                    continue
+                (code,) = struct.unpack_from("=i", payload)
+                if seq == begin_seq and code:
+                    # The whole batch was refused (no permission, no
+                    # nf_tables): no message of it will be answered.
+                    raise NftnlError(-code, "start an nf_tables transaction")
+                if seq not in pending:
                     continue
                 pending.discard(seq)
-                (code,) = struct.unpack_from("=i", payload)
                 if code and -code not in ignore and failure is None:
                     failure = NftnlError(-code, seqs[seq].what)
         if failure is not None:

@@ -195,6 +195,8 @@ class Rtnl:
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         self._sock.bind((0, 0))
+        # A lost reply must not hang a job's setup forever.
+        self._sock.settimeout(10)
         self._seq = 0
 
     def close(self) -> None:
