@@ -327,7 +327,9 @@ class Engine:
 
     def _clean_when_idle(self) -> None:
         """The last job out removes the table and the state dir."""
-        if not self.clean_when_idle:
+        # Checked first without the lock: a teardown while other jobs run
+        # must not wait for every setup in progress.
+        if not self.clean_when_idle or self.journal.names():
             return
         with self.journal.lock(exclusive=True):
             self._clean_if_idle_locked()
