@@ -52,6 +52,19 @@ ALL_CATCHABLE_SIGNALS: Final[tuple[int, ...]] = tuple(
     s for s in range(1, _MAX_SIGNAL + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)
 )
 
+#: Signals that come from outside a process (kill, a terminal, timers): all
+#: but SIGKILL/SIGSTOP and the faults a process raises itself (SIGSEGV, ...).
+EXTERNAL_SIGNALS: Final[frozenset[int]] = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
+
 #: Stage numbers reported by lk_spawn, by name.
 STAGES: Final[Mapping[int, str]] = {
     int(lib.LK_STAGE_CLONE): "clone",

@@ -41,24 +41,10 @@ ABORTING = {
     signal.SIGUSR1,
     signal.SIGUSR2,
 }
-# Every other signal is passed on, except job control (the terminal stops
-# larkns and the command together, as they share a process group), SIGCHLD
-# (which tells larkns its command ended) and faults.
-_KEPT = {
-    signal.SIGCHLD,
-    signal.SIGTSTP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGKILL,
-    signal.SIGSTOP,
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
-FORWARDED = signal.valid_signals() - _KEPT
+# Every other signal from outside is passed on, except job control (the
+# terminal stops larkns and the command together, as they share a process
+# group) and SIGCHLD (which tells larkns its command ended).
+FORWARDED = core.EXTERNAL_SIGNALS - {signal.SIGCHLD, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 # A terminal sends these to its whole foreground process group, the command
 # included: passing them on again would deliver them twice.
 _FROM_TERMINAL = {signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH}

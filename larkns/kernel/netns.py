@@ -15,7 +15,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from larkns import core
 
@@ -74,10 +74,12 @@ def create(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _unshared() -> Iterator[None]:
+def _away(leave: Callable[[], None]) -> Iterator[None]:
+    """Run `leave()` (which moves this thread to another netns), then the
+    block, and always come back to the thread's netns of before."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        core.unshare(core.CLONE_NEWNET)
+        leave()
         try:
             yield
         finally:
@@ -86,25 +88,24 @@ def _unshared() -> Iterator[None]:
         os.close(home)
 
 
-@contextlib.contextmanager
-def entered(name: str) -> Iterator[None]:
+def _unshared() -> contextlib.AbstractContextManager[None]:
+    return _away(lambda: core.unshare(core.CLONE_NEWNET))
+
+
+def entered(name: str) -> contextlib.AbstractContextManager[None]:
     """Run the block with this thread inside netns `name`, then come back.
 
     Sockets opened inside stay bound to that namespace after the block.
     """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
+
+    def enter() -> None:
         target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
         try:
             core.setns(target, core.CLONE_NEWNET)
         finally:
             os.close(target)
-        try:
-            yield
-        finally:
-            core.setns(home, core.CLONE_NEWNET)
-    finally:
-        os.close(home)
+
+    return _away(enter)
 
 
 def inode(name: str) -> int | None:

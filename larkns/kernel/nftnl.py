@@ -11,22 +11,20 @@ counters) are encoded here and sent in one nfnetlink batch, one transaction.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from dataclasses import dataclass
+
+from larkns.kernel import netlink
+from larkns.kernel.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFPROTO_INET = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
-NLA_F_NESTED = 0x8000
 
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
@@ -52,23 +50,11 @@ NFTA_DATA_VALUE = 1
 
 IFNAMSIZ = 16
 
-_HDR = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian)
 
 
-class NftnlError(OSError):
-    def __init__(self, code: int, what: str) -> None:
-        super().__init__(code, f"{what}: {os.strerror(code)}")
-        self.what = what
-
-
-def _attr(kind: int, data: bytes, nested: bool = False) -> bytes:
-    length = 4 + len(data)
-    return (
-        struct.pack("=HH", length, kind | (NLA_F_NESTED if nested else 0))
-        + data
-        + b"\0" * (-length % 4)
-    )
+NftnlError = netlink.NetlinkError
+_attr = netlink.attr
 
 
 def _str(s: str) -> bytes:
@@ -145,35 +131,23 @@ def delete_element(table: str, set_name: str, key: bytes) -> Op:
     )
 
 
-class Nftnl:
+class Nftnl(netlink.Socket):
     """An nfnetlink socket in the netns of the thread that made it."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-        )
-        self._sock.bind((0, 0))
-        # A lost reply must not hang a job's setup forever.
-        self._sock.settimeout(10)
-        self._seq = 0
-
-    def close(self) -> None:
-        self._sock.close()
+        super().__init__(NETLINK_NETFILTER)
 
     def _msg(
         self, mtype: int, flags: int, family: int, res_id: int, attrs: bytes
     ) -> tuple[int, bytes]:
-        self._seq += 1
-        body = _NFGEN.pack(family, 0, socket.htons(res_id)) + attrs
-        return self._seq, _HDR.pack(_HDR.size + len(body), mtype, flags, self._seq, 0) + body
+        return self.message(mtype, flags, _NFGEN.pack(family, 0, socket.htons(res_id)) + attrs)
 
     def batch(self, ops: list[Op], ignore: tuple[int, ...] = ()) -> None:
         """Run `ops` as one transaction: all of them, or (on any error) none."""
-        begin_seq, begin = self._msg(
+        begin_seq, out = self._msg(
             NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""
         )
-        seqs: dict[int, Op] = {}
-        out = bytearray(begin)
+        pending: dict[int, str] = {}
         for op in ops:
             seq, msg = self._msg(
                 (NFNL_SUBSYS_NFTABLES << 8) | op.type,
@@ -182,36 +156,19 @@ class Nftnl:
                 0,
                 op.attrs,
             )
-            seqs[seq] = op
+            pending[seq] = op.what
             out += msg
         _, end = self._msg(
             NFNL_MSG_BATCH_END, NLM_F_REQUEST, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""
         )
-        out += end
-        self._sock.sendall(out)
-        failure: NftnlError | None = None
-        pending = set(seqs)
-        while pending:
-            data = self._sock.recv(1 << 16)
-            for mtype, seq, payload in _messages(data):
-                if mtype != NLMSG_ERROR:
-                    continue
-                (code,) = struct.unpack_from("=i", payload)
-                if seq == begin_seq and code:
-                    # The whole batch was refused (no permission, no
-                    # nf_tables): no message of it will be answered.
-                    raise NftnlError(-code, "start an nf_tables transaction")
-                if seq not in pending:
-                    continue
-                pending.discard(seq)
-                if code and -code not in ignore and failure is None:
-                    failure = NftnlError(-code, seqs[seq].what)
-        if failure is not None:
-            raise failure
+        self.send(out + end)
+        # An error on the batch's start (no permission, no nf_tables) means
+        # no message of it will be answered.
+        self.await_acks(pending, ignore, refusal=(begin_seq, "start an nf_tables transaction"))
 
     def counters(self, table: str, names: list[str]) -> dict[str, tuple[int, int]]:
         """name -> (packets, bytes) of named counters; missing ones are left out."""
-        out_msgs = bytearray()
+        out = b""
         asked: dict[int, str] = {}
         for name in names:
             attrs = (
@@ -223,51 +180,27 @@ class Nftnl:
                 (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, NLM_F_REQUEST, NFPROTO_INET, 0, attrs
             )
             asked[seq] = name
-            out_msgs += msg
-        self._sock.sendall(out_msgs)
+            out += msg
+        self.send(out)
         found: dict[str, tuple[int, int]] = {}
         pending = set(asked)
         while pending:
-            data = self._sock.recv(1 << 16)
-            for mtype, seq, payload in _messages(data):
+            for mtype, seq, payload in self.receive():
                 if seq not in pending:
                     continue
                 pending.discard(seq)
                 if mtype == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", payload)
-                    if -code != errno.ENOENT:
-                        raise NftnlError(-code, f"read counter {asked[seq]}")
+                    code = netlink.error_code(payload)
+                    if code != errno.ENOENT:
+                        raise NftnlError(code, f"read counter {asked[seq]}")
                     continue
                 found[asked[seq]] = _counter_values(payload)
         return found
 
 
-def _messages(data: bytes) -> list[tuple[int, int, bytes]]:
-    out = []
-    pos = 0
-    while pos + _HDR.size <= len(data):
-        length, mtype, _flags, seq, _pid = _HDR.unpack_from(data, pos)
-        if length < _HDR.size:
-            break
-        out.append((mtype, seq, data[pos + _HDR.size : pos + length]))
-        pos += (length + 3) & ~3
-    return out
-
-
-def _attrs(payload: bytes, offset: int) -> dict[int, bytes]:
-    out = {}
-    pos = offset
-    while pos + 4 <= len(payload):
-        length, kind = struct.unpack_from("=HH", payload, pos)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = payload[pos + 4 : pos + length]
-        pos += (length + 3) & ~3
-    return out
-
-
 def _counter_values(payload: bytes) -> tuple[int, int]:
-    data = _attrs(_attrs(payload, _NFGEN.size).get(NFTA_OBJ_DATA, b""), 0)
+    obj = dict(netlink.attrs(payload, _NFGEN.size))
+    data = dict(netlink.attrs(obj.get(NFTA_OBJ_DATA, b""), 0))
     (packets,) = struct.unpack("!Q", data.get(NFTA_COUNTER_PACKETS, bytes(8)))
     (nbytes,) = struct.unpack("!Q", data.get(NFTA_COUNTER_BYTES, bytes(8)))
     return packets, nbytes

@@ -33,17 +33,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-# Signals sent to a process from outside; faults (SIGSEGV, ...) stay deliverable.
-_ASYNC_SIGNALS = signal.valid_signals() - {
-    signal.SIGKILL,
-    signal.SIGSTOP,
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
+from larkns.core import EXTERNAL_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +212,7 @@ class Advertiser:
         # signal for the process is always delivered to a thread that expects
         # it: `larkns run` blocks them while it tears down, and the kernel
         # must not pick this thread instead and run the default action.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, EXTERNAL_SIGNALS)
         try:
             self._thread.start()
         finally:

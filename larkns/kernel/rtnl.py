@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass
 
+from larkns.kernel import netlink
+from larkns.kernel.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR
+
 # netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h)
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
-NLM_F_DUMP = 0x300
-NLMSG_DONE = 3
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
 RTM_GETADDR = 22
@@ -61,7 +58,6 @@ RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 IFF_UP = 0x1
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct(
@@ -69,19 +65,8 @@ _RTMSG = struct.Struct(
 )  # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
 
 
-class RtnlError(OSError):
-    """The kernel refused request `what` of a batch."""
-
-    def __init__(self, code: int, what: str) -> None:
-        super().__init__(code, f"{what}: {os.strerror(code)}")
-        self.what = what
-
-
-def _attr(kind: int, data: bytes, nested: bool = False) -> bytes:
-    length = 4 + len(data)
-    return (
-        struct.pack("=HH", length, kind | (0x8000 if nested else 0)) + data + b"\0" * (-length % 4)
-    )
+RtnlError = netlink.NetlinkError
+_attr = netlink.attr
 
 
 def _mac(mac: str) -> bytes:
@@ -189,18 +174,11 @@ def route(
     return Request(f"add route {dst}", RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
-class Rtnl:
+class Rtnl(netlink.Socket):
     """An rtnetlink socket bound to the netns of the thread that made it."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        self._sock.bind((0, 0))
-        # A lost reply must not hang a job's setup forever.
-        self._sock.settimeout(10)
-        self._seq = 0
-
-    def close(self) -> None:
-        self._sock.close()
+        super().__init__(socket.NETLINK_ROUTE)
 
     def __enter__(self) -> Rtnl:
         return self
@@ -209,78 +187,45 @@ class Rtnl:
         self.close()
 
     def run(self, *requests: Request, ignore: tuple[int, ...] = ()) -> None:
-        """Send all requests at once and wait for every ack.
-
-        The first refusal whose errno is not in `ignore` raises RtnlError,
-        after all acks are in (so the socket stays in step).
-        """
-        first = self._seq + 1
+        """Send all requests at once and wait for every ack (see await_acks)."""
         out = bytearray()
+        pending: dict[int, str] = {}
         for r in requests:
-            self._seq += 1
-            out += (
-                _HDR.pack(
-                    _HDR.size + len(r.body),
-                    r.type,
-                    r.flags | NLM_F_REQUEST | NLM_F_ACK,
-                    self._seq,
-                    0,
-                )
-                + r.body
-            )
-        self._sock.sendall(out)
-        pending = set(range(first, self._seq + 1))
-        failure: RtnlError | None = None
-        while pending:
-            data = self._sock.recv(65536)
-            pos = 0
-            while pos + _HDR.size <= len(data):
-                length, mtype, _flags, seq, _pid = _HDR.unpack_from(data, pos)
-                if mtype == NLMSG_ERROR and seq in pending:
-                    pending.discard(seq)
-                    (code,) = struct.unpack_from("=i", data, pos + _HDR.size)
-                    if code and -code not in ignore and failure is None:
-                        failure = RtnlError(-code, requests[seq - first].what)
-                pos += (length + 3) & ~3
-                if length == 0:
-                    break
-        if failure is not None:
-            raise failure
+            seq, msg = self.message(r.type, r.flags | NLM_F_REQUEST | NLM_F_ACK, r.body)
+            pending[seq] = r.what
+            out += msg
+        self.send(bytes(out))
+        self.await_acks(pending, ignore)
 
     def link_index(self, name: str) -> int | None:
         """The index of link `name` in this socket's netns, or None."""
-        self._seq += 1
         body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
-        self._sock.sendall(
-            _HDR.pack(_HDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, self._seq, 0) + body
-        )
-        for mtype, payload in self._replies(self._seq):
+        seq, msg = self.message(RTM_GETLINK, NLM_F_REQUEST, body)
+        self.send(msg)
+        for mtype, payload in self.replies(seq):
             if mtype == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", payload)
-                if -code == errno.ENODEV:
+                code = netlink.error_code(payload)
+                if code == errno.ENODEV:
                     return None
-                raise RtnlError(-code, f"look up link {name}")
+                raise RtnlError(code, f"look up link {name}")
             if mtype == RTM_NEWLINK:
                 return int(_IFINFO.unpack_from(payload)[2])
         return None
 
     def ipv6_addresses(self, index: int) -> list[tuple[ipaddress.IPv6Address, int, int]]:
         """(address, scope, flags) of every IPv6 address on link `index`."""
-        self._seq += 1
         body = _IFADDR.pack(socket.AF_INET6, 0, 0, 0, 0)
-        self._sock.sendall(
-            _HDR.pack(_HDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
-            + body
-        )
+        seq, msg = self.message(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, body)
+        self.send(msg)
         out = []
-        for mtype, payload in self._replies(self._seq, dump=True):
+        for mtype, payload in self.replies(seq, dump=True):
             if mtype != RTM_NEWADDR:
                 continue
             _fam, _plen, flags, scope, idx = _IFADDR.unpack_from(payload)
             if idx != index:
                 continue
             addr = None
-            for kind, data in _attrs(payload, _IFADDR.size):
+            for kind, data in netlink.attrs(payload, _IFADDR.size):
                 if kind == IFA_ADDRESS:
                     addr = ipaddress.IPv6Address(data[:16])
                 elif kind == IFA_FLAGS:
@@ -288,36 +233,6 @@ class Rtnl:
             if addr is not None:
                 out.append((addr, scope, flags))
         return out
-
-    def _replies(self, seq: int, dump: bool = False) -> list[tuple[int, bytes]]:
-        """Messages answering request `seq`: one, or a dump up to NLMSG_DONE."""
-        out: list[tuple[int, bytes]] = []
-        while True:
-            data = self._sock.recv(1 << 16)
-            pos = 0
-            while pos + _HDR.size <= len(data):
-                length, mtype, _flags, mseq, _pid = _HDR.unpack_from(data, pos)
-                if length < _HDR.size:
-                    break
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return out
-                    out.append((mtype, data[pos + _HDR.size : pos + length]))
-                    if not dump or mtype == NLMSG_ERROR:
-                        return out
-                pos += (length + 3) & ~3
-
-
-def _attrs(payload: bytes, offset: int) -> list[tuple[int, bytes]]:
-    out = []
-    pos = offset
-    while pos + 4 <= len(payload):
-        length, kind = struct.unpack_from("=HH", payload, pos)
-        if length < 4:
-            break
-        out.append((kind & 0x3FFF, payload[pos + 4 : pos + length]))
-        pos += (length + 3) & ~3
-    return out
 
 
 def ignore_missing() -> tuple[int, ...]:
