@@ -121,13 +121,16 @@ class World:
         """
         return ["nsenter", f"--net=/run/netns/{self.worker}", "--", *cmd]
 
-    def larkns(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def larkns(
+        self, *args: str, timeout: float = 60, cwd: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.worker_cmd(larkns_bin(), *args),
             env=self.env(),
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=cwd,
         )
 
     def larkns_popen(self, *args: str) -> subprocess.Popen[str]:
