@@ -96,7 +96,9 @@ class Engine:
 
     # -- setup -------------------------------------------------------------
 
-    def setup(self, name: str, mode: str, owner: Process) -> JobNetwork:
+    def setup(
+        self, name: str, mode: str, owner: Process, client: Process | None = None
+    ) -> JobNetwork:
         """Build job `name`'s network; on any failure remove what was built and raise."""
         check_name(name)
         if mode == "nat":
@@ -112,7 +114,7 @@ class Engine:
                 if self.journal.path(name).exists():
                     raise SetupError(f"job name {name!r} is in use (see `larkns list`)")
                 plan = self._plan(name, mode)
-                record = Record(name=name, owner=owner, state="building", plan=plan)
+                record = Record(name=name, owner=owner, state="building", plan=plan, client=client)
                 try:
                     self.journal.claim(record)
                 except NameInUse:
@@ -325,6 +327,11 @@ class Engine:
             netns.kill_all(ino)
         netns.delete(ns_name)
 
+    def clean_if_idle(self) -> None:
+        """Remove the table and the state dir if no job is left (a daemon stopping)."""
+        with self.journal.lock(exclusive=True):
+            self._clean_if_idle_locked(force=True)
+
     def _clean_when_idle(self) -> None:
         """The last job out removes the table and the state dir."""
         # Checked first without the lock: a teardown while other jobs run
@@ -334,8 +341,8 @@ class Engine:
         with self.journal.lock(exclusive=True):
             self._clean_if_idle_locked()
 
-    def _clean_if_idle_locked(self) -> None:
-        if self.clean_when_idle and not self.journal.names():
+    def _clean_if_idle_locked(self, force: bool = False) -> None:
+        if (force or self.clean_when_idle) and not self.journal.names():
             with contextlib.suppress(Exception):
                 self.ruleset.delete_table()
             self.journal.remove_if_idle()
@@ -364,10 +371,12 @@ class Engine:
     def _gc_locked(self) -> list[str]:
         removed: list[str] = []
         for record in self.records():
-            if record.owner.alive():
+            if record.alive():
                 continue
             self._teardown(record.name)
-            removed.append(f"job {record.name} (its owner, pid {record.owner.pid}, is gone)")
+            gone = record.owner if not record.owner.alive() else record.client
+            assert gone is not None
+            removed.append(f"job {record.name} (its owner or client, pid {gone.pid}, is gone)")
         live = set(self.journal.names())
 
         for ns_name in netns.names():

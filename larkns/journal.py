@@ -69,8 +69,15 @@ class Record:
     state: str = "claimed"
     plan: JobNetwork | None = None
     job: Process | None = None
+    # The process the job is for, when the owner serves many (larknsd: the
+    # job's wrapper); the job is orphaned when either is gone.
+    client: Process | None = None
     created: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        """Whether the job still has its owner (and its client, if it has one)."""
+        return self.owner.alive() and (self.client is None or self.client.alive())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +87,9 @@ class Record:
             "state": self.state,
             "plan": None if self.plan is None else self.plan.to_dict(),
             "job": None if self.job is None else {"pid": self.job.pid, "start": self.job.start},
+            "client": None
+            if self.client is None
+            else {"pid": self.client.pid, "start": self.client.start},
             "created": self.created,
             "extra": self.extra,
         }
@@ -87,6 +97,7 @@ class Record:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Record:
         job = d.get("job")
+        client = d.get("client")
         plan = d.get("plan")
         return cls(
             name=d["name"],
@@ -94,6 +105,7 @@ class Record:
             state=d.get("state", "claimed"),
             plan=None if plan is None else JobNetwork.from_dict(plan),
             job=None if job is None else Process(job["pid"], job["start"]),
+            client=None if client is None else Process(client["pid"], client["start"]),
             created=d.get("created", 0.0),
             extra=d.get("extra", {}),
         )

@@ -1,0 +1,63 @@
+"""The wire protocol between the job wrapper and larknsd.
+
+A SOCK_SEQPACKET unix socket: one JSON object per message, so no framing.
+File descriptors travel beside a message (SCM_RIGHTS).  Every message has
+"v" (the protocol version); a daemon refuses versions it does not know.
+
+    wrapper -> daemon   {"v": 1, "op": "launch", "argv": [...], "path": "/abs/exe",
+                         "env": ["K=V", ...], "cwd": "/dir"}     + fds 0, 1, 2
+    daemon -> wrapper   {"v": 1, "ok": true, "name": ..., "pid": N, "addresses": {...}}
+                         + the job's pidfd (signals go straight to the job)
+                     or {"v": 1, "ok": false, "error": "one line"}
+    daemon -> wrapper   {"v": 1, "exit": {"code": N} | {"signal": N}, "traffic": {...}}
+                         when the job has ended
+
+This module is stdlib only: the wrapper imports it, as the job's owner.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+from typing import Any
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20  # a job's environment can be large; this is plenty
+DEFAULT_SOCKET = "/run/larknsd.sock"
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps({"v": VERSION, **msg}).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes is over the limit of {MAX_MESSAGE}")
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def receive(sock: socket.socket, max_fds: int = 3) -> tuple[dict[str, Any] | None, list[int]]:
+    """(message, fds); (None, []) when the peer has closed."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds, socket.MSG_CMSG_CLOEXEC)
+    if not data and not fds:
+        return None, []
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            socket.close(fd)
+        raise ProtocolError("message or its file descriptors cut short")
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        for fd in fds:
+            socket.close(fd)
+        raise ProtocolError("not JSON") from None
+    if not isinstance(msg, dict) or msg.get("v") != VERSION:
+        for fd in fds:
+            socket.close(fd)
+        raise ProtocolError(
+            f"unknown protocol version {msg.get('v') if isinstance(msg, dict) else None!r}"
+        )
+    return msg, fds

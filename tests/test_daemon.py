@@ -1,0 +1,162 @@
+"""larknsd and the job wrapper, without HTCondor (real kernel, simulated worker)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.jobside import wrapper_copy, wrapper_script
+from tests.world import World, sh
+
+
+class Larknsd:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.socket = f"/tmp/{world.prefix}-larknsd.sock"
+        self.env = world.env() | {"LARKNS_SOCKET": self.socket}
+        self.proc = subprocess.Popen(
+            world.worker_cmd(str(Path(sys.executable).parent / "larknsd")),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"larknsd did not start: {line} {err}")
+        self.copy = wrapper_copy()
+        self.wrapper = wrapper_script(self.copy, self.socket)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _out, err = self.proc.communicate(timeout=20)
+        shutil.rmtree(self.copy, ignore_errors=True)
+        return err
+
+    def job(self, *cmd: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The wrapper started as HTCondor would, in the worker (as root, or as `user`)."""
+        prefix = self.world.worker_cmd()
+        if user is not None:
+            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+        return subprocess.run(
+            [*prefix, str(self.wrapper), *cmd], capture_output=True, text=True, cwd="/", timeout=30
+        )
+
+    def job_popen(self, *cmd: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*self.world.worker_cmd(), str(self.wrapper), *cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+
+
+@pytest.fixture()
+def larknsd(clean_world: World) -> Iterator[Larknsd]:
+    d = Larknsd(clean_world)
+    try:
+        yield d
+    finally:
+        err = d.stop()
+        assert d.proc.returncode == 0, err
+        assert "Traceback" not in err, err
+
+
+def test_the_job_runs_in_its_own_network_and_keeps_its_exit_code(
+    larknsd: Larknsd, clean_world: World
+) -> None:
+    worker_ns = sh("readlink", "/proc/self/ns/net", ns=clean_world.worker).stdout.strip()
+    proc = larknsd.job(
+        "/bin/sh", "-c", "readlink /proc/self/ns/net; ip -o link | cut -d: -f2; exit 3"
+    )
+    assert proc.returncode == 3, proc.stderr
+    ns, *links = proc.stdout.split("\n")
+    assert ns != worker_ns
+    names = [x.strip().split("@")[0] for x in links if x.strip()]
+    assert names == ["lo", "eth0"]  # not the worker's links
+
+
+def test_the_wrapper_dies_of_the_signal_that_killed_the_job(larknsd: Larknsd) -> None:
+    proc = larknsd.job("/bin/sh", "-c", "kill -USR1 $$")
+    assert proc.returncode == -signal.SIGUSR1, proc.stderr
+
+
+def test_a_signal_to_the_wrapper_reaches_the_job(larknsd: Larknsd, clean_world: World) -> None:
+    p = larknsd.job_popen("/bin/sh", "-c", "echo started; exec sleep 30")
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "started"
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=10)
+    assert p.returncode == -signal.SIGTERM
+
+
+def test_when_the_wrapper_dies_the_job_dies_and_its_network_goes(
+    larknsd: Larknsd, clean_world: World
+) -> None:
+    p = larknsd.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
+    assert p.stdout is not None
+    job_pid = int(p.stdout.readline())
+    p.kill()
+    p.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{job_pid}").exists():
+        assert time.monotonic() < deadline, "the job outlived its wrapper"
+        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while json_jobs(clean_world):
+        assert time.monotonic() < deadline, "the job's network outlived it"
+        time.sleep(0.02)
+
+
+def json_jobs(world: World) -> list[str]:
+    d = world.state_dir / "jobs"
+    return [p.name for p in d.iterdir()] if d.exists() else []
+
+
+def test_a_caller_that_is_no_htcondor_job_is_refused(larknsd: Larknsd) -> None:
+    proc = larknsd.job("/bin/true", user="65534")
+    assert proc.returncode == 125
+    assert "not a job of this node's HTCondor starter" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_without_the_daemon_the_job_does_not_run(larknsd: Larknsd, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = wrapper_script(larknsd.copy, "/tmp/lkt-no-such.sock")
+    proc = subprocess.run(
+        [*larknsd.world.worker_cmd(), str(script), "/bin/touch", str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 125 and "cannot reach larknsd" in proc.stderr
+    assert not marker.exists()
+
+
+def test_a_malformed_request_gets_a_one_line_error(larknsd: Larknsd) -> None:
+    code = (
+        "import socket,json,sys\n"
+        "s=socket.socket(socket.AF_UNIX,socket.SOCK_SEQPACKET); s.connect(sys.argv[1])\n"
+        "s.send(json.dumps({'v':1,'op':'launch','argv':'nope'}).encode())\n"
+        "print(s.recv(4096).decode())\n"
+    )
+    proc = subprocess.run(
+        [*larknsd.world.worker_cmd(), "/usr/bin/python3", "-c", code, larknsd.socket],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    reply = json.loads(proc.stdout)
+    assert reply["ok"] is False and reply["error"].startswith("argv:")
