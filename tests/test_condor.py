@@ -1,19 +1,24 @@
-"""A real one-node HTCondor pool in the simulated worker (see tests/condor.py).
+"""Jobs of a real one-node HTCondor pool, each in its own network by larkns.
 
-These tests need HTCondor: the build in ../shared/htcondor, or an installed
-one.  Without either they are skipped, except under CI (CI set), where they
-are required.
+The pool (tests/condor.py) runs in the simulated worker with larknsd beside
+it and larkns's wrapper as its USER_JOB_WRAPPER; jobs are submitted by an
+unprivileged user.  These tests need HTCondor: the build in
+../shared/htcondor, or an installed one.  Without either they are skipped,
+except under CI (CI set), where they are required.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.condor import Pool, release_source
-from tests.world import World
+from tests.condor import USER_UID, Pool, release_source
+from tests.test_daemon import Larknsd
+from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +29,54 @@ def pool(world: World) -> Iterator[Pool]:
         pytest.skip(
             "no HTCondor: neither ../shared/htcondor/condor-*.tar.xz nor condor_master on PATH"
         )
-    p = Pool(world)
+    daemon = Larknsd(world)
+    p = None
     try:
+        p = Pool(world, extra_config=f"USER_JOB_WRAPPER = {daemon.wrapper}\n")
+        # The job's own files, readable by its user whatever the checkout's modes.
+        shutil.copy(PEER, p.home / "peer.py")
+        os.chown(p.home / "peer.py", USER_UID, USER_UID)
         yield p
     finally:
-        p.close()
-        assert p.pids() == [], "the pool left processes behind"
+        if p is not None:
+            p.close()
+        err = daemon.stop()
+        assert daemon.proc.returncode == 0, err
+    assert p.pids() == [], "the pool left processes behind"
+    assert world.wait_no_leftovers() == []
+
+
+JOB = """\
+    executable = /bin/sh
+    arguments = "-c '{script}'"
+    output = {tag}.out
+    error = {tag}.err
+    log = {tag}.log
+    should_transfer_files = NO
+    queue
+    """
 
 
 def test_a_job_submitted_by_a_user_runs_and_keeps_its_exit_code(pool: Pool) -> None:
-    cluster = pool.submit("""\
-        executable = /bin/sh
-        arguments = "-c 'echo hello from $(id -un); exit 3'"
-        output = out.txt
-        error = err.txt
-        log = job.log
-        should_transfer_files = NO
-        queue
-        """)
+    cluster = pool.submit(JOB.format(script="echo hello from $(id -un); exit 3", tag="exit"))
     ad = pool.wait_done(cluster)
     assert ad["ExitCode"] == "3", ad
     assert ad["Owner"] == "lktuser"
-    assert (pool.home / "out.txt").read_text() == "hello from lktuser\n"
+    assert (pool.home / "exit.out").read_text() == "hello from lktuser\n"
+
+
+def test_a_job_has_its_own_network_and_reaches_the_site_over_both_families(
+    pool: Pool, world: World
+) -> None:
+    worker_ns = sh("readlink", "/proc/self/ns/net", ns=world.worker).stdout.strip()
+    script = (
+        "readlink /proc/self/ns/net; "
+        f"/usr/bin/python3 peer.py tcp {SITE4} {PORT}; /usr/bin/python3 peer.py tcp {SITE6} {PORT}"
+    )
+    cluster = pool.submit(JOB.format(script=script, tag="net"))
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "net.err").read_text())
+    ns, v4, v6 = (pool.home / "net.out").read_text().splitlines()
+    assert ns != worker_ns  # not the starter's network namespace
+    assert json.loads(v4)["seen_as"] == WORKER4  # NAT44 on the worker
+    assert json.loads(v6)["seen_as"] == WORKER6  # NAT66
