@@ -37,12 +37,13 @@ def wrapper_copy() -> Path:
     return top
 
 
-def wrapper_script(top: Path, socket_path: str) -> Path:
+def wrapper_script(top: Path, socket_path: str, **env: str) -> Path:
     """An executable USER_JOB_WRAPPER running the copy against `socket_path`."""
     script = top / "larkns-wrapper"
+    extra = "".join(f"{k}={v} " for k, v in env.items())
     script.write_text(
         "#!/bin/sh\n"
-        f"LARKNS_SOCKET={socket_path} PYTHONPATH={top} "
+        f"LARKNS_SOCKET={socket_path} PYTHONPATH={top} {extra}"
         'exec /usr/bin/python3 -m larkns.condor.wrapper "$@"\n'
     )
     script.chmod(0o755)

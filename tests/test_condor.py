@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.condor import USER_UID, Pool, release_source
+from tests.jobside import wrapper_script
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
@@ -32,7 +34,14 @@ def pool(world: World) -> Iterator[Pool]:
     daemon = Larknsd(world)
     p = None
     try:
-        p = Pool(world, extra_config=f"USER_JOB_WRAPPER = {daemon.wrapper}\n")
+        p = Pool(world, extra_config=POOL_CONFIG.format(wrapper=daemon.wrapper))
+        # Now that the release is unpacked: where its condor_chirp is.
+        wrapper_script(
+            daemon.copy,
+            daemon.socket,
+            LARKNS_UPDATE_INTERVAL="2",
+            LARKNS_CONDOR_CHIRP=f"{p.release}/libexec/condor_chirp",
+        )
         # The job's own files, readable by its user whatever the checkout's modes.
         shutil.copy(PEER, p.home / "peer.py")
         os.chown(p.home / "peer.py", USER_UID, USER_UID)
@@ -45,6 +54,16 @@ def pool(world: World) -> Iterator[Pool]:
     assert p.pids() == [], "the pool left processes behind"
     assert world.wait_no_leftovers() == []
 
+
+# What a site adds (README): the wrapper, and WantIOProxy for every job so
+# that the wrapper can publish through chirp.
+POOL_CONFIG = """
+USER_JOB_WRAPPER = {wrapper}
+JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) LarkNS
+JOB_TRANSFORM_LarkNS @=end
+   SET WantIOProxy true
+@end
+"""
 
 JOB = """\
     executable = /bin/sh
@@ -80,3 +99,27 @@ def test_a_job_has_its_own_network_and_reaches_the_site_over_both_families(
     assert ns != worker_ns  # not the starter's network namespace
     assert json.loads(v4)["seen_as"] == WORKER4  # NAT44 on the worker
     assert json.loads(v6)["seen_as"] == WORKER6  # NAT66
+
+
+def test_the_jobs_bytes_show_in_the_queue_while_it_runs_and_in_history_after(pool: Pool) -> None:
+    n, size, reply = 30, 1000, 400
+    script = f"/usr/bin/python3 peer.py udp {SITE4} {PORT} {n} {size} {reply} && sleep 8"
+    cluster = pool.submit(JOB.format(script=script, tag="bytes"))
+    # While it runs: the wrapper's periodic update (every 2 s here).
+    deadline = time.monotonic() + 60
+    running: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        running = pool.queue_ad(cluster)
+        if int(running.get("NetworkOutgoing", "0")) > 0:
+            break
+        time.sleep(0.5)
+    assert int(running.get("NetworkOutgoing", "0")) == n * (28 + size), running
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "bytes.err").read_text())
+    # Exact: UDP, L3 bytes (20 + 8 header bytes per datagram), IPv4 only.
+    assert int(ad["NetworkOutgoing"]) == n * (28 + size)
+    assert int(ad["NetworkIncoming"]) == n * (28 + reply)
+    assert int(ad["LarkNetworkOutgoingIPv6"]) == 0
+    assert ad["LarkNetworkType"] == "nat"
+    assert ad["LarkIPv4Address"].startswith("198.19.")
+    assert ad["WantIOProxy"] == "true"

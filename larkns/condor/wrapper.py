@@ -1,11 +1,18 @@
 """The USER_JOB_WRAPPER: asks larknsd to start the job in a network of its own,
-then stands in for it.
+then stands in for it and reports its traffic into the job ad.
 
 HTCondor runs the wrapper as the job's owner, in the job's cgroup and mount
 namespace, and watches and signals the wrapper's pid as the job.  So the
 wrapper passes every signal it gets on to the job (through the job's pidfd,
 which larknsd hands over), and ends the way the job ended: the same exit code,
 or killed by the same signal.  If the wrapper dies, larknsd kills the job.
+
+The wrapper stays in the host's network namespace, where the starter's chirp
+port is: it publishes the job's counters with condor_chirp while the job
+runs (every LARKNS_UPDATE_INTERVAL seconds, default 60) and once at its end,
+under Lark's attribute names (NetworkIncoming, NetworkOutgoing) and larkns's
+(LarkNetworkType, LarkIPv4Address, LarkIPv6Addresses, ...).  The job needs
+WantIOProxy = true (see the README for the schedd transform that sets it).
 
 Standard library only, and no import of larkns's C core or kernel layer: it
 runs as an unprivileged user, possibly with the system's python3.
@@ -19,7 +26,9 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import time
 from typing import Any
 
 from larkns.daemon import protocol
@@ -43,11 +52,69 @@ _NOT_FORWARDED = {
     signal.SIGSYS,
 }
 FORWARDED = signal.valid_signals() - _NOT_FORWARDED
+DEFAULT_UPDATE_INTERVAL = 60.0
+_CHIRP_PLACES = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 
 
 def _fail(msg: str) -> int:
     print(f"larkns-wrapper: {msg}", file=sys.stderr)
     return EXIT_NO_NETWORK
+
+
+class Publisher:
+    """Job ad attributes through condor_chirp (quietly absent outside HTCondor)."""
+
+    def __init__(self) -> None:
+        self.chirp = self._find() if os.environ.get("_CONDOR_CHIRP_CONFIG") else None
+        self._warned = False
+
+    @staticmethod
+    def _find() -> str | None:
+        explicit = os.environ.get("LARKNS_CONDOR_CHIRP")
+        if explicit:
+            return explicit
+        found = shutil.which("condor_chirp")
+        if found:
+            return found
+        return next((p for p in _CHIRP_PLACES if os.access(p, os.X_OK)), None)
+
+    def set(self, attrs: dict[str, str]) -> None:
+        if self.chirp is None:
+            return
+        for name, expr in attrs.items():
+            try:
+                done = subprocess.run(
+                    [self.chirp, "set_job_attr", name, expr],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    stdin=subprocess.DEVNULL,
+                )
+                ok, why = done.returncode == 0, (done.stderr.strip() or f"exit {done.returncode}")
+            except (OSError, subprocess.TimeoutExpired) as e:
+                ok, why = False, str(e)
+            if not ok and not self._warned:
+                # The job's stderr is ours too: say it once, not per update.
+                print(
+                    f"larkns-wrapper: cannot publish {name} through chirp: {why}", file=sys.stderr
+                )
+                self._warned = True
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def counters(traffic: dict[str, Any]) -> dict[str, str]:
+    out = {
+        "NetworkIncoming": str(traffic["bytes"]["incoming"]),
+        "NetworkOutgoing": str(traffic["bytes"]["outgoing"]),
+    }
+    for fam, label in (("ipv4", "IPv4"), ("ipv6", "IPv6")):
+        f = traffic["families"][fam]["bytes"]
+        out[f"LarkNetworkIncoming{label}"] = str(f["incoming"])
+        out[f"LarkNetworkOutgoing{label}"] = str(f["outgoing"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args[0]}: command not found")
     path = os.path.abspath(path)
     sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
+    raw_interval = os.environ.get("LARKNS_UPDATE_INTERVAL", str(DEFAULT_UPDATE_INTERVAL))
+    try:
+        interval = float(raw_interval)
+    except ValueError:
+        interval = -1
+    if not interval > 0:
+        return _fail(
+            f"LARKNS_UPDATE_INTERVAL: expected a number of seconds > 0, got {raw_interval!r}"
+        )
     # Signals wait (blocked) until the job exists, then are passed on.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
@@ -83,35 +159,62 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("larknsd closed the connection without an answer")
         if not reply.get("ok") or len(fds) != 1:
             return _fail(f"larknsd: {reply.get('error', 'refused')}")
-        end = _relay(sock, fds[0])
+        started = time.monotonic()
+        publisher = Publisher()
+        addresses = reply.get("addresses", {})
+        publisher.set(
+            {
+                "LarkNetworkType": _quote(str(reply.get("mode", ""))),
+                "LarkIPv4Address": _quote(addresses.get("ipv4") or ""),
+                "LarkIPv6Addresses": _quote(",".join(addresses.get("ipv6") or [])),
+            }
+        )
+        end = _relay(sock, fds[0], publisher, interval)
     if end is None:
         return _fail("larknsd went away before the job ended")
-    return _end_like(end)
+    traffic = end.get("traffic")
+    if traffic:
+        final = counters(traffic)
+        seconds = max(time.monotonic() - started, 1e-3)
+        final["LarkNetworkBandwidthIncoming"] = str(round(traffic["bytes"]["incoming"] / seconds))
+        final["LarkNetworkBandwidthOutgoing"] = str(round(traffic["bytes"]["outgoing"] / seconds))
+        publisher.set(final)
+    return _end_like(end["exit"])
 
 
-def _relay(sock: socket.socket, pidfd: int) -> dict[str, Any] | None:
-    """Pass signals on to the job until larknsd says how it ended."""
+def _relay(
+    sock: socket.socket, pidfd: int, publisher: Publisher, interval: float
+) -> dict[str, Any] | None:
+    """Pass signals on to the job and publish its counters until larknsd says
+    how it ended; the final message (with "exit"), or None."""
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     for s in FORWARDED:
         signal.signal(s, lambda *_: None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    next_update = time.monotonic() + interval
     try:
         while True:
-            ready, _, _ = select.select([sock.fileno(), rfd], [], [])
+            timeout = max(0.0, next_update - time.monotonic())
+            ready, _, _ = select.select([sock.fileno(), rfd], [], [], timeout)
             if rfd in ready:
                 for signum in os.read(rfd, 256):
                     with contextlib.suppress(ProcessLookupError):
                         signal.pidfd_send_signal(pidfd, signum)
             if sock.fileno() in ready:
-                # Not EOF: the job's own processes may hold the connection
-                # open; the end is an explicit message.
+                # Not EOF: the end is an explicit message (a job's own
+                # processes could otherwise hold the wrapper forever).
                 msg, _ = protocol.receive(sock, max_fds=0)
                 if msg is None:
                     return None
                 if "exit" in msg:
-                    exit_info: dict[str, Any] = msg["exit"]
-                    return exit_info
+                    return msg
+                if "traffic" in msg:
+                    publisher.set(counters(msg["traffic"]))
+            if time.monotonic() >= next_update:
+                if publisher.chirp is not None:
+                    protocol.send(sock, {"op": "stats"})
+                next_update = time.monotonic() + interval
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         os.close(pidfd)

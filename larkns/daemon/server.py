@@ -235,7 +235,7 @@ class Daemon:
                 },
                 [job_fd],
             )
-            outcome = self._wait(job_fd, client_fd)
+            outcome = self._wait(conn, name, job_fd, client_fd)
             with self.lock:
                 traffic = self.engine.stats(name)
             if outcome is not None:
@@ -286,12 +286,16 @@ class Daemon:
             for fd in opened:
                 os.close(fd)
 
-    def _wait(self, job_fd: int, client_fd: int) -> dict[str, int] | None:
+    def _wait(
+        self, conn: socket.socket, name: str, job_fd: int, client_fd: int
+    ) -> dict[str, int] | None:
         """The job's end ({"code"} or {"signal"}); None if its wrapper died first
-        (then the job is killed: it must not outlive the wrapper HTCondor watches)."""
+        (then the job is killed: it must not outlive the wrapper HTCondor watches).
+        Meanwhile the wrapper may ask for the job's counters ({"op": "stats"})."""
         poller = select.poll()
         poller.register(job_fd, select.POLLIN)
         poller.register(client_fd, select.POLLIN)
+        poller.register(conn.fileno(), select.POLLIN)
         while True:
             ready = {fd for fd, _ in poller.poll()}
             if job_fd in ready:
@@ -305,6 +309,23 @@ class Daemon:
                     core.pidfd_send_signal(job_fd, 9)
                 os.waitid(os.P_PIDFD, job_fd, os.WEXITED)
                 return None
+            if conn.fileno() in ready:
+                try:
+                    msg, _ = protocol.receive(conn, max_fds=0)
+                except protocol.ProtocolError as e:
+                    self._refuse(conn, str(e))
+                    continue
+                if msg is None:
+                    # The wrapper closed its end but lives (or is dying):
+                    # its pidfd says which; stop listening to it.
+                    poller.unregister(conn.fileno())
+                    continue
+                if msg.get("op") == "stats":
+                    with self.lock:
+                        traffic = self.engine.stats(name)
+                    protocol.send(conn, {"traffic": _traffic(traffic)})
+                else:
+                    self._refuse(conn, f"unknown operation {msg.get('op')!r} while the job runs")
 
 
 def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], str]:
