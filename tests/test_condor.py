@@ -123,3 +123,28 @@ def test_the_jobs_bytes_show_in_the_queue_while_it_runs_and_in_history_after(poo
     assert ad["LarkNetworkType"] == "nat"
     assert ad["LarkIPv4Address"].startswith("198.19.")
     assert ad["WantIOProxy"] == "true"
+
+
+def test_a_job_killed_by_a_signal_shows_that_signal(pool: Pool) -> None:
+    cluster = pool.submit(JOB.format(script="kill -KILL $$", tag="sig"))
+    ad = pool.wait_done(cluster)
+    assert ad.get("ExitBySignal") == "true", ad
+    assert ad.get("ExitSignal") == "9", ad
+
+
+def test_condor_rm_ends_a_running_job_and_its_network(pool: Pool, world: World) -> None:
+    cluster = pool.submit(JOB.format(script="echo started; exec sleep 300", tag="rm"))
+    out = pool.home / "rm.out"
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_text().strip() == "started"):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    jobs = world.state_dir / "jobs"
+    assert jobs.exists() and list(jobs.iterdir()), "no job network while the job runs"
+    pool.run("condor_rm", str(cluster), user=True)
+    ad = pool.wait_done(cluster, timeout=60)
+    assert ad["JobStatus"] == "3", ad  # removed
+    deadline = time.monotonic() + 20
+    while jobs.exists() and list(jobs.iterdir()):
+        assert time.monotonic() < deadline, "the job's network outlived condor_rm"
+        time.sleep(0.2)

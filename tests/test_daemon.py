@@ -88,9 +88,10 @@ def test_the_job_runs_in_its_own_network_and_keeps_its_exit_code(
     assert names == ["lo", "eth0"]  # not the worker's links
 
 
-def test_the_wrapper_dies_of_the_signal_that_killed_the_job(larknsd: Larknsd) -> None:
-    proc = larknsd.job("/bin/sh", "-c", "kill -USR1 $$")
-    assert proc.returncode == -signal.SIGUSR1, proc.stderr
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGKILL])
+def test_the_wrapper_dies_of_the_signal_that_killed_the_job(larknsd: Larknsd, sig: int) -> None:
+    proc = larknsd.job("/bin/sh", "-c", f"kill -{sig} $$")
+    assert proc.returncode == -sig, proc.stderr
 
 
 def test_a_signal_to_the_wrapper_reaches_the_job(larknsd: Larknsd, clean_world: World) -> None:

@@ -224,8 +224,9 @@ def _end_like(end: dict[str, Any]) -> int:
     """The wrapper's own end, the same as the job's."""
     if "signal" in end:
         sig = int(end["signal"])
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
         os.kill(os.getpid(), sig)
         # A signal whose default is to continue or be ignored: say so by code.
         return 128 + sig
