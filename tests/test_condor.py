@@ -35,13 +35,9 @@ def pool(world: World) -> Iterator[Pool]:
     p = None
     try:
         p = Pool(world, extra_config=POOL_CONFIG.format(wrapper=daemon.wrapper))
-        # Now that the release is unpacked: where its condor_chirp is.
-        wrapper_script(
-            daemon.copy,
-            daemon.socket,
-            LARKNS_UPDATE_INTERVAL="2",
-            LARKNS_CONDOR_CHIRP=f"{p.release}/libexec/condor_chirp",
-        )
+        # Updates every 2 s (not 60) so a test sees one; condor_chirp is
+        # found as a site's wrapper finds it, beside the starter's bin/.
+        wrapper_script(daemon.copy, daemon.socket, LARKNS_UPDATE_INTERVAL="2")
         # The job's own files, readable by its user whatever the checkout's modes.
         shutil.copy(PEER, p.home / "peer.py")
         os.chown(p.home / "peer.py", USER_UID, USER_UID)
@@ -148,3 +144,11 @@ def test_condor_rm_ends_a_running_job_and_its_network(pool: Pool, world: World) 
     while jobs.exists() and list(jobs.iterdir()):
         assert time.monotonic() < deadline, "the job's network outlived condor_rm"
         time.sleep(0.2)
+
+
+def test_condor_chirp_inside_the_job_reaches_its_starter(pool: Pool) -> None:
+    chirp = f"{pool.release}/libexec/condor_chirp"
+    cluster = pool.submit(JOB.format(script=f"{chirp} set_job_attr LktFromJob 42", tag="chirp"))
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "chirp.err").read_text())
+    assert ad.get("LktFromJob") == "42"

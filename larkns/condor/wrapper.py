@@ -76,6 +76,12 @@ class Publisher:
         found = shutil.which("condor_chirp")
         if found:
             return found
+        # The starter says where its bin/ is; condor_chirp is in libexec/.
+        bindir = os.environ.get("_CONDOR_BIN")
+        if bindir:
+            beside = os.path.join(os.path.dirname(bindir.rstrip("/")), "libexec", "condor_chirp")
+            if os.access(beside, os.X_OK):
+                return beside
         return next((p for p in _CHIRP_PLACES if os.access(p, os.X_OK)), None)
 
     def set(self, attrs: dict[str, str]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from larkns import core
 from larkns.config import ConfigError, Settings
 from larkns.daemon import protocol
+from larkns.daemon.relay import Relay, chirp_port
 from larkns.engine import Engine
 from larkns.journal import Process
 from larkns.kernel import netns
@@ -214,12 +215,20 @@ class Daemon:
         mode = self.settings.mode
         with self.lock:
             plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.pid))
+        relay: Relay | None = None
         try:
+            # condor_chirp inside the job reaches its starter as it would
+            # without larkns: at 127.0.0.1 and the same port.
+            port = chirp_port(env, caller.starter) if caller.starter else None
+            if port is not None:
+                relay = Relay(plan.netns, port)
             self.engine.wait_ready(plan, self.settings.slaac_timeout)
             addresses = self.engine.job_addresses(plan)
             pid, job_fd = self._spawn(caller, plan.netns, argv, path, env, cwd, fds)
         except BaseException:
             os.close(client_fd)
+            if relay is not None:
+                relay.close()
             with self.lock:
                 self.engine.teardown(name)
             raise
@@ -244,6 +253,8 @@ class Daemon:
         finally:
             os.close(job_fd)
             os.close(client_fd)
+            if relay is not None:
+                relay.close()
             with self.lock:
                 self.engine.teardown(name)
 
