@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.world import ROOT
 
 MODULES = (
+    "condor/hook.py",
     "__init__.py",
     "daemon/__init__.py",
     "daemon/protocol.py",
@@ -35,6 +36,18 @@ def wrapper_copy() -> Path:
         shutil.copy(ROOT / "larkns" / rel, dest)
         dest.chmod(0o644)
     return top
+
+
+def hook_script(top: Path, socket_path: str) -> Path:
+    """An executable PREPARE_JOB hook running the copy against `socket_path`."""
+    script = top / "larkns-prepare-job"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"LARKNS_SOCKET={socket_path} PYTHONPATH={top} "
+        'exec /usr/bin/python3 -m larkns.condor.hook "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
 
 
 def wrapper_script(top: Path, socket_path: str, **env: str) -> Path:

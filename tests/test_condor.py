@@ -18,23 +18,34 @@ from collections.abc import Iterator
 import pytest
 
 from tests.condor import USER_UID, Pool, release_source
-from tests.jobside import wrapper_script
+from tests.jobside import hook_script, wrapper_script
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
 
 @pytest.fixture(scope="module")
-def pool(world: World) -> Iterator[Pool]:
+def daemon(world: World) -> Iterator[Larknsd]:
     if release_source() is None:
         if os.environ.get("CI"):
             pytest.fail("CI is set but no HTCondor was found (../shared/htcondor/condor-*.tar.xz)")
         pytest.skip(
             "no HTCondor: neither ../shared/htcondor/condor-*.tar.xz nor condor_master on PATH"
         )
-    daemon = Larknsd(world)
-    p = None
+    d = Larknsd(world)
     try:
-        p = Pool(world, extra_config=POOL_CONFIG.format(wrapper=daemon.wrapper))
+        yield d
+    finally:
+        err = d.stop()
+        assert d.proc.returncode == 0, err
+    # With the pool and the daemon stopped, nothing of larkns is left.
+    assert world.wait_no_leftovers() == []
+
+
+@pytest.fixture(scope="module")
+def pool(world: World, daemon: Larknsd) -> Iterator[Pool]:
+    hook = hook_script(daemon.copy, daemon.socket)
+    p = Pool(world, extra_config=POOL_CONFIG.format(wrapper=daemon.wrapper, hook=hook))
+    try:
         # Updates every 2 s (not 60) so a test sees one; condor_chirp is
         # found as a site's wrapper finds it, beside the starter's bin/.
         wrapper_script(daemon.copy, daemon.socket, LARKNS_UPDATE_INTERVAL="2")
@@ -43,18 +54,16 @@ def pool(world: World) -> Iterator[Pool]:
         os.chown(p.home / "peer.py", USER_UID, USER_UID)
         yield p
     finally:
-        if p is not None:
-            p.close()
-        err = daemon.stop()
-        assert daemon.proc.returncode == 0, err
+        p.close()
     assert p.pids() == [], "the pool left processes behind"
-    assert world.wait_no_leftovers() == []
 
 
 # What a site adds (README): the wrapper, and WantIOProxy for every job so
 # that the wrapper can publish through chirp.
 POOL_CONFIG = """
 USER_JOB_WRAPPER = {wrapper}
+STARTER_JOB_HOOK_KEYWORD = LARKNS
+LARKNS_HOOK_PREPARE_JOB = {hook}
 JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) LarkNS
 JOB_TRANSFORM_LarkNS @=end
    SET WantIOProxy true
@@ -152,3 +161,28 @@ def test_condor_chirp_inside_the_job_reaches_its_starter(pool: Pool) -> None:
     ad = pool.wait_done(cluster)
     assert ad["ExitCode"] == "0", (ad, (pool.home / "chirp.err").read_text())
     assert ad.get("LktFromJob") == "42"
+
+
+def test_a_job_whose_network_cannot_be_built_is_held_with_the_reason(
+    pool: Pool, daemon: Larknsd
+) -> None:
+    # The hook is read at each job start: point it at a larknsd that is not
+    # there for this one job.
+    hook_script(daemon.copy, "/tmp/lkt-no-larknsd.sock")
+    try:
+        cluster = pool.submit(JOB.format(script="echo ran", tag="held"))
+        deadline = time.monotonic() + 60
+        ad: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            ad = pool.queue_ad(cluster)
+            if ad.get("JobStatus") == "5":
+                break
+            time.sleep(0.5)
+    finally:
+        hook_script(daemon.copy, daemon.socket)
+    assert ad.get("JobStatus") == "5", ad  # held, not run without its network
+    assert "larkns: cannot reach larknsd" in ad.get("HoldReason", ""), ad
+    assert (
+        not (pool.home / "held.out").exists() or "ran" not in (pool.home / "held.out").read_text()
+    )
+    pool.run("condor_rm", str(cluster), user=True)

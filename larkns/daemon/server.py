@@ -28,6 +28,7 @@ from larkns.daemon.relay import Relay, chirp_port
 from larkns.engine import Engine
 from larkns.journal import Process
 from larkns.kernel import netns
+from larkns.plan import JobNetwork
 
 STARTER = "condor_starter"
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
@@ -182,9 +183,12 @@ class Daemon:
                     raise Refused(
                         f"pid {pid} (uid {uid}) is not a job of this node's HTCondor starter"
                     )
-                if msg.get("op") != "launch":
+                if msg.get("op") == "prepare":
+                    self._prepare(conn, caller)
+                elif msg.get("op") == "launch":
+                    self._launch(conn, caller, msg, fds)
+                else:
                     raise Refused(f"unknown operation {msg.get('op')!r}")
-                self._launch(conn, caller, msg, fds)
             except (Refused, ConfigError, protocol.ProtocolError) as e:
                 self._refuse(conn, str(e))
             except Exception as e:
@@ -213,8 +217,10 @@ class Daemon:
         client_fd = os.pidfd_open(caller.pid)
         name = f"s{caller.starter}" if caller.starter else f"r{caller.pid}"
         mode = self.settings.mode
-        with self.lock:
-            plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.pid))
+        plan = self._prepared(name, caller)
+        if plan is None:
+            with self.lock:
+                plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.pid))
         relay: Relay | None = None
         try:
             # condor_chirp inside the job reaches its starter as it would
@@ -257,6 +263,42 @@ class Daemon:
                 relay.close()
             with self.lock:
                 self.engine.teardown(name)
+
+    def _prepare(self, conn: socket.socket, caller: Caller) -> None:
+        """Build the network of the caller's job ahead of it (the PREPARE_JOB
+        hook), so that a network that cannot be built puts the job on hold
+        instead of failing it.  It lives as long as the job's starter."""
+        if caller.starter is None:
+            raise Refused("prepare: only for a job of an HTCondor starter")
+        name = f"s{caller.starter}"
+        if self._prepared(name, caller) is None:
+            with self.lock:
+                self.engine.setup(
+                    name, self.settings.mode, self.me, client=Process.of(caller.starter)
+                )
+        protocol.send(conn, {"ok": True, "name": name, "mode": self.settings.mode})
+
+    def _prepared(self, name: str, caller: Caller) -> JobNetwork | None:
+        """The network the PREPARE_JOB hook had built for this caller's job."""
+        if caller.starter is None:
+            return None
+        record = self.engine.journal.read(name)
+        if record is None or record.plan is None or record.owner != self.me:
+            return None
+        if record.client != Process.of(caller.starter):
+            return None
+        return record.plan
+
+    def gc_forever(self, interval: float) -> None:
+        """Remove what jobs that are gone left (a starter that died after the
+        prepare hook, before its job started)."""
+        while not self._stopping.wait(interval):
+            try:
+                with self.lock:
+                    for line in self.engine.gc():
+                        print(f"larknsd: gc removed {line}", file=sys.stderr)
+            except Exception as e:
+                print(f"larknsd: gc failed: {e}", file=sys.stderr)
 
     def _spawn(
         self,
@@ -385,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return 125
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    threading.Thread(target=daemon.gc_forever, args=(60.0,), name="gc", daemon=True).start()
     print(json.dumps({"larknsd": "ready", "socket": args.socket}), flush=True)
     try:
         daemon.serve_forever()

@@ -1,0 +1,55 @@
+"""The starter's PREPARE_JOB hook: has larknsd build the job's network before
+the job starts, and puts the job on hold when it cannot be built.
+
+HTCondor runs the hook as the job's owner with the job ad on stdin; printing
+HookStatusCode = 190 and a HookStatusMessage holds the job with that reason
+(the one reliable failure path: a failing USER_JOB_WRAPPER makes HTCondor
+requeue the job again and again).  A job must never run without the network
+it was meant to have.
+
+Standard library only (it runs as the job's owner).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from larkns.daemon import protocol
+
+HOLD = 190
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def hold(reason: str) -> int:
+    print(f"HookStatusCode = {HOLD}")
+    print(f"HookStatusMessage = {_quote('larkns: ' + reason)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdin.read()  # the job ad: the starter expects it read
+    sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(60)
+            sock.connect(sock_path)
+            protocol.send(sock, {"op": "prepare"})
+            reply, _ = protocol.receive(sock, max_fds=0)
+    except OSError as e:
+        return hold(f"cannot reach larknsd at {sock_path}: {e.strerror or e}")
+    except protocol.ProtocolError as e:
+        return hold(f"larknsd: {e}")
+    if reply is None:
+        return hold("larknsd closed the connection without an answer")
+    if not reply.get("ok"):
+        return hold(f"cannot build the job's network: {reply.get('error', 'refused')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
