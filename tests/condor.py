@@ -4,7 +4,8 @@ The pool runs from the build in ../shared/htcondor (or an installed HTCondor)
 inside the world's worker namespace, so its jobs' networks and NAT never touch
 the real host.  It also gets a mount namespace of its own, in which /etc/passwd
 and /etc/group are bind-mounted copies that add the test's users (the
-pool's `lktcondor` and the submitting `lktuser`): no host file is written.
+pool's `lktcondor` and the submitting `lktuser`), and /etc/resolv.conf one
+that names a loopback resolver (127.0.0.53): no host file is written.
 
 Everything is under one temporary directory, removed by `close()` with every
 process of the pool (found by its mount namespace, all started by us).
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from tests.world import ROOT, World
 
+RESOLVER = "127.0.0.53"
 CONDOR_UID = 64500
 USER_UID = 64501
 TARBALLS = sorted(glob.glob(str(ROOT.parent / "shared" / "htcondor" / "condor-*.tar.xz")))
@@ -86,7 +88,9 @@ class Pool:
         )
         (etc / "passwd").write_text(passwd)
         (etc / "group").write_text(group)
-        for f in ("passwd", "group"):
+        # The node's resolver is a local one, as with systemd-resolved.
+        (etc / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
+        for f in ("passwd", "group", "resolv.conf"):
             (etc / f).chmod(0o644)
 
     def _config(self, extra: str) -> Path:
@@ -147,6 +151,7 @@ class Pool:
         script = (
             f"mount --bind {self.dir}/etc/passwd /etc/passwd && "
             f"mount --bind {self.dir}/etc/group /etc/group && "
+            f"mount --bind {self.dir}/etc/resolv.conf /etc/resolv.conf && "
             f"exec {self.release}/sbin/condor_master -f"
         )
         cmd = self.world.worker_cmd(

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.condor import USER_UID, Pool, release_source
+from tests.condor import RESOLVER, USER_UID, Pool, release_source
 from tests.jobside import hook_script, wrapper_script
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
@@ -186,3 +189,25 @@ def test_a_job_whose_network_cannot_be_built_is_held_with_the_reason(
         not (pool.home / "held.out").exists() or "ran" not in (pool.home / "held.out").read_text()
     )
     pool.run("condor_rm", str(cluster), user=True)
+
+
+def test_a_loopback_resolver_of_the_node_answers_inside_the_job(pool: Pool, world: World) -> None:
+    # The worker's resolver, as systemd-resolved would be: on 127.0.0.53.
+    dns = subprocess.Popen(
+        world.worker_cmd(
+            sys.executable, str(Path(PEER).parent / "fakedns.py"), RESOLVER, "198.18.0.99"
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert dns.stdout is not None and dns.stdout.readline().strip() == "ready"
+        cluster = pool.submit(JOB.format(script="getent hosts lkt-service.test", tag="dns"))
+        ad = pool.wait_done(cluster)
+        assert ad["ExitCode"] == "0", (ad, (pool.home / "dns.err").read_text())
+        assert (pool.home / "dns.out").read_text().split() == ["198.18.0.99", "lkt-service.test"]
+    finally:
+        dns.kill()
+        dns.wait()
+        if dns.stdout:
+            dns.stdout.close()

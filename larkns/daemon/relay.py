@@ -14,10 +14,13 @@ opened.  Nothing else on the worker's loopback becomes reachable.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import selectors
 import socket
 import threading
+import time
+from typing import Any
 
 from larkns.kernel import netns
 
@@ -63,17 +66,34 @@ def chirp_port(env: dict[str, str], starter: int) -> int | None:
     return int(port) if int(port) in listening_ports(starter) else None
 
 
-class Relay:
-    """Listens on 127.0.0.1:port in netns `ns_name`; carries connections to the
-    same port in the netns of the thread that made it."""
+def loopback_nameservers(pid: int) -> list[str]:
+    """Nameservers on the loopback in the resolv.conf that process `pid` sees
+    (a local resolver such as systemd-resolved's 127.0.0.53)."""
+    out = []
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/root/etc/resolv.conf") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    if ipaddress.ip_address(fields[1]).is_loopback and fields[1] not in out:
+                        out.append(fields[1])
+    return out
 
-    def __init__(self, ns_name: str, port: int) -> None:
+
+class Relay:
+    """Listens on address:port (default 127.0.0.1) in netns `ns_name`; carries
+    TCP connections to the same address and port in the netns of the thread
+    that made it."""
+
+    def __init__(self, ns_name: str, port: int, address: str = LOCALHOST) -> None:
         self.port = port
+        self.address = address
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         with netns.entered(ns_name):
-            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self._listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
                 # A fresh namespace's loopback is up (larkns brings it up).
-                self._listener.bind((LOCALHOST, port))
+                self._listener.bind((address, port))
                 self._listener.listen(16)
             except BaseException:
                 self._listener.close()
@@ -133,7 +153,7 @@ class Relay:
             return
         try:
             # Made in this thread's netns: the worker's, where the starter is.
-            outer = socket.create_connection((LOCALHOST, self.port), timeout=10)
+            outer = socket.create_connection((self.address, self.port), timeout=10)
             outer.settimeout(None)
         except OSError:
             inner.close()
@@ -156,3 +176,73 @@ class Relay:
                 sel.unregister(x)
             peers.pop(x, None)
             x.close()
+
+
+class UdpRelay:
+    """Datagrams to address:port in netns `ns_name` go to the same address and
+    port in the netns of the thread that made it, and answers come back: one
+    upstream socket per job-side client, dropped after a minute unused."""
+
+    IDLE = 60.0
+
+    def __init__(self, ns_name: str, port: int, address: str) -> None:
+        self.target = (address, port)
+        self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with netns.entered(ns_name):
+            self._inner = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                self._inner.bind(self.target)
+            except BaseException:
+                self._inner.close()
+                raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._run, name=f"udp-relay-{port}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=5)
+        self._wake_w.close()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._inner, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, "stop")
+        upstream: dict[Any, tuple[socket.socket, float]] = {}
+        try:
+            while True:
+                for key, _ in sel.select(timeout=self.IDLE / 2):
+                    if key.data == "stop":
+                        return
+                    if key.fileobj is self._inner:
+                        with contextlib.suppress(OSError):
+                            data, client = self._inner.recvfrom(1 << 16)
+                            up = upstream.get(client)
+                            if up is None:
+                                # Made in this thread's netns: the worker's.
+                                s = socket.socket(
+                                    self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                )
+                                s.connect(self.target)
+                                sel.register(s, selectors.EVENT_READ, client)
+                                up = (s, 0.0)
+                            upstream[client] = (up[0], time.monotonic())
+                            up[0].send(data)
+                        continue
+                    answer = key.fileobj
+                    assert isinstance(answer, socket.socket)
+                    with contextlib.suppress(OSError):
+                        self._inner.sendto(answer.recv(1 << 16), key.data)
+                now = time.monotonic()
+                for client, (s, used) in list(upstream.items()):
+                    if now - used > self.IDLE:
+                        sel.unregister(s)
+                        s.close()
+                        del upstream[client]
+        finally:
+            for s, _ in upstream.values():
+                s.close()
+            sel.close()
+            self._inner.close()
+            self._wake_r.close()

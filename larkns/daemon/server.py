@@ -24,7 +24,7 @@ from typing import Any
 from larkns import core
 from larkns.config import ConfigError, Settings
 from larkns.daemon import protocol
-from larkns.daemon.relay import Relay, chirp_port
+from larkns.daemon.relay import Relay, UdpRelay, chirp_port, loopback_nameservers
 from larkns.engine import Engine
 from larkns.journal import Process
 from larkns.kernel import netns
@@ -221,20 +221,24 @@ class Daemon:
         if plan is None:
             with self.lock:
                 plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.pid))
-        relay: Relay | None = None
+        relays: list[Relay | UdpRelay] = []
         try:
             # condor_chirp inside the job reaches its starter as it would
             # without larkns: at 127.0.0.1 and the same port.
             port = chirp_port(env, caller.starter) if caller.starter else None
             if port is not None:
-                relay = Relay(plan.netns, port)
+                relays.append(Relay(plan.netns, port))
+            # A loopback resolver (127.0.0.53, ...) would be the job's own
+            # loopback, where nothing answers: relay it too.
+            for server in loopback_nameservers(caller.pid):
+                relays += [Relay(plan.netns, 53, server), UdpRelay(plan.netns, 53, server)]
             self.engine.wait_ready(plan, self.settings.slaac_timeout)
             addresses = self.engine.job_addresses(plan)
             pid, job_fd = self._spawn(caller, plan.netns, argv, path, env, cwd, fds)
         except BaseException:
             os.close(client_fd)
-            if relay is not None:
-                relay.close()
+            for r in relays:
+                r.close()
             with self.lock:
                 self.engine.teardown(name)
             raise
@@ -259,8 +263,8 @@ class Daemon:
         finally:
             os.close(job_fd)
             os.close(client_fd)
-            if relay is not None:
-                relay.close()
+            for r in relays:
+                r.close()
             with self.lock:
                 self.engine.teardown(name)
 
