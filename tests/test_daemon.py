@@ -161,3 +161,13 @@ def test_a_malformed_request_gets_a_one_line_error(larknsd: Larknsd) -> None:
     )
     reply = json.loads(proc.stdout)
     assert reply["ok"] is False and reply["error"].startswith("argv:")
+
+
+def test_thirty_two_jobs_start_at_once_without_errors(larknsd: Larknsd) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda i: larknsd.job("/bin/sh", "-c", f"exit {i % 7}"), range(32)))
+    assert [r.returncode for r in results] == [i % 7 for i in range(32)], [
+        r.stderr for r in results
+    ]
