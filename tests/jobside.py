@@ -17,6 +17,7 @@ from tests.world import ROOT
 
 MODULES = (
     "condor/hook.py",
+    "condor/machine_ad.py",
     "__init__.py",
     "daemon/__init__.py",
     "daemon/protocol.py",
@@ -38,13 +39,14 @@ def wrapper_copy() -> Path:
     return top
 
 
-def hook_script(top: Path, socket_path: str) -> Path:
-    """An executable PREPARE_JOB hook running the copy against `socket_path`."""
-    script = top / "larkns-prepare-job"
+def hook_script(top: Path, socket_path: str, module: str = "hook") -> Path:
+    """An executable running the copy's larkns.condor.MODULE against `socket_path`
+    (the PREPARE_JOB hook by default; "machine_ad" for the startd cron job)."""
+    script = top / f"larkns-{module}"
     script.write_text(
         "#!/bin/sh\n"
         f"LARKNS_SOCKET={socket_path} PYTHONPATH={top} "
-        'exec /usr/bin/python3 -m larkns.condor.hook "$@"\n'
+        f'exec /usr/bin/python3 -m larkns.condor.{module} "$@"\n'
     )
     script.chmod(0o755)
     return script

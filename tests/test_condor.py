@@ -47,7 +47,9 @@ def daemon(world: World) -> Iterator[Larknsd]:
 @pytest.fixture(scope="module")
 def pool(world: World, daemon: Larknsd) -> Iterator[Pool]:
     hook = hook_script(daemon.copy, daemon.socket)
-    p = Pool(world, extra_config=POOL_CONFIG.format(wrapper=daemon.wrapper, hook=hook))
+    machine_ad = hook_script(daemon.copy, daemon.socket, "machine_ad")
+    config = POOL_CONFIG.format(wrapper=daemon.wrapper, hook=hook, machine_ad=machine_ad)
+    p = Pool(world, extra_config=config)
     try:
         # Updates every 2 s (not 60) so a test sees one; condor_chirp is
         # found as a site's wrapper finds it, beside the starter's bin/.
@@ -67,6 +69,9 @@ POOL_CONFIG = """
 USER_JOB_WRAPPER = {wrapper}
 STARTER_JOB_HOOK_KEYWORD = LARKNS
 LARKNS_HOOK_PREPARE_JOB = {hook}
+STARTD_CRON_JOBLIST = $(STARTD_CRON_JOBLIST) LARKNS
+STARTD_CRON_LARKNS_EXECUTABLE = {machine_ad}
+STARTD_CRON_LARKNS_PERIOD = 5s
 JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) LarkNS
 JOB_TRANSFORM_LarkNS @=end
    SET WantIOProxy true
@@ -211,3 +216,24 @@ def test_a_loopback_resolver_of_the_node_answers_inside_the_job(pool: Pool, worl
         dns.wait()
         if dns.stdout:
             dns.stdout.close()
+
+
+def test_the_machine_ad_says_what_the_node_offers(pool: Pool) -> None:
+    deadline = time.monotonic() + 60
+    ad: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        out = pool.run("condor_status", "-l", check=False).stdout
+        ad = {k: v for k, v in (line.partition(" = ")[::2] for line in out.splitlines())}
+        if "LarkAvailable" in ad:
+            break
+        time.sleep(1)
+    assert ad.get("LarkAvailable") == "true", ad
+    assert ad.get("LarkNetworkTypes") == '"nat,none"'
+    assert ad.get("LarkHasIPv4") == "true" and ad.get("LarkHasIPv6") == "true"
+    # and a job can require it
+    cluster = pool.submit(
+        JOB.replace("queue", "requirements = LarkHasIPv6\n    queue").format(
+            script="true", tag="req"
+        )
+    )
+    assert pool.wait_done(cluster)["ExitCode"] == "0"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from larkns import core
-from larkns.config import ConfigError, Settings
+from larkns.config import MODES, ConfigError, Settings
 from larkns.daemon import protocol
 from larkns.daemon.relay import Relay, UdpRelay, chirp_port, loopback_nameservers
 from larkns.engine import Engine
@@ -178,6 +178,11 @@ class Daemon:
                 msg, fds = protocol.receive(conn)
                 if msg is None:
                     return
+                if msg.get("op") == "info":
+                    # What this node offers: public, read-only (the startd
+                    # cron job asks, as the condor user).
+                    protocol.send(conn, {"ok": True, **self.info()})
+                    return
                 caller = identify(pid, uid, gid)
                 if caller.uid != 0 and caller.starter is None:
                     raise Refused(
@@ -267,6 +272,12 @@ class Daemon:
                 r.close()
             with self.lock:
                 self.engine.teardown(name)
+
+    def info(self) -> dict[str, Any]:
+        with self.lock:
+            v4 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET))
+            v6 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET6))
+        return {"modes": list(MODES), "default_mode": self.settings.mode, "ipv4": v4, "ipv6": v6}
 
     def _prepare(self, conn: socket.socket, caller: Caller) -> None:
         """Build the network of the caller's job ahead of it (the PREPARE_JOB

@@ -1,0 +1,48 @@
+"""Startd cron job: what larkns offers on this node, for the machine ad.
+
+    LarkAvailable = true            larknsd answers
+    LarkNetworkTypes = "nat,none"   the modes a job can have
+    LarkNetworkType = "nat"         the default
+    LarkHasIPv4 = true              jobs reach the site over IPv4
+    LarkHasIPv6 = true              ... and IPv6
+
+so that jobs can require them (requirements = LarkHasIPv6).  Runs as the
+condor user: standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from larkns.daemon import protocol
+
+
+def _bool(v: object) -> str:
+    return "true" if v else "false"
+
+
+def main(argv: list[str] | None = None) -> int:
+    sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(30)
+            sock.connect(sock_path)
+            protocol.send(sock, {"op": "info"})
+            info, _ = protocol.receive(sock, max_fds=0)
+    except (OSError, protocol.ProtocolError):
+        info = None
+    if not info or not info.get("ok"):
+        print("LarkAvailable = false")
+        return 0
+    print("LarkAvailable = true")
+    print(f'LarkNetworkTypes = "{",".join(info.get("modes", []))}"')
+    print(f'LarkNetworkType = "{info.get("default_mode", "")}"')
+    print(f"LarkHasIPv4 = {_bool(info.get('ipv4'))}")
+    print(f"LarkHasIPv6 = {_bool(info.get('ipv6'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
