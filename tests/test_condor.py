@@ -237,3 +237,56 @@ def test_the_machine_ad_says_what_the_node_offers(pool: Pool) -> None:
         )
     )
     assert pool.wait_done(cluster)["ExitCode"] == "0"
+
+
+def _wait_status(pool: Pool, cluster: int, status: str, timeout: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    ad: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        ad = pool.queue_ad(cluster)
+        if ad.get("JobStatus") == status:
+            return ad
+        time.sleep(0.3)
+    raise AssertionError(f"job {cluster} never reached status {status}: {ad}")
+
+
+def _ticks(pool: Pool, tag: str) -> int:
+    out = pool.home / f"{tag}.out"
+    return len(out.read_text().split()) if out.exists() else 0
+
+
+def test_suspend_and_continue_stop_and_resume_the_job(pool: Pool) -> None:
+    cluster = pool.submit(JOB.format(script="while true; do echo t; sleep 0.2; done", tag="susp"))
+    deadline = time.monotonic() + 60
+    while _ticks(pool, "susp") < 3:
+        assert time.monotonic() < deadline, "the job never ticked"
+        time.sleep(0.2)
+    pool.run("condor_suspend", str(cluster), user=True)
+    _wait_status(pool, cluster, "7")  # suspended
+    time.sleep(1)
+    frozen = _ticks(pool, "susp")
+    time.sleep(1.5)
+    assert _ticks(pool, "susp") == frozen, "the job kept running while suspended"
+    pool.run("condor_continue", str(cluster), user=True)
+    deadline = time.monotonic() + 30
+    while _ticks(pool, "susp") <= frozen:
+        assert time.monotonic() < deadline, "the job did not resume"
+        time.sleep(0.2)
+    pool.run("condor_rm", str(cluster), user=True)
+    pool.wait_done(cluster)
+
+
+def test_hold_and_release_rerun_the_job_in_a_fresh_network(pool: Pool, world: World) -> None:
+    cluster = pool.submit(JOB.format(script="echo run; sleep 300", tag="hold"))
+    _wait_status(pool, cluster, "2")
+    pool.run("condor_hold", str(cluster), user=True)
+    _wait_status(pool, cluster, "5")
+    jobs = world.state_dir / "jobs"
+    deadline = time.monotonic() + 20
+    while jobs.exists() and list(jobs.iterdir()):
+        assert time.monotonic() < deadline, "a held job kept its network"
+        time.sleep(0.2)
+    pool.run("condor_release", str(cluster), user=True)
+    _wait_status(pool, cluster, "2")
+    pool.run("condor_rm", str(cluster), user=True)
+    pool.wait_done(cluster)
