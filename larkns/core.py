@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from larkns import signals
 from larkns._core import ffi, lib
 
 CLONE_NEWNET: Final[int] = int(lib.CLONE_NEWNET)
@@ -52,18 +53,8 @@ ALL_CATCHABLE_SIGNALS: Final[tuple[int, ...]] = tuple(
     s for s in range(1, _MAX_SIGNAL + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)
 )
 
-#: Signals that come from outside a process (kill, a terminal, timers): all
-#: but SIGKILL/SIGSTOP and the faults a process raises itself (SIGSEGV, ...).
-EXTERNAL_SIGNALS: Final[frozenset[int]] = frozenset(signal.valid_signals()) - {
-    signal.SIGKILL,
-    signal.SIGSTOP,
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
+#: Signals that come from outside a process (see larkns.signals).
+EXTERNAL_SIGNALS: Final[frozenset[int]] = signals.EXTERNAL
 
 #: Stage numbers reported by lk_spawn, by name.
 STAGES: Final[Mapping[int, str]] = {

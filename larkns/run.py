@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from larkns import core, report
+from larkns import core, report, signals
 from larkns.config import ConfigError, Settings
 from larkns.engine import Engine
 from larkns.journal import Process
@@ -41,10 +41,8 @@ ABORTING = {
     signal.SIGUSR1,
     signal.SIGUSR2,
 }
-# Every other signal from outside is passed on, except job control (the
-# terminal stops larkns and the command together, as they share a process
-# group) and SIGCHLD (which tells larkns its command ended).
-FORWARDED = core.EXTERNAL_SIGNALS - {signal.SIGCHLD, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+# Every other signal from outside is passed on (see larkns.signals).
+FORWARDED = signals.FORWARDED
 # A terminal sends these to its whole foreground process group, the command
 # included: passing them on again would deliver them twice.
 _FROM_TERMINAL = {signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH}

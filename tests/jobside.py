@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.world import ROOT
 
 MODULES = (
+    "signals.py",
     "condor/hook.py",
     "condor/machine_ad.py",
     "__init__.py",

@@ -13,7 +13,6 @@ Standard library only (it runs as the job's owner).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from larkns.daemon import protocol
@@ -35,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin.read()  # the job ad: the starter expects it read
     sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(60)
-            sock.connect(sock_path)
-            protocol.send(sock, {"op": "prepare"})
-            reply, _ = protocol.receive(sock, max_fds=0)
+        reply = protocol.ask(sock_path, {"op": "prepare"})
     except OSError as e:
         return hold(f"cannot reach larknsd at {sock_path}: {e.strerror or e}")
     except protocol.ProtocolError as e:

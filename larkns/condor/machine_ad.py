@@ -13,7 +13,6 @@ condor user: standard library only.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from larkns.daemon import protocol
@@ -26,11 +25,7 @@ def _bool(v: object) -> str:
 def main(argv: list[str] | None = None) -> int:
     sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(30)
-            sock.connect(sock_path)
-            protocol.send(sock, {"op": "info"})
-            info, _ = protocol.receive(sock, max_fds=0)
+        info = protocol.ask(sock_path, {"op": "info"}, timeout=30)
     except (OSError, protocol.ProtocolError):
         info = None
     if not info or not info.get("ok"):

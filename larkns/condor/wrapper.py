@@ -31,27 +31,13 @@ import sys
 import time
 from typing import Any
 
+from larkns import signals
 from larkns.daemon import protocol
 
 # What a wrapper cannot do without larknsd: the job must not run without the
 # network it was meant to have (the hold path is the PREPARE_JOB hook).
 EXIT_NO_NETWORK = 125
-# SIGTSTP/TTIN/TTOU are job control; SIGCHLD is the wrapper's own business.
-_NOT_FORWARDED = {
-    signal.SIGKILL,
-    signal.SIGSTOP,
-    signal.SIGCHLD,
-    signal.SIGTSTP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
-FORWARDED = signal.valid_signals() - _NOT_FORWARDED
+FORWARDED = signals.FORWARDED
 DEFAULT_UPDATE_INTERVAL = 60.0
 _CHIRP_PLACES = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 

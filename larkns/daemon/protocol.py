@@ -39,6 +39,17 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None)
     sock.sendmsg([data], anc)
 
 
+def ask(sock_path: str, msg: dict[str, Any], timeout: float = 60) -> dict[str, Any] | None:
+    """One request and its answer (no descriptors either way); None if the
+    daemon closed without one.  Raises OSError or ProtocolError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        sock.connect(sock_path)
+        send(sock, msg)
+        reply, _ = receive(sock, max_fds=0)
+    return reply
+
+
 def receive(sock: socket.socket, max_fds: int = 3) -> tuple[dict[str, Any] | None, list[int]]:
     """(message, fds); (None, []) when the peer has closed."""
     data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds, socket.MSG_CMSG_CLOEXEC)

@@ -80,23 +80,26 @@ def loopback_nameservers(pid: int) -> list[str]:
     return out
 
 
-class Relay:
-    """Listens on address:port (default 127.0.0.1) in netns `ns_name`; carries
-    TCP connections to the same address and port in the netns of the thread
-    that made it."""
+class _Relay:
+    """A socket bound to address:port inside netns `ns_name`, served by a
+    thread until close(); the thread's own sockets are made in the netns of
+    the thread that made the relay (the worker's)."""
 
-    def __init__(self, ns_name: str, port: int, address: str = LOCALHOST) -> None:
+    kind = socket.SOCK_STREAM
+
+    def __init__(self, ns_name: str, port: int, address: str) -> None:
         self.port = port
         self.address = address
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         with netns.entered(ns_name):
-            self._listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self._inner = socket.socket(self.family, self.kind | socket.SOCK_CLOEXEC)
             try:
                 # A fresh namespace's loopback is up (larkns brings it up).
-                self._listener.bind((address, port))
-                self._listener.listen(16)
+                self._inner.bind((address, port))
+                if self.kind == socket.SOCK_STREAM:
+                    self._inner.listen(16)
             except BaseException:
-                self._listener.close()
+                self._inner.close()
                 raise
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._run, name=f"relay-{port}", daemon=True)
@@ -109,8 +112,20 @@ class Relay:
         self._wake_w.close()
 
     def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Relay(_Relay):
+    """Listens on address:port (default 127.0.0.1) in netns `ns_name`; carries
+    TCP connections to the same address and port in the netns of the thread
+    that made it."""
+
+    def __init__(self, ns_name: str, port: int, address: str = LOCALHOST) -> None:
+        super().__init__(ns_name, port, address)
+
+    def _run(self) -> None:
         sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ, "listen")
+        sel.register(self._inner, selectors.EVENT_READ, "listen")
         sel.register(self._wake_r, selectors.EVENT_READ, "stop")
         peers: dict[socket.socket, socket.socket] = {}
         try:
@@ -141,14 +156,14 @@ class Relay:
                     sel.unregister(s)
                 s.close()
             sel.close()
-            self._listener.close()
+            self._inner.close()
             self._wake_r.close()
 
     def _accept(
         self, sel: selectors.BaseSelector, peers: dict[socket.socket, socket.socket]
     ) -> None:
         try:
-            inner, _ = self._listener.accept()
+            inner, _ = self._inner.accept()
         except OSError:
             return
         try:
@@ -178,32 +193,13 @@ class Relay:
             x.close()
 
 
-class UdpRelay:
+class UdpRelay(_Relay):
     """Datagrams to address:port in netns `ns_name` go to the same address and
     port in the netns of the thread that made it, and answers come back: one
     upstream socket per job-side client, dropped after a minute unused."""
 
+    kind = socket.SOCK_DGRAM
     IDLE = 60.0
-
-    def __init__(self, ns_name: str, port: int, address: str) -> None:
-        self.target = (address, port)
-        self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        with netns.entered(ns_name):
-            self._inner = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            try:
-                self._inner.bind(self.target)
-            except BaseException:
-                self._inner.close()
-                raise
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._thread = threading.Thread(target=self._run, name=f"udp-relay-{port}", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        self._thread.join(timeout=5)
-        self._wake_w.close()
 
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -224,7 +220,7 @@ class UdpRelay:
                                 s = socket.socket(
                                     self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                                 )
-                                s.connect(self.target)
+                                s.connect((self.address, self.port))
                                 sel.register(s, selectors.EVENT_READ, client)
                                 up = (s, 0.0)
                             upstream[client] = (up[0], time.monotonic())
