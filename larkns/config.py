@@ -1,7 +1,8 @@
 """LARKNS_* knobs -> validated settings.
 
 Knobs come, in order of precedence, from command-line flags, the process
-environment (``LARKNS_IPV4_POOL=...``), and built-in defaults.  Every error
+environment (``LARKNS_IPV4_POOL=...``), the HTCondor configuration (read
+with the htcondor bindings), and built-in defaults.  Every error
 names the knob and says what was expected, so a site admin can fix it from the
 message alone.
 """
@@ -15,6 +16,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 MODES = ("nat", "none")
 
@@ -42,6 +44,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Settings:
     mode: str = "nat"
+    # LARKNS_NETWORK_TYPE as a ClassAd expression, evaluated against each job's ad.
+    mode_expr: str | None = None
+    # The types a job may ask for itself (+LarkNetworkType); none by default.
+    allowed_types: tuple[str, ...] = ()
     ipv4_pool: ipaddress.IPv4Network = field(
         default_factory=lambda: ipaddress.IPv4Network(DEFAULT_IPV4_POOL)
     )
@@ -51,6 +57,28 @@ class Settings:
     lib_dir: Path = Path(DEFAULT_LIB_DIR)
     netns_prefix: str = DEFAULT_NETNS_PREFIX
     slaac_timeout: float = DEFAULT_SLAAC_TIMEOUT
+
+    def job_mode(self, ad: Any) -> str:
+        """The network type of the job whose ClassAd is `ad` (None: no ad)."""
+        mode = self.mode
+        if self.mode_expr is not None and ad is not None:
+            value = _expression(self.mode_expr).eval(ad)
+            if not isinstance(value, str) or value.lower() not in MODES:
+                raise ConfigError(
+                    f"LARKNS_NETWORK_TYPE: {self.mode_expr} gives {value!r} for this job "
+                    f"(expected one of: {', '.join(MODES)})"
+                )
+            mode = value.lower()
+        asked = ad.get("LarkNetworkType") if ad is not None else None
+        if asked is not None:
+            if not isinstance(asked, str) or asked.lower() not in self.allowed_types:
+                allowed = ", ".join(self.allowed_types) or "none"
+                raise ConfigError(
+                    f"LarkNetworkType: the job asks for {asked!r}; "
+                    f"LARKNS_ALLOWED_NETWORK_TYPES allows: {allowed}"
+                )
+            mode = asked.lower()
+        return mode
 
     def with_overrides(self, knobs: Mapping[str, str]) -> Settings:
         """Return settings with the given LARKNS_* knobs applied (validated)."""
@@ -65,12 +93,38 @@ class Settings:
 
 
 def _parse_mode(knob: str, raw: str) -> tuple[str, object]:
-    mode = raw.lower()
-    if mode not in MODES:
+    mode = raw.strip('"').lower()
+    if mode in MODES:
+        return "mode", mode
+    # Not a plain type: a ClassAd expression, evaluated per job (job_mode).
+    # A bare word is a misspelt type, not an attribute reference.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", raw) and _expression(raw) is not None:
+        return "mode_expr", raw
+    raise ConfigError(
+        f"{knob}: unknown network type {raw!r} "
+        f"(expected one of: {', '.join(MODES)}, or a ClassAd expression giving one)"
+    )
+
+
+def _expression(raw: str) -> Any:
+    try:
+        import classad2
+    except ImportError:
+        return None
+    try:
+        return classad2.ExprTree(raw)
+    except Exception:
+        return None
+
+
+def _parse_allowed(knob: str, raw: str) -> tuple[str, object]:
+    types = tuple(t.strip().lower() for t in raw.replace(",", " ").split() if t.strip())
+    bad = [t for t in types if t not in MODES]
+    if bad:
         raise ConfigError(
-            f"{knob}: unknown network type {raw!r} (expected one of: {', '.join(MODES)})"
+            f"{knob}: unknown network type(s) {', '.join(bad)} (expected: {', '.join(MODES)})"
         )
-    return "mode", mode
+    return "allowed_types", types
 
 
 def _parse_ipv4_pool(knob: str, raw: str) -> tuple[str, object]:
@@ -131,6 +185,7 @@ def _parse_seconds(knob: str, raw: str) -> tuple[str, object]:
 
 _PARSERS: dict[str, Parser] = {
     "LARKNS_NETWORK_TYPE": _parse_mode,
+    "LARKNS_ALLOWED_NETWORK_TYPES": _parse_allowed,
     "LARKNS_IPV4_POOL": _parse_ipv4_pool,
     "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,
     "LARKNS_STATE_DIR": _parse_dir("state_dir"),
@@ -141,12 +196,35 @@ _PARSERS: dict[str, Parser] = {
 KNOBS = tuple(_PARSERS)
 
 
+def condor_knobs() -> dict[str, str]:
+    """LARKNS_* knobs of the HTCondor configuration ($CONDOR_CONFIG or
+    /etc/condor/condor_config), read with the htcondor bindings; none if
+    either is missing."""
+    if not (os.environ.get("CONDOR_CONFIG") or os.path.exists("/etc/condor/condor_config")):
+        return {}
+    try:
+        import htcondor2
+    except ImportError:
+        return {}
+    try:
+        found = {k: htcondor2.param.get(k) for k in _PARSERS}
+        return {k: str(v) for k, v in found.items() if v is not None}
+    except Exception as e:
+        raise ConfigError(f"cannot read the HTCondor configuration: {e}") from None
+
+
 def load(
-    environ: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str] | None = None,
+    condor: bool = True,
 ) -> Settings:
-    """Settings from defaults, then the environment's LARKNS_* knobs, then flags."""
+    """Settings from defaults, then the HTCondor configuration, then the
+    environment's LARKNS_* knobs, then flags."""
     env = os.environ if environ is None else environ
-    settings = Settings().with_overrides({k: v for k, v in env.items() if k in _PARSERS})
+    settings = Settings()
+    if condor and environ is None:
+        settings = settings.with_overrides(condor_knobs())
+    settings = settings.with_overrides({k: v for k, v in env.items() if k in _PARSERS})
     return settings.with_overrides(flags or {})
 
 

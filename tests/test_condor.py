@@ -34,7 +34,8 @@ def daemon(world: World) -> Iterator[Larknsd]:
         pytest.skip(
             "no HTCondor: neither ../shared/htcondor/condor-*.tar.xz nor condor_master on PATH"
         )
-    d = Larknsd(world)
+    # Jobs may ask for "none" themselves (+LarkNetworkType).
+    d = Larknsd(world, LARKNS_ALLOWED_NETWORK_TYPES="nat,none")
     try:
         yield d
     finally:
@@ -290,3 +291,24 @@ def test_hold_and_release_rerun_the_job_in_a_fresh_network(pool: Pool, world: Wo
     _wait_status(pool, cluster, "2")
     pool.run("condor_rm", str(cluster), user=True)
     pool.wait_done(cluster)
+
+
+def _held(pool: Pool, cluster: int) -> dict[str, str]:
+    return _wait_status(pool, cluster, "5")
+
+
+def test_a_job_may_ask_for_no_network_when_the_site_allows_it(pool: Pool) -> None:
+    job = JOB.replace("queue", '+LarkNetworkType = "none"\n    queue')
+    cluster = pool.submit(job.format(script="ip -o link | cut -d: -f2", tag="none"))
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "none.err").read_text())
+    assert (pool.home / "none.out").read_text().split() == ["lo"]
+    assert ad["LarkNetworkType"] == "none"
+
+
+def test_a_job_asking_for_a_type_the_site_does_not_allow_is_held(pool: Pool) -> None:
+    job = JOB.replace("queue", '+LarkNetworkType = "bridge"\n    queue')
+    cluster = pool.submit(job.format(script="echo ran", tag="bad"))
+    ad = _held(pool, cluster)
+    assert "LarkNetworkType: the job asks for 'bridge'" in ad.get("HoldReason", ""), ad
+    pool.run("condor_rm", str(cluster), user=True)

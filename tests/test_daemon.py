@@ -18,10 +18,10 @@ from tests.world import World, sh
 
 
 class Larknsd:
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, **knobs: str) -> None:
         self.world = world
         self.socket = f"/tmp/{world.prefix}-larknsd.sock"
-        self.env = world.env() | {"LARKNS_SOCKET": self.socket}
+        self.env = world.env() | {"LARKNS_SOCKET": self.socket} | knobs
         self.proc = subprocess.Popen(
             world.worker_cmd(str(Path(sys.executable).parent / "larknsd")),
             env=self.env,

@@ -188,3 +188,47 @@ def test_the_report_has_the_stable_keys_and_sums_families() -> None:
     assert rep["addresses"] == {"ipv4": "198.19.0.1", "ipv6": ["fd00::1"]}
     text = report.summary(rep)
     assert "killed by SIGTERM" in text and "300 B" in text
+
+
+def test_the_network_type_can_depend_on_the_job_ad_and_a_job_may_ask_if_allowed() -> None:
+    import classad2
+
+    s = config.load(
+        environ={
+            "LARKNS_NETWORK_TYPE": 'ifThenElse(Owner == "alice", "none", "nat")',
+            "LARKNS_ALLOWED_NETWORK_TYPES": "nat, none",
+        }
+    )
+    assert s.job_mode(classad2.parseOne('Owner = "alice"')) == "none"
+    assert s.job_mode(classad2.parseOne('Owner = "bob"')) == "nat"
+    assert s.job_mode(None) == "nat"
+    assert s.job_mode(classad2.parseOne('Owner = "bob"\nLarkNetworkType = "none"')) == "none"
+    strict = config.load(environ={})
+    with pytest.raises(ConfigError, match="LarkNetworkType: the job asks for 'none'"):
+        strict.job_mode(classad2.parseOne('LarkNetworkType = "none"'))
+    odd = config.load(environ={"LARKNS_NETWORK_TYPE": "ifThenElse(true, 42, 1)"})
+    with pytest.raises(ConfigError, match=r"LARKNS_NETWORK_TYPE: .* gives 42"):
+        odd.job_mode(classad2.parseOne("Owner = 1"))
+    with pytest.raises(ConfigError, match="LARKNS_ALLOWED_NETWORK_TYPES"):
+        config.load(environ={"LARKNS_ALLOWED_NETWORK_TYPES": "nat,bridgy"})
+
+
+def test_knobs_come_from_the_htcondor_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import htcondor2
+
+    cfg = tmp_path / "condor_config"
+    cfg.write_text("LARKNS_IPV4_POOL = 198.19.12.0/22\nLARKNS_ALLOWED_NETWORK_TYPES = none\n")
+    monkeypatch.setenv("CONDOR_CONFIG", str(cfg))
+    htcondor2.reload_config()
+    try:
+        s = config.load()
+        assert s.ipv4_pool == ipaddress.IPv4Network("198.19.12.0/22") and s.allowed_types == (
+            "none",
+        )
+        monkeypatch.setenv("LARKNS_IPV4_POOL", "198.19.16.0/22")  # the environment wins
+        assert config.load().ipv4_pool == ipaddress.IPv4Network("198.19.16.0/22")
+    finally:
+        monkeypatch.undo()
+        htcondor2.reload_config()

@@ -95,6 +95,20 @@ def identify(pid: int, uid: int, gid: int) -> Caller:
     return Caller(pid, uid, gid, groups, int(status.get("Umask", "0022"), 8), starter_of(pid))
 
 
+def job_ad(starter: int) -> Any:
+    """The job's ClassAd as its starter wrote it (.job.ad in the starter's
+    working directory, its scratch dir: kernel facts, not what a request
+    says); None if it cannot be read."""
+    try:
+        import classad2
+
+        scratch = os.readlink(f"/proc/{starter}/cwd")
+        with open(f"/proc/{starter}/root{scratch}/.job.ad") as f:
+            return classad2.parseOne(f.read())
+    except Exception:
+        return None
+
+
 def cgroup_fd(pid: int) -> int | None:
     """An fd of pid's cgroup v2 directory, for CLONE_INTO_CGROUP; None if there is none."""
     mount = None
@@ -221,8 +235,8 @@ class Daemon:
             )
         client_fd = os.pidfd_open(caller.pid)
         name = f"s{caller.starter}" if caller.starter else f"r{caller.pid}"
-        mode = self.settings.mode
         plan = self._prepared(name, caller)
+        mode = plan.mode if plan is not None else self._mode(caller)
         if plan is None:
             with self.lock:
                 plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.pid))
@@ -286,12 +300,19 @@ class Daemon:
         if caller.starter is None:
             raise Refused("prepare: only for a job of an HTCondor starter")
         name = f"s{caller.starter}"
-        if self._prepared(name, caller) is None:
+        plan = self._prepared(name, caller)
+        if plan is None:
+            mode = self._mode(caller)
             with self.lock:
-                self.engine.setup(
-                    name, self.settings.mode, self.me, client=Process.of(caller.starter)
-                )
-        protocol.send(conn, {"ok": True, "name": name, "mode": self.settings.mode})
+                plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.starter))
+        protocol.send(conn, {"ok": True, "name": name, "mode": plan.mode})
+
+    def _mode(self, caller: Caller) -> str:
+        """The job's network type: the site's LARKNS_NETWORK_TYPE evaluated
+        against its ad, or what the job asks for (+LarkNetworkType) if the
+        site allows it."""
+        ad = job_ad(caller.starter) if caller.starter else None
+        return self.settings.job_mode(ad)
 
     def _prepared(self, name: str, caller: Caller) -> JobNetwork | None:
         """The network the PREPARE_JOB hook had built for this caller's job."""
