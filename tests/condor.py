@@ -132,6 +132,8 @@ class Pool:
             STARTER_UPDATE_INTERVAL = 2
             SHADOW_QUEUE_UPDATE_INTERVAL = 2
             NUM_CPUS = 2
+            # No JVM probe: it would leave /tmp/hsperfdata_lktcondor behind.
+            JAVA =
             """)
             + extra
         )

@@ -43,6 +43,7 @@ def daemon(world: World) -> Iterator[Larknsd]:
         assert d.proc.returncode == 0, err
     # With the pool and the daemon stopped, nothing of larkns is left.
     assert world.wait_no_leftovers() == []
+    assert not Path("/tmp/hsperfdata_lktcondor").exists(), "the pool left a JVM probe's files"
 
 
 @pytest.fixture(scope="module")

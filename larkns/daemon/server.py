@@ -141,6 +141,9 @@ class Daemon:
         self.advertiser = Advertiser()
         # A node serving jobs all day keeps its table and state dir.
         self.engine = Engine(settings, self.advertiser, clean_when_idle=False)
+        # Opened now, in the worker's netns: a connection thread may be inside
+        # a job's namespace (netns is per thread) when it first needs them.
+        _ = (self.engine.rtnl, self.engine.ipr, self.engine.ruleset)
         self.me = Process.of(os.getpid())
         # The engine's netlink sockets are not for two threads at once.
         self.lock = threading.Lock()
