@@ -447,6 +447,27 @@ def _traffic(t: Any) -> dict[str, Any]:
     }
 
 
+def _parent_is(comm: str) -> bool:
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            return f.read().strip() == comm
+    except OSError:
+        return False
+
+
+def _stop_with_parent(daemon: Daemon) -> None:
+    parent = os.getppid()
+    try:
+        fd = os.pidfd_open(parent)
+    except OSError:
+        fd = -1
+    if fd >= 0 and os.getppid() == parent:
+        select.select([fd], [], [])  # readable once the parent has exited
+        os.close(fd)
+    print("larknsd: its parent is gone; stopping", file=sys.stderr)
+    daemon.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import signal
@@ -455,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="larknsd", description="larkns's root daemon")
     ap.add_argument("--socket", default=os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET))
+    ap.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the parent process ends (the default under condor_master)",
+    )
     args = ap.parse_args(argv)
     try:
         if os.geteuid() != 0:
@@ -467,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     threading.Thread(target=daemon.gc_forever, args=(60.0,), name="gc", daemon=True).start()
+    if args.exit_with_parent or _parent_is("condor_master"):
+        # condor_master does not always signal its daemons on a fast
+        # shutdown (FACTS.md): larknsd must not stay behind, unmanaged.
+        threading.Thread(
+            target=_stop_with_parent, args=(daemon,), name="parent", daemon=True
+        ).start()
     print(json.dumps({"larknsd": "ready", "socket": args.socket}), flush=True)
     try:
         daemon.serve_forever()
