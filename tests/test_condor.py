@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.condor import RESOLVER, USER_UID, Pool, release_source
+from tests.condor import RESOLVER, USER_UID, Pool, require_htcondor
 from tests.jobside import hook_script, wrapper_script
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
@@ -28,12 +28,7 @@ from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
 @pytest.fixture(scope="module")
 def daemon(world: World) -> Iterator[Larknsd]:
-    if release_source() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no HTCondor was found (../shared/htcondor/condor-*.tar.xz)")
-        pytest.skip(
-            "no HTCondor: neither ../shared/htcondor/condor-*.tar.xz nor condor_master on PATH"
-        )
+    require_htcondor()
     # Jobs may ask for "none" themselves (+LarkNetworkType).
     d = Larknsd(world, LARKNS_ALLOWED_NETWORK_TYPES="nat,none")
     try:

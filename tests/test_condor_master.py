@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.condor import Pool, release_source
+from tests.condor import Pool, require_htcondor
 from tests.jobside import wrapper_copy, wrapper_script
 from tests.world import World
 
@@ -24,12 +22,7 @@ def _comm(pid: int) -> str:
 
 
 def test_larknsd_under_condor_master_serves_jobs_and_goes_with_its_master(world: World) -> None:
-    if release_source() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no HTCondor was found (../shared/htcondor/condor-*.tar.xz)")
-        pytest.skip(
-            "no HTCondor: neither ../shared/htcondor/condor-*.tar.xz nor condor_master on PATH"
-        )
+    require_htcondor()
     copy = wrapper_copy()
     sock = f"/tmp/{world.prefix}-master-larknsd.sock"
     env = " ".join(f"{k}={v}" for k, v in world.env().items() if k.startswith("LARKNS_"))
