@@ -48,6 +48,8 @@ class Settings:
     mode_expr: str | None = None
     # The types a job may ask for itself (+LarkNetworkType); none by default.
     allowed_types: tuple[str, ...] = ()
+    # Admin-defined traffic classes: (name, prefixes), each counted apart.
+    classes: tuple[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]], ...] = ()
     ipv4_pool: ipaddress.IPv4Network = field(
         default_factory=lambda: ipaddress.IPv4Network(DEFAULT_IPV4_POOL)
     )
@@ -115,6 +117,38 @@ def _expression(raw: str) -> Any:
         return classad2.ExprTree(raw)
     except Exception:
         return None
+
+
+CLASS_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}")
+
+
+def _parse_classes(knob: str, raw: str) -> tuple[str, object]:
+    """ "Campus = 198.18.0.0/16, 2001:db8::/32; Cloud = 198.19.0.0/16" """
+    classes: list[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]] = []
+    for part in (p.strip() for p in raw.split(";")):
+        if not part:
+            continue
+        name, sep, nets = part.partition("=")
+        name = name.strip()
+        if not sep or not CLASS_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"{knob}: expected NAME = PREFIX, ... (NAME: a letter, then up to 15 "
+                f"letters or digits), got {part!r}"
+            )
+        prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for text in (t.strip() for t in nets.split(",")):
+            try:
+                prefixes.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as e:
+                raise ConfigError(f"{knob}: class {name}: {text!r} is not a prefix ({e})") from None
+        for i, a in enumerate(prefixes):
+            for b in prefixes[i + 1 :]:
+                if a.version == b.version and a.overlaps(b):
+                    raise ConfigError(f"{knob}: class {name}: {a} and {b} overlap")
+        if name in (c[0] for c in classes):
+            raise ConfigError(f"{knob}: class {name} is defined twice")
+        classes.append((name, tuple(prefixes)))
+    return "classes", tuple(classes)
 
 
 def _parse_allowed(knob: str, raw: str) -> tuple[str, object]:
@@ -186,6 +220,7 @@ def _parse_seconds(knob: str, raw: str) -> tuple[str, object]:
 _PARSERS: dict[str, Parser] = {
     "LARKNS_NETWORK_TYPE": _parse_mode,
     "LARKNS_ALLOWED_NETWORK_TYPES": _parse_allowed,
+    "LARKNS_CLASSES": _parse_classes,
     "LARKNS_IPV4_POOL": _parse_ipv4_pool,
     "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,
     "LARKNS_STATE_DIR": _parse_dir("state_dir"),

@@ -74,7 +74,7 @@ class Engine:
     @property
     def ruleset(self) -> Ruleset:
         if self._ruleset is None:
-            self._ruleset = Ruleset()
+            self._ruleset = Ruleset(self.settings.classes)
         return self._ruleset
 
     def close(self) -> None:
@@ -267,6 +267,7 @@ class Engine:
             ipv6_out=c["out6"],
             control_in=c["ctl-in"],
             control_out=c["ctl-out"],
+            classes={n: (c[f"cin-{n}"], c[f"cout-{n}"]) for n, _ in self.settings.classes},
         )
 
     # -- teardown / gc -----------------------------------------------------

@@ -74,6 +74,9 @@ def build(
             "ipv4": _family(traffic.ipv4_in, traffic.ipv4_out),
             "ipv6": _family(traffic.ipv6_in, traffic.ipv6_out),
         },
+        # Admin-defined classes (LARKNS_CLASSES): the part of the totals that
+        # went to or came from each class's prefixes.
+        "classes": {n: _family(inc, out) for n, (inc, out) in traffic.classes.items()},
         # ND, RA/RS and MLD on the job's link: not the job's traffic, shown apart.
         "link_control": _family(traffic.control_in, traffic.control_out),
     }

@@ -25,6 +25,8 @@ class Traffic:
     # ND, RA/RS and MLD on the job's link: not the job's own traffic.
     control_in: Count = field(default_factory=Count)
     control_out: Count = field(default_factory=Count)
+    # class name -> (incoming, outgoing), for the admin's traffic classes
+    classes: dict[str, tuple[Count, Count]] = field(default_factory=dict)
 
     @property
     def incoming(self) -> Count:

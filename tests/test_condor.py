@@ -30,7 +30,12 @@ from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 def daemon(world: World) -> Iterator[Larknsd]:
     require_htcondor()
     # Jobs may ask for "none" themselves (+LarkNetworkType).
-    d = Larknsd(world, LARKNS_ALLOWED_NETWORK_TYPES="nat,none")
+    # The site's prefixes are a traffic class of their own.
+    d = Larknsd(
+        world,
+        LARKNS_ALLOWED_NETWORK_TYPES="nat,none",
+        LARKNS_CLASSES="Site = 198.18.0.0/24, 2001:db8:0:1::/64",
+    )
     try:
         yield d
     finally:
@@ -129,6 +134,9 @@ def test_the_jobs_bytes_show_in_the_queue_while_it_runs_and_in_history_after(poo
     # Exact: UDP, L3 bytes (20 + 8 header bytes per datagram), IPv4 only.
     assert int(ad["NetworkOutgoing"]) == n * (28 + size)
     assert int(ad["NetworkIncoming"]) == n * (28 + reply)
+    # Lark's per-class attributes: all of it was with the site
+    assert int(ad["NetworkOutgoingSite"]) == n * (28 + size)
+    assert int(ad["NetworkIncomingSite"]) == n * (28 + reply)
     assert int(ad["LarkNetworkOutgoingIPv6"]) == 0
     assert ad["LarkNetworkType"] == "nat"
     assert ad["LarkIPv4Address"].startswith("198.19.")

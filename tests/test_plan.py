@@ -232,3 +232,23 @@ def test_knobs_come_from_the_htcondor_configuration(
     finally:
         monkeypatch.undo()
         htcondor2.reload_config()
+
+
+def test_traffic_classes_are_named_prefix_lists() -> None:
+    s = config.load(
+        environ={"LARKNS_CLASSES": "Campus = 198.18.0.0/16, 2001:db8::/32; Cloud=198.19.0.0/16"}
+    )
+    assert [c[0] for c in s.classes] == ["Campus", "Cloud"]
+    assert s.classes[0][1] == (
+        ipaddress.IPv4Network("198.18.0.0/16"),
+        ipaddress.IPv6Network("2001:db8::/32"),
+    )
+    for bad, words in (
+        ("Campus", "expected NAME = PREFIX"),
+        ("9x = 198.18.0.0/16", "expected NAME"),
+        ("A = 198.18.0.1/16", "not a prefix"),
+        ("A = 198.18.0.0/16, 198.18.1.0/24", "overlap"),
+        ("A = 198.18.0.0/24; A = 198.19.0.0/24", "defined twice"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            config.load(environ={"LARKNS_CLASSES": bad})

@@ -26,12 +26,13 @@ def run_job(
     name: str | None = None,
     extra: tuple[str, ...] = (),
     cwd: str | None = None,
+    **knobs: str,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
     report = tmp_path / "report.json"
     args = ["run", "--json-report", str(report), *extra]
     if name:
         args += ["--name", name]
-    proc = world.larkns(*args, "--", *cmd, cwd=cwd)
+    proc = world.larkns(*args, "--", *cmd, cwd=cwd, knobs=knobs)
     data = json.loads(report.read_text()) if report.exists() else {}
     return proc, data
 
@@ -471,3 +472,25 @@ def test_a_bad_report_path_is_refused_before_the_command_runs(
     proc = clean_world.larkns("run", "--json-report", str(link), "--", "true")
     assert proc.returncode == 125  # never written through a symlink
     assert not (tmp_path / "target.json").exists()
+
+
+def test_traffic_is_counted_per_admin_defined_class(clean_world: World, tmp_path: Path) -> None:
+    classes = "Site = 198.18.0.0/24, 2001:db8:0:1::/64; Elsewhere = 198.19.255.0/24"
+    n, size, reply = 10, 500, 300
+    proc, rep = run_job(
+        clean_world,
+        tmp_path,
+        "sh",
+        "-c",
+        f"{PY} {PEER} udp {SITE4} {PORT} {n} {size} {reply} && "
+        f"{PY} {PEER} udp {SITE6} {PORT} {n} {size} {reply}",
+        LARKNS_CLASSES=classes,
+    )
+    assert proc.returncode == 0, proc.stderr
+    site = rep["classes"]["Site"]  # type: ignore[index]
+    assert site["bytes"] == {
+        "outgoing": n * (28 + size) + n * (48 + size),
+        "incoming": n * (28 + reply) + n * (48 + reply),
+    }
+    assert site["bytes"] == rep["bytes"]  # all of it went to the site
+    assert rep["classes"]["Elsewhere"]["bytes"] == {"outgoing": 0, "incoming": 0}  # type: ignore[index]

@@ -122,11 +122,15 @@ class World:
         return ["nsenter", f"--net=/run/netns/{self.worker}", "--", *cmd]
 
     def larkns(
-        self, *args: str, timeout: float = 60, cwd: str | None = None
+        self,
+        *args: str,
+        timeout: float = 60,
+        cwd: str | None = None,
+        knobs: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.worker_cmd(larkns_bin(), *args),
-            env=self.env(),
+            env=self.env() | (knobs or {}),
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -106,6 +106,10 @@ def counters(traffic: dict[str, Any]) -> dict[str, str]:
         f = traffic["families"][fam]["bytes"]
         out[f"LarkNetworkIncoming{label}"] = str(f["incoming"])
         out[f"LarkNetworkOutgoing{label}"] = str(f["outgoing"])
+    # Lark's per-class attributes: NetworkIncoming<Class>, NetworkOutgoing<Class>
+    for name, c in traffic.get("classes", {}).items():
+        out[f"NetworkIncoming{name}"] = str(c["bytes"]["incoming"])
+        out[f"NetworkOutgoing{name}"] = str(c["bytes"]["outgoing"])
     return out
 
 

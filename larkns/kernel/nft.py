@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
+import re
 from typing import Any
 
 from larkns.kernel import nftnl
@@ -75,6 +77,8 @@ COUNTER_MAPS = {
     "ctl-in": "ctl_in",
 }
 COUNTER_KEYS = tuple(COUNTER_MAPS)
+# NAME-out4, NAME-ctl-in, NAME-cout-Campus, ...: the job's name is group 1.
+_COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|cout-\w+|cin-\w+)")
 
 
 class NftError(Exception):
@@ -119,7 +123,67 @@ def _count_into(key: str, m: str) -> dict[str, Any]:
     return {"counter": {"map": {"key": _meta(key), "data": f"@{m}"}}}
 
 
-def _declaration() -> list[dict[str, Any]]:
+Classes = tuple[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]], ...]
+
+
+def class_maps(classes: Classes) -> dict[str, str]:
+    """counter key -> map, for the admin's traffic classes (cout-NAME: bytes
+    the job sent to the class's prefixes; cin-NAME: received from them)."""
+    out = {}
+    for name, _ in classes:
+        out[f"cout-{name}"] = f"cout_{name}"
+        out[f"cin-{name}"] = f"cin_{name}"
+    return out
+
+
+def _class_rules(classes: Classes, chain: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    rules = []
+    for name, nets in classes:
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            if not any(n.version == version for n in nets):
+                continue
+            for key in keys:
+                # From the job (iifname) to the class: its destination; to the
+                # job (oifname) from the class: its source.
+                field = "daddr" if key == "iifname" else "saddr"
+                m = f"cout_{name}" if key == "iifname" else f"cin_{name}"
+                match = _match(
+                    {"payload": {"protocol": proto, "field": field}}, f"@cls_{name}_{version}"
+                )
+                rules.append(_rule(chain, match, _count_into(key, m)))
+    return rules
+
+
+def _class_objects(classes: Classes) -> list[dict[str, Any]]:
+    objs: list[dict[str, Any]] = []
+    for name, nets in classes:
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            elems = [
+                {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+                for n in nets
+                if n.version == version
+            ]
+            if not elems:
+                continue
+            objs.append(
+                {
+                    "set": {
+                        **_T,
+                        "name": f"cls_{name}_{version}",
+                        "type": kind,
+                        "flags": ["interval"],
+                    }
+                }
+            )
+            objs.append({"element": {**_T, "name": f"cls_{name}_{version}", "elem": elems}})
+    objs += [
+        {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
+        for m in class_maps(classes).values()
+    ]
+    return objs
+
+
+def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
     """The whole table as `add` commands, for one transaction."""
 
     def base(
@@ -147,6 +211,7 @@ def _declaration() -> list[dict[str, Any]]:
         {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
         for m in COUNTER_MAPS.values()
     ]
+    objs += _class_objects(classes)
     objs += [
         base("forward", "forward"),
         base("input", "input"),
@@ -161,6 +226,7 @@ def _declaration() -> list[dict[str, Any]]:
                 _rule(chain, ctl, _count_into(key, "ctl_out" if key == "iifname" else "ctl_in"))
             )
         objs.append(_rule(chain, ctl, {"return": None}))
+        objs += _class_rules(classes, chain, keys)
         for fam, v in (("ipv4", "4"), ("ipv6", "6")):
             for key in keys:
                 m = ("out" if key == "iifname" else "in") + v
@@ -179,7 +245,10 @@ def _declaration() -> list[dict[str, Any]]:
 class Ruleset:
     """The `inet larkns` table in the calling thread's network namespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: Classes = ()) -> None:
+        self.classes = classes
+        # every counter of a job: key -> the map that leads to it
+        self.maps = {**COUNTER_MAPS, **class_maps(classes)}
         self._nft = _load()
         self._nl = Nftnl()
         self._ready = False  # the table was there at our last look
@@ -201,7 +270,7 @@ class Ruleset:
             # twice, and count every packet twice).
             create = [{"create": {"table": {"family": FAMILY, "name": TABLE}}}]
             try:
-                self._run(create + _declaration()[1:])
+                self._run(create + _declaration(self.classes)[1:])
             except NftError:
                 if not self.has_table():
                     raise
@@ -227,9 +296,9 @@ class Ruleset:
     def add_job(self, job: str, link: str, masquerade: bool) -> None:
         """Counters and map entries of one job, in one transaction."""
         key = nftnl.ifname_key(link)
-        ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in COUNTER_KEYS]
+        ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in self.maps]
         ops += [
-            nftnl.add_element(TABLE, m, key, counter_name(job, k)) for k, m in COUNTER_MAPS.items()
+            nftnl.add_element(TABLE, m, key, counter_name(job, k)) for k, m in self.maps.items()
         ]
         ops.append(nftnl.add_element(TABLE, "job_links", key))
         if masquerade:
@@ -265,9 +334,9 @@ class Ruleset:
         if link is not None:
             key = nftnl.ifname_key(link)
             # Map entries first: they hold references to the counters.
-            ops += [nftnl.delete_element(TABLE, m, key) for m in COUNTER_MAPS.values()]
+            ops += [nftnl.delete_element(TABLE, m, key) for m in self.maps.values()]
             ops += [nftnl.delete_element(TABLE, s, key) for s in ("job_links", "masquerade_from")]
-        ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in COUNTER_KEYS]
+        ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in self.maps]
         try:
             self._nl.batch(ops)
             return True
@@ -282,17 +351,17 @@ class Ruleset:
 
     def counters(self, job: str) -> dict[str, Count]:
         """The job's counters by key (out4, in6, ...); missing ones read as zero."""
-        got = self._nl.counters(TABLE, [counter_name(job, k) for k in COUNTER_KEYS])
+        got = self._nl.counters(TABLE, [counter_name(job, k) for k in self.maps])
         out = {}
-        for k in COUNTER_KEYS:
+        for k in self.maps:
             packets, nbytes = got.get(counter_name(job, k), (0, 0))
             out[k] = Count(packets, nbytes)
         return out
 
     def has_job(self, job: str) -> bool:
         """Whether all of the job's counters exist."""
-        got = self._nl.counters(TABLE, [counter_name(job, k) for k in COUNTER_KEYS])
-        return len(got) == len(COUNTER_KEYS)
+        got = self._nl.counters(TABLE, [counter_name(job, k) for k in self.maps])
+        return len(got) == len(self.maps)
 
     def job_objects(self) -> tuple[set[str], set[str]]:
         """(job names that own counters, links in the job maps and sets), for gc."""
@@ -300,13 +369,13 @@ class Ruleset:
             return set(), set()
         jobs: set[str] = set()
         links: set[str] = set()
-        maps = set(COUNTER_MAPS.values()) | {"job_links", "masquerade_from"}
+        maps = set(self.maps.values()) | {"job_links", "masquerade_from"}
         for obj in self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}]):
             if "counter" in obj:
                 name = obj["counter"]["name"]
-                for k in COUNTER_KEYS:
-                    if name.endswith(f"-{k}"):
-                        jobs.add(name[: -len(k) - 1])
+                found = _COUNTER_NAME.fullmatch(name)
+                if found:
+                    jobs.add(found.group(1))
             body = obj.get("map") or obj.get("set") or {}
             if body.get("name") in maps:
                 for e in body.get("elem", []):
