@@ -321,6 +321,13 @@ class Ruleset:
             try:
                 self._nl.batch(ops)
             except NftnlError as e2:
+                if e2.errno == errno.ENOENT and self.classes:
+                    # The table is there but lacks a class's map: it was
+                    # declared before LARKNS_CLASSES changed.
+                    raise NftError(
+                        f"{e2}: the table inet {TABLE} was declared with other LARKNS_CLASSES; "
+                        "it is declared anew once no job is alive"
+                    ) from None
                 raise NftError(str(e2)) from None
 
     def remove_job(self, job: str, link: str | None) -> bool:
