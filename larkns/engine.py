@@ -21,7 +21,7 @@ from pyroute2 import IPRoute
 
 from larkns import leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
-from larkns.journal import Journal, NameInUse, Process, Record
+from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, links, netns, rtnl, sysctl
 from larkns.kernel.nft import Ruleset
 from larkns.kernel.rtnl import Rtnl, RtnlError
@@ -111,8 +111,9 @@ class Engine:
                 # Checked before the lease too, so that a name in use is
                 # reported as such even when the pool is full; claim() below
                 # is what guarantees it.
+                in_use = SetupError(f"job name {name!r} is in use (see `larkns list`)")
                 if self.journal.path(name).exists():
-                    raise SetupError(f"job name {name!r} is in use (see `larkns list`)")
+                    raise in_use
                 plan = self._plan(name, mode)
                 record = Record(name=name, owner=owner, state="building", plan=plan, client=client)
                 try:
@@ -120,7 +121,7 @@ class Engine:
                 except NameInUse:
                     if plan.slot is not None:
                         leases.release(self.journal, plan.slot, name)
-                    raise SetupError(f"job name {name!r} is in use (see `larkns list`)") from None
+                    raise in_use from None
                 claimed = True
                 self._build(plan)
                 record.state = "ready"
@@ -290,7 +291,7 @@ class Engine:
             slots = [
                 s
                 for s, lease in leases.leased(self.journal).items()
-                if lease.name == name and (lease.pid == os.getpid() or not _pid_alive(lease.pid))
+                if lease.name == name and (lease.pid == os.getpid() or not pid_alive(lease.pid))
             ]
         if record is None and not slots:
             return False
@@ -331,7 +332,7 @@ class Engine:
     def clean_if_idle(self) -> None:
         """Remove the table and the state dir if no job is left (a daemon stopping)."""
         with self.journal.lock(exclusive=True):
-            self._clean_if_idle_locked(force=True)
+            self._clean_if_idle_locked()
 
     def _clean_when_idle(self) -> None:
         """The last job out removes the table and the state dir."""
@@ -342,8 +343,8 @@ class Engine:
         with self.journal.lock(exclusive=True):
             self._clean_if_idle_locked()
 
-    def _clean_if_idle_locked(self, force: bool = False) -> None:
-        if (force or self.clean_when_idle) and not self.journal.names():
+    def _clean_if_idle_locked(self) -> None:
+        if not self.journal.names():
             with contextlib.suppress(Exception):
                 self.ruleset.delete_table()
             self.journal.remove_if_idle()
@@ -366,7 +367,8 @@ class Engine:
         """
         with self.journal.lock(exclusive=True):
             removed = self._gc_locked()
-            self._clean_if_idle_locked()
+            if self.clean_when_idle:
+                self._clean_if_idle_locked()
         return removed
 
     def _gc_locked(self) -> list[str]:
@@ -403,14 +405,10 @@ class Engine:
         for slot, lease in sorted(leases.leased(self.journal).items()):
             # A lease is taken just before its job's record is claimed: one
             # without a record is orphaned only once its leaser is gone.
-            if lease.name not in live and not _pid_alive(lease.pid):
+            if lease.name not in live and not pid_alive(lease.pid):
                 leases.release(self.journal, slot, lease.name)
                 removed.append(f"address slot {slot} (of {lease.name})")
         for tmp in self.journal.stale_temp_files():
             tmp.unlink(missing_ok=True)
             removed.append(f"journal temp file {tmp.name}")
         return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    return pid > 0 and os.path.exists(f"/proc/{pid}")

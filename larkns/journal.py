@@ -49,6 +49,11 @@ class Process:
         return start_time(self.pid) == self.start
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (for records that keep only a pid)."""
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
+
+
 def start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -180,7 +185,7 @@ class Journal:
             for e in entries:
                 parts = e.split(".")
                 writer = parts[-2] if len(parts) > 2 else ""
-                dead = writer.isdigit() and not os.path.exists(f"/proc/{writer}")
+                dead = writer.isdigit() and not pid_alive(int(writer))
                 if e.endswith(".tmp") and dead:
                     out.append(d / e)
         return out

@@ -12,7 +12,6 @@ Standard library only (it runs as the job's owner).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from larkns.daemon import protocol
@@ -32,7 +31,7 @@ def hold(reason: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     sys.stdin.read()  # the job ad: the starter expects it read
-    sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
+    sock_path = protocol.socket_path()
     try:
         reply = protocol.ask(sock_path, {"op": "prepare"})
     except OSError as e:

@@ -12,7 +12,6 @@ condor user: standard library only.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from larkns.daemon import protocol
@@ -23,7 +22,7 @@ def _bool(v: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
+    sock_path = protocol.socket_path()
     try:
         info = protocol.ask(sock_path, {"op": "info"}, timeout=30)
     except (OSError, protocol.ProtocolError):

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if path is None:
         return _fail(f"{args[0]}: command not found")
     path = os.path.abspath(path)
-    sock_path = os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET)
+    sock_path = protocol.socket_path()
     raw_interval = os.environ.get("LARKNS_UPDATE_INTERVAL", str(DEFAULT_UPDATE_INTERVAL))
     try:
         interval = float(raw_interval)

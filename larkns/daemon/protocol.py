@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 from typing import Any
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # a job's environment can be large; this is plenty
 DEFAULT_SOCKET = "/run/larknsd.sock"
+
+
+def socket_path() -> str:
+    """Where larknsd listens: $LARKNS_SOCKET, or the default."""
+    return os.environ.get("LARKNS_SOCKET", DEFAULT_SOCKET)
 
 
 class ProtocolError(Exception):

@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     from larkns import config
 
     ap = argparse.ArgumentParser(prog="larknsd", description="larkns's root daemon")
-    ap.add_argument("--socket", default=os.environ.get("LARKNS_SOCKET", protocol.DEFAULT_SOCKET))
+    ap.add_argument("--socket", default=protocol.socket_path())
     ap.add_argument(
         "--exit-with-parent",
         action="store_true",
