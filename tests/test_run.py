@@ -253,7 +253,8 @@ def test_sigkill_while_the_command_runs_then_gc_leaves_nothing(
     _wait_state(clean_world, "lktkill", "running")
     deadline = time.monotonic() + 5
     while len(pids.read_text().split()) < 2 if pids.exists() else True:
-        assert time.monotonic() < deadline
+        got = pids.read_text() if pids.exists() else "(no file)"
+        assert time.monotonic() < deadline, f"the command never wrote its pids: {got!r}"
         time.sleep(0.01)
     background, shell = (int(x) for x in pids.read_text().split())
     p.kill()
