@@ -58,6 +58,15 @@ struct lk_spawn_attr {
     uint64_t sigdefault;
 };
 
+struct lk_keep_attr {
+    int watch_pidfd;
+    int status_dirfd;
+    const char *status_name;
+    const char *status_tmp;
+    const char *comm;
+    int cgroup_fd;
+};
+
 int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);
 int lk_py_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);
 int lk_setns(int fd, int nstype);
@@ -69,6 +78,9 @@ int lk_mount(const char *source, const char *target, const char *fstype,
 int lk_umount2(const char *target, int flags);
 int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
              int *err_errno);
+int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
+                  int *keeper_pidfd, int *job_pid, int *job_pidfd, int *err_stage,
+                  int *err_errno);
 """
 
 ffibuilder = FFI()

@@ -19,9 +19,11 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -375,6 +377,320 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
     }
     reap(pid);
     close(pidfd);
+    errno = *err_errno;
+    return -1;
+
+fail_clone:
+    *err_stage = LK_STAGE_CLONE;
+    *err_errno = errno;
+    return -1;
+}
+
+/* ---- lk_spawn_kept ------------------------------------------------------ */
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+struct keeper_msg {
+    int pid;   /* the job's pid, or -1 */
+    int stage; /* where the job's spawn failed (LK_STAGE_*) */
+    int err;
+};
+
+/* Closes every fd but those in keep[] (ascending, all > 2), then puts
+ * /dev/null on 0, 1 and 2: a keeper must hold none of the daemon's sockets
+ * or pipes open (a wrapper waits for EOF on its connection, a test or a
+ * service manager on the daemon's stdout). */
+static void keep_only(const int *keep, int n)
+{
+    unsigned int lo = 0;
+    int i;
+    int fd;
+
+    for (i = 0; i <= n; i++) {
+        unsigned int hi = i < n ? (unsigned int)keep[i] : ~0U;
+
+        if (hi > lo && syscall(SYS_close_range, lo, i < n ? hi - 1 : hi, 0U) < 0) {
+            long f;
+            long max = i < n ? (long)hi : 1L << 20;
+
+            for (f = (long)lo; f < max; f++)
+                (void)close((int)f);
+        }
+        lo = i < n ? hi + 1 : lo;
+    }
+    fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+        for (i = 0; i < 3; i++)
+            if (fd != i)
+                (void)dup2(fd, i);
+        if (fd > 2)
+            close(fd);
+    }
+}
+
+static size_t put_uint(char *buf, unsigned int v)
+{
+    char tmp[16];
+    size_t n = 0;
+    size_t i;
+
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (i = 0; i < n; i++)
+        buf[i] = tmp[n - 1 - i];
+    return n;
+}
+
+/* "code N\n" or "signal N\n", written whole under a temporary name and
+ * renamed, so a reader sees the whole line or no file. */
+static void write_status(const struct lk_keep_attr *k, const siginfo_t *info)
+{
+    char line[32];
+    size_t n;
+    int fd;
+    const char *word = info->si_code == CLD_EXITED ? "code " : "signal ";
+
+    n = strlen(word);
+    memcpy(line, word, n);
+    n += put_uint(line + n, (unsigned int)info->si_status);
+    line[n++] = '\n';
+    fd = openat(k->status_dirfd, k->status_tmp,
+                O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0)
+        return;
+    if (write(fd, line, n) != (ssize_t)n) {
+        close(fd);
+        (void)unlinkat(k->status_dirfd, k->status_tmp, 0);
+        return;
+    }
+    close(fd);
+    (void)renameat(k->status_dirfd, k->status_tmp, k->status_dirfd, k->status_name);
+}
+
+static void send_report(int chan, const struct keeper_msg *m, int fd)
+{
+    struct msghdr mh;
+    struct iovec iov;
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+
+    memset(&mh, 0, sizeof mh);
+    iov.iov_base = (void *)m;
+    iov.iov_len = sizeof *m;
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (fd >= 0) {
+        struct cmsghdr *c;
+
+        memset(&u, 0, sizeof u);
+        mh.msg_control = u.buf;
+        mh.msg_controllen = sizeof u.buf;
+        c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    }
+    /* A daemon that died meanwhile does not stop the keeper: it keeps the
+     * job and writes its end down for the next one. */
+    while (sendmsg(chan, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+}
+
+__attribute__((noreturn)) static void keeper(const struct lk_spawn_attr *a,
+                                             const struct lk_keep_attr *k, int chan)
+{
+    struct keeper_msg m;
+    struct sigaction sa;
+    sigset_t empty;
+    siginfo_t info;
+    int jpidfd = -1;
+    int watch = k->watch_pidfd;
+    int keep[4];
+    int n = 0;
+    int sig;
+
+    /* Its own session: a signal to the daemon's process group or terminal
+     * (a service manager stopping it, a ^C) is not for the keeper. */
+    (void)setsid();
+    if (k->comm)
+        (void)prctl(PR_SET_NAME, (unsigned long)k->comm, 0UL, 0UL, 0UL);
+    /* Only SIGKILL stops a keeper before its job ends.  SIGCHLD keeps its
+     * default: ignoring it would reap the job before waitid could see it. */
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    sigemptyset(&sa.sa_mask);
+    for (sig = 1; sig <= LK_MAX_SIGNAL; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP || sig == SIGCHLD)
+            continue;
+        (void)sigaction(sig, &sa, NULL);
+    }
+    sa.sa_handler = SIG_DFL;
+    (void)sigaction(SIGCHLD, &sa, NULL);
+    sigemptyset(&empty);
+    (void)sigprocmask(SIG_SETMASK, &empty, NULL);
+
+    m.pid = lk_spawn(a, &jpidfd, &m.stage, &m.err);
+    if (m.pid < 0) {
+        send_report(chan, &m, -1);
+        _exit(1);
+    }
+
+    /* Closed before the report: once the caller has its answer, the keeper
+     * holds none of its fds. */
+    keep[n++] = jpidfd;
+    keep[n++] = chan;
+    if (k->status_dirfd >= 0)
+        keep[n++] = k->status_dirfd;
+    if (watch >= 0)
+        keep[n++] = watch;
+    /* ascending, as keep_only wants (four items at most) */
+    for (sig = 1; sig < n; sig++) {
+        int v = keep[sig];
+        int j = sig - 1;
+
+        while (j >= 0 && keep[j] > v) {
+            keep[j + 1] = keep[j];
+            j--;
+        }
+        keep[j + 1] = v;
+    }
+    keep_only(keep, n);
+    send_report(chan, &m, jpidfd);
+    close(chan);
+
+    for (;;) {
+        struct pollfd p[2];
+        int np = 1;
+
+        p[0].fd = jpidfd;
+        p[0].events = POLLIN;
+        p[0].revents = 0;
+        if (watch >= 0) {
+            p[1].fd = watch;
+            p[1].events = POLLIN;
+            p[1].revents = 0;
+            np = 2;
+        }
+        if (poll(p, (nfds_t)np, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            _exit(2);
+        }
+        if (np == 2 && p[1].revents) {
+            /* The process the job is for (its wrapper) is gone: so is the job. */
+            (void)syscall(SYS_pidfd_send_signal, jpidfd, SIGKILL, NULL, 0U);
+            close(watch);
+            watch = -1;
+        }
+        if (p[0].revents)
+            break;
+    }
+    memset(&info, 0, sizeof info);
+    while (waitid((idtype_t)P_PIDFD, (id_t)jpidfd, &info, WEXITED) < 0) {
+        if (errno != EINTR)
+            _exit(3);
+    }
+    if (k->status_dirfd >= 0)
+        write_status(k, &info);
+    _exit(0);
+}
+
+int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
+                  int *keeper_pidfd, int *job_pid, int *job_pidfd, int *err_stage,
+                  int *err_errno)
+{
+    int sv[2];
+    int kpidfd = -1;
+    int e;
+    pid_t kpid;
+    sigset_t all, old;
+    struct keeper_msg m;
+    struct msghdr mh;
+    struct iovec iov;
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    ssize_t got;
+    int fd = -1;
+
+    *keeper_pidfd = -1;
+    *job_pid = -1;
+    *job_pidfd = -1;
+    *err_stage = LK_STAGE_NONE;
+    *err_errno = 0;
+
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        goto fail_clone;
+
+    /* As in lk_spawn: no handler of the parent's may run in the keeper. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    kpid = lk_raw_clone3(0, k->cgroup_fd, &kpidfd);
+    if (kpid == 0) {
+        close(sv[0]);
+        keeper(a, k, sv[1]);
+    }
+    e = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(sv[1]);
+    if (kpid < 0) {
+        close(sv[0]);
+        errno = e;
+        goto fail_clone;
+    }
+
+    memset(&mh, 0, sizeof mh);
+    memset(&u, 0, sizeof u);
+    iov.iov_base = &m;
+    iov.iov_len = sizeof m;
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = u.buf;
+    mh.msg_controllen = sizeof u.buf;
+    do {
+        got = recvmsg(sv[0], &mh, MSG_CMSG_CLOEXEC);
+    } while (got < 0 && errno == EINTR);
+    e = errno;
+    if (got == (ssize_t)sizeof m) {
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        char eof;
+
+        if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            memcpy(&fd, CMSG_DATA(c), sizeof fd);
+        /* Until the keeper closes its end: then it holds nothing of ours. */
+        while (recv(sv[0], &eof, 1, 0) < 0 && errno == EINTR)
+            ;
+    }
+    close(sv[0]);
+    if (got == (ssize_t)sizeof m && m.pid > 0 && fd >= 0) {
+        *keeper_pidfd = kpidfd;
+        *job_pid = m.pid;
+        *job_pidfd = fd;
+        return kpid;
+    }
+    if (fd >= 0)
+        close(fd);
+    if (got == (ssize_t)sizeof m && m.pid < 0) {
+        *err_stage = m.stage;
+        *err_errno = m.err;
+    } else {
+        /* The keeper died or said nothing sensible: it and whatever it
+         * started must not run on unsupervised (the job dies with it, by
+         * its parent-death signal). */
+        *err_stage = LK_STAGE_CLONE;
+        *err_errno = got < 0 ? e : EPIPE;
+        (void)syscall(SYS_pidfd_send_signal, kpidfd, SIGKILL, NULL, 0U);
+    }
+    reap(kpid);
+    close(kpidfd);
     errno = *err_errno;
     return -1;
 

@@ -48,6 +48,19 @@ struct lk_spawn_attr {
     uint64_t sigdefault; /* bit n-1 set: signal n back to SIG_DFL */
 };
 
+/* The keeper of a job (lk_spawn_kept): a small process, the job's parent,
+ * that outlives the daemon that made it.  It kills the job when the process
+ * of watch_pidfd ends, and writes how the job ended ("code N" or "signal N")
+ * to status_name in status_dirfd (through status_tmp, renamed). */
+struct lk_keep_attr {
+    int watch_pidfd;         /* >= 0: the job dies when this process ends */
+    int status_dirfd;        /* >= 0: where the job's end is written */
+    const char *status_name;
+    const char *status_tmp;
+    const char *comm;        /* the keeper's name (ps, /proc/PID/comm) */
+    int cgroup_fd;           /* >= 0: the keeper starts in this cgroup */
+};
+
 int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);
 int lk_setns(int fd, int nstype);
 int lk_unshare(int flags);
@@ -58,5 +71,8 @@ int lk_mount(const char *source, const char *target, const char *fstype,
 int lk_umount2(const char *target, int flags);
 int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
              int *err_errno);
+int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
+                  int *keeper_pidfd, int *job_pid, int *job_pidfd, int *err_stage,
+                  int *err_errno);
 
 #endif

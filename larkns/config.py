@@ -28,6 +28,8 @@ DEFAULT_STATE_DIR = "/run/larkns"
 DEFAULT_LIB_DIR = "/var/lib/larkns"
 DEFAULT_NETNS_PREFIX = "larkns-"
 DEFAULT_SLAAC_TIMEOUT = 2.0
+DEFAULT_UPDATE_INTERVAL = 60.0
+DEFAULT_REATTACH_TIMEOUT = 300.0
 
 # A job name becomes part of the host veth name "lk-NAME" (IFNAMSIZ: 15 chars),
 # of nft object names and of file names: keep it to a safe alphabet.
@@ -59,6 +61,10 @@ class Settings:
     lib_dir: Path = Path(DEFAULT_LIB_DIR)
     netns_prefix: str = DEFAULT_NETNS_PREFIX
     slaac_timeout: float = DEFAULT_SLAAC_TIMEOUT
+    # How often a job's wrapper publishes its counters into the job ad.
+    update_interval: float = DEFAULT_UPDATE_INTERVAL
+    # How long a wrapper tries to attach to a restarted larknsd.
+    reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -207,14 +213,18 @@ def _parse_netns_prefix(knob: str, raw: str) -> tuple[str, object]:
     return "netns_prefix", raw
 
 
-def _parse_seconds(knob: str, raw: str) -> tuple[str, object]:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{knob}: expected a number of seconds, got {raw!r}") from None
-    if not 0 <= value <= 60:
-        raise ConfigError(f"{knob}: expected 0 to 60 seconds, got {raw!r}")
-    return "slaac_timeout", value
+def _parse_seconds(attr: str, low: float, high: float, low_included: bool = True) -> Parser:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{knob}: expected a number of seconds, got {raw!r}") from None
+        if not (low <= value if low_included else low < value) or not value <= high:
+            least = f"{low:g}" if low_included else f"more than {low:g}"
+            raise ConfigError(f"{knob}: expected {least} to {high:g} seconds, got {raw!r}")
+        return attr, value
+
+    return parse
 
 
 _PARSERS: dict[str, Parser] = {
@@ -226,7 +236,9 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_STATE_DIR": _parse_dir("state_dir"),
     "LARKNS_LIB_DIR": _parse_dir("lib_dir"),
     "LARKNS_NETNS_PREFIX": _parse_netns_prefix,
-    "LARKNS_SLAAC_TIMEOUT": _parse_seconds,
+    "LARKNS_SLAAC_TIMEOUT": _parse_seconds("slaac_timeout", 0, 60),
+    "LARKNS_UPDATE_INTERVAL": _parse_seconds("update_interval", 0, 86400, low_included=False),
+    "LARKNS_REATTACH_TIMEOUT": _parse_seconds("reattach_timeout", 0, 86400, low_included=False),
 }
 KNOBS = tuple(_PARSERS)
 

@@ -251,13 +251,8 @@ def _describe(spec: SpawnSpec, stage: str, err: int) -> str:
     return f"cannot prepare the job ({stage})"
 
 
-def spawn(spec: SpawnSpec) -> tuple[int, int]:
-    """Start a job as described by ``spec``; return (pid, pidfd).
-
-    Returns only once execve has succeeded; any failure before that raises
-    SpawnError, with the child already reaped.  The pidfd is close-on-exec and
-    belongs to the caller.
-    """
+def _attr(spec: SpawnSpec, keep: list[Any]) -> Any:
+    """The C struct for ``spec``; ``keep`` holds every cdata it points into."""
     if not os.path.isabs(spec.path):
         raise ValueError(f"spawn: path must be absolute, got {spec.path!r}")
     if not spec.argv:
@@ -270,10 +265,6 @@ def spawn(spec: SpawnSpec) -> tuple[int, int]:
         raise ValueError(f"spawn: bad cgroup fd {spec.cgroup_fd}")
     if not 0 <= spec.pdeathsig <= _MAX_SIGNAL:
         raise ValueError(f"spawn: bad pdeathsig {spec.pdeathsig}")
-
-    # Every cdata the attr points into must outlive the lk_spawn call: cffi frees
-    # an ffi.new() object as soon as Python drops it.
-    keep: list[Any] = []
 
     def cstr(s: str, what: str) -> Any:
         c = ffi.new("char[]", _encode(s, what))
@@ -332,13 +323,84 @@ def spawn(spec: SpawnSpec) -> tuple[int, int]:
     attr.stdio = list(spec.stdio)
     attr.pdeathsig = spec.pdeathsig
     attr.sigdefault = mask
+    return attr
 
+
+def _failed(spec: SpawnSpec, err_stage: Any, err_errno: Any) -> SpawnError:
+    stage = STAGES.get(int(err_stage[0]), f"stage {int(err_stage[0])}")
+    err = int(err_errno[0])
+    return SpawnError(stage, err, f"{_describe(spec, stage, err)}: {os.strerror(err)}")
+
+
+def spawn(spec: SpawnSpec) -> tuple[int, int]:
+    """Start a job as described by ``spec``; return (pid, pidfd).
+
+    Returns only once execve has succeeded; any failure before that raises
+    SpawnError, with the child already reaped.  The pidfd is close-on-exec and
+    belongs to the caller.
+    """
+    # Every cdata the attr points into must outlive the lk_spawn call: cffi frees
+    # an ffi.new() object as soon as Python drops it.
+    keep: list[Any] = []
+    attr = _attr(spec, keep)
     pidfd = ffi.new("int *", -1)
     err_stage = ffi.new("int *", 0)
     err_errno = ffi.new("int *", 0)
     pid = int(lib.lk_spawn(attr, pidfd, err_stage, err_errno))
     if pid < 0:
-        stage = STAGES.get(int(err_stage[0]), f"stage {int(err_stage[0])}")
-        err = int(err_errno[0])
-        raise SpawnError(stage, err, f"{_describe(spec, stage, err)}: {os.strerror(err)}")
+        raise _failed(spec, err_stage, err_errno)
     return pid, int(pidfd[0])
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A job started under a keeper (spawn_kept): pids and pidfds of both."""
+
+    keeper_pid: int
+    keeper_pidfd: int
+    job_pid: int
+    job_pidfd: int
+
+
+def spawn_kept(
+    spec: SpawnSpec,
+    status_dir_fd: int,
+    status_name: str,
+    watch_pidfd: int | None = None,
+    cgroup_fd: int | None = None,
+    comm: str = "larkns-keeper",
+) -> Kept:
+    """Start a job as ``spawn`` does, but as the child of a keeper: a small
+    process that outlives its caller (a daemon may restart while the job
+    runs), kills the job when the process of ``watch_pidfd`` ends, and writes
+    how the job ended ("code N" or "signal N", one line) to ``status_name``
+    in the directory ``status_dir_fd`` once it has.  The keeper is the
+    caller's child until the caller dies, and should be reaped.
+
+    The keeper starts in ``cgroup_fd``'s cgroup (the job's own is
+    ``spec.cgroup_fd``); it sets up no namespaces, ids or limits of its own,
+    and holds no fd but the three it needs.  Set ``spec.pdeathsig``: the job
+    should not outlive a keeper killed by SIGKILL.
+    """
+    if "/" in status_name or status_name in ("", ".", ".."):
+        raise ValueError(f"spawn_kept: bad status file name {status_name!r}")
+    if cgroup_fd is not None and cgroup_fd < 0:
+        raise ValueError(f"spawn_kept: bad cgroup fd {cgroup_fd}")
+    keep: list[Any] = []
+    attr = _attr(spec, keep)
+    k = ffi.new("struct lk_keep_attr *")
+    k.watch_pidfd = -1 if watch_pidfd is None else watch_pidfd
+    k.status_dirfd = status_dir_fd
+    names = [
+        ffi.new("char[]", _encode(n, "status file name"))
+        for n in (status_name, f".{status_name}.tmp", comm[:15])
+    ]
+    k.status_name, k.status_tmp, k.comm = names
+    k.cgroup_fd = -1 if cgroup_fd is None else cgroup_fd
+    out = [ffi.new("int *", -1) for _ in range(3)]
+    err_stage = ffi.new("int *", 0)
+    err_errno = ffi.new("int *", 0)
+    pid = int(lib.lk_spawn_kept(attr, k, out[0], out[1], out[2], err_stage, err_errno))
+    if pid < 0:
+        raise _failed(spec, err_stage, err_errno)
+    return Kept(pid, int(out[0][0]), int(out[1][0]), int(out[2][0]))

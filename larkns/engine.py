@@ -202,9 +202,22 @@ class Engine:
         )
         addrs.job_side(job, plan.job_index, plan.ipv4_job, plan.ipv4_host.ip)
         if self.advertiser is not None:
-            mac = bytes(int(x, 16) for x in plan.host_mac.split(":"))
-            self.advertiser.add(idx, plan.ipv6_prefix, plan.host_link_local, mac)
-            self._advertised[plan.name] = idx
+            self._advertise(plan, idx)
+
+    def adopt(self, plan: JobNetwork) -> None:
+        """Serve a running job's network again after a restart: what lives in
+        the process (router advertisements) rather than in the kernel."""
+        if plan.mode != "nat" or self.advertiser is None or plan.host_link is None:
+            return
+        idx = self.rtnl.link_index(plan.host_link)
+        if idx is not None:
+            self._advertise(plan, idx)
+
+    def _advertise(self, plan: JobNetwork, idx: int) -> None:
+        assert self.advertiser and plan.ipv6_prefix and plan.host_link_local and plan.host_mac
+        mac = bytes(int(x, 16) for x in plan.host_mac.split(":"))
+        self.advertiser.add(idx, plan.ipv6_prefix, plan.host_link_local, mac)
+        self._advertised[plan.name] = idx
 
     @staticmethod
     def _job_socket(plan: JobNetwork) -> Rtnl:

@@ -77,6 +77,9 @@ class Record:
     # The process the job is for, when the owner serves many (larknsd: the
     # job's wrapper); the job is orphaned when either is gone.
     client: Process | None = None
+    # The job's parent, which outlives a daemon restart and writes down how
+    # the job ended (core.spawn_kept).
+    keeper: Process | None = None
     created: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +98,9 @@ class Record:
             "client": None
             if self.client is None
             else {"pid": self.client.pid, "start": self.client.start},
+            "keeper": None
+            if self.keeper is None
+            else {"pid": self.keeper.pid, "start": self.keeper.start},
             "created": self.created,
             "extra": self.extra,
         }
@@ -104,6 +110,7 @@ class Record:
         job = d.get("job")
         client = d.get("client")
         plan = d.get("plan")
+        keeper = d.get("keeper")
         return cls(
             name=d["name"],
             owner=Process(d["owner"]["pid"], d["owner"]["start"]),
@@ -111,6 +118,7 @@ class Record:
             plan=None if plan is None else JobNetwork.from_dict(plan),
             job=None if job is None else Process(job["pid"], job["start"]),
             client=None if client is None else Process(client["pid"], client["start"]),
+            keeper=None if keeper is None else Process(keeper["pid"], keeper["start"]),
             created=d.get("created", 0.0),
             extra=d.get("extra", {}),
         )
@@ -172,7 +180,24 @@ class Journal:
         )
 
     def remove(self, name: str) -> None:
+        for leftover in (self.exit_path(name), self.jobs / f".{name}.exit.tmp"):
+            leftover.unlink(missing_ok=True)
         self.path(name).unlink(missing_ok=True)
+
+    def exit_path(self, name: str) -> Path:
+        """Where a job's keeper writes how the job ended."""
+        return self.jobs / f"{name}.exit"
+
+    def exit_status(self, name: str) -> dict[str, int] | None:
+        """How job `name` ended, as its keeper wrote it: {"code": N} or
+        {"signal": N}; None if it has not (yet)."""
+        try:
+            word, value = self.exit_path(name).read_text().split()
+            if word in ("code", "signal"):
+                return {word: int(value)}
+        except (FileNotFoundError, ValueError):
+            pass
+        return None
 
     def stale_temp_files(self) -> list[Path]:
         """Temp files (".NAME.PID.tmp") whose writer died before renaming them."""

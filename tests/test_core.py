@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -845,3 +846,104 @@ def test_spawn_rejects_bad_specs_before_forking(bad: dict[str, object]) -> None:
     spec = dataclasses.replace(core.SpawnSpec("/bin/true", ["true"], ENV), **bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         core.spawn(spec)
+
+
+# -- spawn_kept: a job with a keeper ---------------------------------------
+
+
+@pytest.fixture()
+def status_dir(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield tmp_path, fd
+    finally:
+        os.close(fd)
+
+
+def _reap_keeper(kept: core.Kept, timeout: float = 10) -> None:
+    ready, _, _ = select.select([kept.keeper_pidfd], [], [], timeout)
+    assert ready, "the keeper did not end"
+    os.waitid(os.P_PIDFD, kept.keeper_pidfd, os.WEXITED)
+    os.close(kept.keeper_pidfd)
+    os.close(kept.job_pidfd)
+
+
+def test_a_kept_job_s_end_is_written_down_by_its_keeper(status_dir: tuple[Path, int]) -> None:
+    d, fd = status_dir
+    spec = core.SpawnSpec(path="/bin/sh", argv=["sh", "-c", "exit 3"], env={}, pdeathsig=9)
+    kept = core.spawn_kept(spec, fd, "j.exit")
+    _reap_keeper(kept)
+    assert (d / "j.exit").read_text() == "code 3\n"
+    assert sorted(p.name for p in d.iterdir()) == ["j.exit"]  # no temp file left
+
+
+def test_a_keeper_holds_only_what_it_needs_and_ignores_all_but_sigkill(
+    status_dir: tuple[Path, int],
+) -> None:
+    d, fd = status_dir
+    spec = core.SpawnSpec(path="/bin/sleep", argv=["sleep", "30"], env={}, pdeathsig=9)
+    kept = core.spawn_kept(spec, fd, "j.exit", comm="lkc-keeper")
+    try:
+        assert Path(f"/proc/{kept.keeper_pid}/comm").read_text().strip() == "lkc-keeper"
+        # stdio on /dev/null, the status dir and the job's pidfd: none of the
+        # caller's sockets or pipes (a wrapper waits for EOF on one).
+        fds = {
+            int(n): os.readlink(f"/proc/{kept.keeper_pid}/fd/{n}")
+            for n in os.listdir(f"/proc/{kept.keeper_pid}/fd")
+        }
+        assert [fds[i] for i in (0, 1, 2)] == ["/dev/null"] * 3
+        assert sorted(fds[i] for i in fds if i > 2) == [str(d), "anon_inode:[pidfd]"]
+        # Its own session: a signal to the caller's process group misses it.
+        assert os.getsid(kept.keeper_pid) == kept.keeper_pid
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(kept.keeper_pid, sig)
+        time.sleep(0.1)
+        assert Path(f"/proc/{kept.job_pid}").exists()
+        assert not (d / "j.exit").exists()
+    finally:
+        core.pidfd_send_signal(kept.job_pidfd, signal.SIGTERM)
+        _reap_keeper(kept)
+    assert (d / "j.exit").read_text() == f"signal {int(signal.SIGTERM)}\n"
+
+
+def test_a_kept_job_dies_with_the_process_it_is_for(status_dir: tuple[Path, int]) -> None:
+    d, fd = status_dir
+    watched = subprocess.Popen(["sleep", "30"])
+    wfd = os.pidfd_open(watched.pid)
+    spec = core.SpawnSpec(path="/bin/sleep", argv=["sleep", "30"], env={}, pdeathsig=9)
+    try:
+        kept = core.spawn_kept(spec, fd, "j.exit", watch_pidfd=wfd)
+    finally:
+        os.close(wfd)
+    watched.kill()
+    watched.wait()
+    _reap_keeper(kept)
+    assert (d / "j.exit").read_text() == "signal 9\n"
+
+
+def test_a_kept_job_dies_with_its_keeper(status_dir: tuple[Path, int]) -> None:
+    d, fd = status_dir
+    spec = core.SpawnSpec(path="/bin/sleep", argv=["sleep", "30"], env={}, pdeathsig=9)
+    kept = core.spawn_kept(spec, fd, "j.exit")
+    job = kept.job_pidfd
+    core.pidfd_send_signal(kept.keeper_pidfd, signal.SIGKILL)
+    ready, _, _ = select.select([job], [], [], 10)
+    assert ready, "the job outlived its keeper"
+    _reap_keeper(kept)
+    assert not (d / "j.exit").exists()
+
+
+def test_a_kept_job_that_cannot_start_leaves_no_keeper(status_dir: tuple[Path, int]) -> None:
+    d, fd = status_dir
+
+    def children() -> set[str]:
+        tasks = Path("/proc/self/task")
+        return {c for t in tasks.iterdir() for c in (t / "children").read_text().split()}
+
+    before = children()
+    spec = core.SpawnSpec(path="/nonexistent/lkc", argv=["lkc"], env={})
+    with pytest.raises(core.SpawnError) as e:
+        core.spawn_kept(spec, fd, "j.exit")
+    assert e.value.stage == "exec" and e.value.errno == errno.ENOENT
+    assert children() == before  # the keeper is gone, and reaped
+    assert not list(d.iterdir())

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.jobside import wrapper_copy, wrapper_script
-from tests.world import World, sh
+from tests.world import SITE4, World, sh
 
 
 class Larknsd:
@@ -171,3 +174,158 @@ def test_thirty_two_jobs_start_at_once_without_errors(larknsd: Larknsd) -> None:
     assert [r.returncode for r in results] == [i % 7 for i in range(32)], [
         r.stderr for r in results
     ]
+
+
+def _show(world: World, name: str) -> dict[str, Any]:
+    proc = world.larkns("show", name)
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def _launched(p: subprocess.Popen[str]) -> None:
+    """Wait until the wrapper `p` holds its job's pidfd: larknsd has answered
+    its launch (the job may print before that)."""
+
+    def holds_pidfd() -> bool:
+        fds = Path(f"/proc/{p.pid}/fd")
+        with contextlib.suppress(OSError):
+            return any(os.readlink(fd) == "anon_inode:[pidfd]" for fd in fds.iterdir())
+        return False
+
+    _wait_for("the wrapper has its job's pidfd", holds_pidfd)
+
+
+def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_restarted_larknsd_takes_over_a_running_job(
+    clean_world: World, tmp_path: Path, stop: int
+) -> None:
+    """The job runs on while no larknsd runs: the same process, the same
+    network and counters; signals still reach it; the wrapper attaches to
+    the new larknsd and ends as the job does."""
+    go = tmp_path / "go"
+    first = Larknsd(clean_world)
+    second: Larknsd | None = None
+    try:
+        p = first.job_popen(
+            "/bin/sh",
+            "-c",
+            f"trap 'echo usr1' USR1; ping -q -c 2 -i 0.2 {SITE4} >/dev/null; echo $$;"
+            f" while [ ! -e {go} ]; do sleep 0.05; done;"
+            f" ping -q -c 1 {SITE4} >/dev/null; exit 7",
+        )
+        assert p.stdout is not None and p.stderr is not None
+        job_pid = int(p.stdout.readline())
+        _launched(p)
+        (name,) = [n[: -len(".json")] for n in json_jobs(clean_world) if n.endswith(".json")]
+        before = _show(clean_world, name)
+        assert before["counters"]["ipv4"]["out"]["bytes"] >= 2 * 84
+        first.proc.send_signal(stop)
+        first.proc.communicate(timeout=20)
+        assert "went away; the job runs on" in p.stderr.readline()
+        # No larknsd now: the job lives on, and the wrapper passes signals on.
+        assert Path(f"/proc/{job_pid}").exists()
+        p.send_signal(signal.SIGUSR1)
+        assert p.stdout.readline().strip() == "usr1"
+        second = Larknsd(clean_world)
+        assert "attached to larknsd again" in p.stderr.readline()
+        during = _show(clean_world, name)
+        # The job's own counters go on from where they were (the link's
+        # control traffic grows: the new larknsd advertises its prefix again).
+        for fam in ("ipv4", "ipv6"):
+            assert during["counters"][fam] == before["counters"][fam]
+        assert during["plan"] == before["plan"]
+        assert during["owner"]["pid"] == second.proc.pid
+        go.touch()
+        _out, err = p.communicate(timeout=20)
+        assert p.returncode == 7, err
+    finally:
+        for d in (first, second):
+            if d is not None and d.proc.poll() is None:
+                err = d.stop()
+                assert "Traceback" not in err, err
+        shutil.rmtree(first.copy, ignore_errors=True)
+
+
+def test_a_job_that_ends_while_no_larknsd_runs_is_reported_by_the_next(
+    clean_world: World,
+) -> None:
+    first = Larknsd(clean_world)
+    second: Larknsd | None = None
+    try:
+        p = first.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
+        assert p.stdout is not None
+        job_pid = int(p.stdout.readline())
+        _launched(p)
+        first.proc.kill()
+        first.proc.communicate(timeout=20)
+        os.kill(job_pid, signal.SIGTERM)  # ends the job while no larknsd runs
+        _wait_for("the job is gone", lambda: not Path(f"/proc/{job_pid}").exists())
+        second = Larknsd(clean_world)
+        _out, err = p.communicate(timeout=20)
+        assert p.returncode == -signal.SIGTERM, err
+    finally:
+        for d in (first, second):
+            if d is not None and d.proc.poll() is None:
+                err = d.stop()
+                assert "Traceback" not in err, err
+        shutil.rmtree(first.copy, ignore_errors=True)
+
+
+def test_a_wrapper_killed_while_no_larknsd_runs_takes_its_job_along(
+    clean_world: World,
+) -> None:
+    first = Larknsd(clean_world)
+    second: Larknsd | None = None
+    try:
+        p = first.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
+        assert p.stdout is not None
+        job_pid = int(p.stdout.readline())
+        _launched(p)
+        first.proc.kill()
+        first.proc.communicate(timeout=20)
+        p.kill()
+        p.communicate(timeout=10)
+        # Its keeper kills the job, though no larknsd runs.
+        _wait_for("the job is gone", lambda: not Path(f"/proc/{job_pid}").exists())
+        # The next larknsd removes its network at start.
+        second = Larknsd(clean_world)
+        _wait_for("the job's network is gone", lambda: not json_jobs(clean_world))
+    finally:
+        for d in (first, second):
+            if d is not None and d.proc.poll() is None:
+                err = d.stop()
+                assert "Traceback" not in err, err
+        shutil.rmtree(first.copy, ignore_errors=True)
+
+
+def test_only_its_own_wrapper_may_attach_to_a_job(larknsd: Larknsd, clean_world: World) -> None:
+    p = larknsd.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
+    assert p.stdout is not None
+    int(p.stdout.readline())
+    (name,) = [n[: -len(".json")] for n in json_jobs(clean_world) if n.endswith(".json")]
+    code = (
+        "import socket,json,sys\n"
+        "s=socket.socket(socket.AF_UNIX,socket.SOCK_SEQPACKET); s.connect(sys.argv[1])\n"
+        "s.send(json.dumps({'v':1,'op':'attach','name':sys.argv[2]}).encode())\n"
+        "print(s.recv(4096).decode())\n"
+    )
+    try:
+        proc = subprocess.run(
+            [*larknsd.world.worker_cmd(), "/usr/bin/python3", "-c", code, larknsd.socket, name],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        reply = json.loads(proc.stdout)
+        assert reply["ok"] is False and "no job of this caller's" in reply["error"]
+    finally:
+        p.kill()
+        p.communicate(timeout=10)

@@ -72,6 +72,9 @@ def test_the_pools_bound_the_number_of_jobs() -> None:
         ("LARKNS_IPV6_PREFIX", "nonsense", "IPv6 prefix"),
         ("LARKNS_STATE_DIR", "relative/dir", "absolute path"),
         ("LARKNS_SLAAC_TIMEOUT", "soon", "seconds"),
+        ("LARKNS_SLAAC_TIMEOUT", "61", "0 to 60 seconds"),
+        ("LARKNS_UPDATE_INTERVAL", "0", "more than 0 to 86400 seconds"),
+        ("LARKNS_REATTACH_TIMEOUT", "-5", "more than 0"),
         ("LARKNS_NETNS_PREFIX", "a/b", "characters"),
     ],
 )

@@ -5,11 +5,18 @@ HTCondor runs the wrapper as the job's owner, in the job's cgroup and mount
 namespace, and watches and signals the wrapper's pid as the job.  So the
 wrapper passes every signal it gets on to the job (through the job's pidfd,
 which larknsd hands over), and ends the way the job ended: the same exit code,
-or killed by the same signal.  If the wrapper dies, larknsd kills the job.
+or killed by the same signal.  If the wrapper dies, the job dies (its keeper,
+the job's parent, watches the wrapper).
+
+larknsd may restart while the job runs: the job runs on, and the wrapper
+attaches again to the new larknsd (trying for LARKNS_REATTACH_TIMEOUT
+seconds, default 300, as larknsd said), passing signals on meanwhile.  If no larknsd comes
+back, the wrapper gives up with exit code 125, and the job is killed.
 
 The wrapper stays in the host's network namespace, where the starter's chirp
 port is: it publishes the job's counters with condor_chirp while the job
-runs (every LARKNS_UPDATE_INTERVAL seconds, default 60) and once at its end,
+runs (every LARKNS_UPDATE_INTERVAL seconds of the node's configuration,
+default 60, which larknsd passes on) and once at its end,
 under Lark's attribute names (NetworkIncoming, NetworkOutgoing) and larkns's
 (LarkNetworkType, LarkIPv4Address, LarkIPv6Addresses, ...).  The job needs
 WantIOProxy = true (see the README for the schedd transform that sets it).
@@ -39,6 +46,7 @@ from larkns.daemon import protocol
 EXIT_NO_NETWORK = 125
 FORWARDED = signals.FORWARDED
 DEFAULT_UPDATE_INTERVAL = 60.0
+DEFAULT_REATTACH_TIMEOUT = 300.0
 _CHIRP_PLACES = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 
 
@@ -113,6 +121,12 @@ def counters(traffic: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _seconds(reply: dict[str, Any], key: str, default: float) -> float:
+    """A knob larknsd passed on (checked there), or the default."""
+    value = reply.get(key)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else default
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -122,15 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args[0]}: command not found")
     path = os.path.abspath(path)
     sock_path = protocol.socket_path()
-    raw_interval = os.environ.get("LARKNS_UPDATE_INTERVAL", str(DEFAULT_UPDATE_INTERVAL))
-    try:
-        interval = float(raw_interval)
-    except ValueError:
-        interval = -1
-    if not interval > 0:
-        return _fail(
-            f"LARKNS_UPDATE_INTERVAL: expected a number of seconds > 0, got {raw_interval!r}"
-        )
     # Signals wait (blocked) until the job exists, then are passed on.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
@@ -165,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                 "LarkIPv6Addresses": _quote(",".join(addresses.get("ipv6") or [])),
             }
         )
-        end = _relay(sock, fds[0], publisher, interval)
+        reattach = _seconds(reply, "reattach_timeout", DEFAULT_REATTACH_TIMEOUT)
+        interval = _seconds(reply, "update_interval", DEFAULT_UPDATE_INTERVAL)
+        link = Link(sock_path, sock, str(reply.get("name", "")), reattach)
+        try:
+            end = _relay(link, fds[0], publisher, interval)
+        finally:
+            link.close()
     if end is None:
         return _fail("larknsd went away before the job ended")
     traffic = end.get("traffic")
@@ -178,9 +189,55 @@ def main(argv: list[str] | None = None) -> int:
     return _end_like(end["exit"])
 
 
-def _relay(
-    sock: socket.socket, pidfd: int, publisher: Publisher, interval: float
-) -> dict[str, Any] | None:
+class Link:
+    """The wrapper's connection to larknsd, taken up again with a new
+    larknsd when the old one goes away."""
+
+    def __init__(self, path: str, sock: socket.socket, name: str, timeout: float) -> None:
+        self.path = path
+        self.sock: socket.socket | None = sock
+        self.name = name
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def reattach(self, wait: Any) -> bool:
+        """Attach to a (restarted) larknsd within the timeout; `wait(seconds)`
+        passes the time between tries (and signals on).  False if none came."""
+        self.close()
+        print("larkns-wrapper: larknsd went away; the job runs on", file=sys.stderr)
+        deadline = time.monotonic() + self.timeout
+        why = "no answer"
+        while time.monotonic() < deadline:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(30)
+                sock.connect(self.path)
+                protocol.send(sock, {"op": "attach", "name": self.name})
+                reply, _ = protocol.receive(sock, max_fds=0)
+                if reply is not None and reply.get("ok"):
+                    sock.settimeout(None)
+                    self.sock = sock
+                    print("larkns-wrapper: attached to larknsd again", file=sys.stderr)
+                    return True
+                why = str(reply.get("error")) if reply else "closed without an answer"
+                if reply is not None:
+                    # A larknsd that answers and refuses will not change its mind.
+                    sock.close()
+                    print(f"larkns-wrapper: larknsd: {why}", file=sys.stderr)
+                    return False
+            except (OSError, protocol.ProtocolError) as e:
+                why = str(e)
+            sock.close()
+            wait(0.25)
+        print(f"larkns-wrapper: no larknsd to attach to: {why}", file=sys.stderr)
+        return False
+
+
+def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dict[str, Any] | None:
     """Pass signals on to the job and publish its counters until larknsd says
     how it ended; the final message (with "exit"), or None."""
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -188,29 +245,42 @@ def _relay(
     for s in FORWARDED:
         signal.signal(s, lambda *_: None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+    def forward(timeout: float, sock: socket.socket | None = None) -> bool:
+        """Pass on the signals that come within `timeout`; True if `sock`
+        became readable meanwhile."""
+        watched = [rfd] if sock is None else [sock.fileno(), rfd]
+        ready, _, _ = select.select(watched, [], [], timeout)
+        if rfd in ready:
+            for signum in os.read(rfd, 256):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signum)
+        return sock is not None and sock.fileno() in ready
+
     next_update = time.monotonic() + interval
     try:
         while True:
+            sock = link.sock
+            assert sock is not None
             timeout = max(0.0, next_update - time.monotonic())
-            ready, _, _ = select.select([sock.fileno(), rfd], [], [], timeout)
-            if rfd in ready:
-                for signum in os.read(rfd, 256):
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, signum)
-            if sock.fileno() in ready:
-                # Not EOF: the end is an explicit message (a job's own
-                # processes could otherwise hold the wrapper forever).
-                msg, _ = protocol.receive(sock, max_fds=0)
-                if msg is None:
+            try:
+                if forward(timeout, sock):
+                    # Not EOF: the end is an explicit message (a job's own
+                    # processes could otherwise hold the wrapper forever).
+                    msg, _ = protocol.receive(sock, max_fds=0)
+                    if msg is None:
+                        raise ConnectionResetError("larknsd closed the connection")
+                    if "exit" in msg:
+                        return msg
+                    if "traffic" in msg:
+                        publisher.set(counters(msg["traffic"]))
+                if time.monotonic() >= next_update:
+                    if publisher.chirp is not None:
+                        protocol.send(sock, {"op": "stats"})
+                    next_update = time.monotonic() + interval
+            except OSError:
+                if not link.name or not link.reattach(forward):
                     return None
-                if "exit" in msg:
-                    return msg
-                if "traffic" in msg:
-                    publisher.set(counters(msg["traffic"]))
-            if time.monotonic() >= next_update:
-                if publisher.chirp is not None:
-                    protocol.send(sock, {"op": "stats"})
-                next_update = time.monotonic() + interval
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         os.close(pidfd)

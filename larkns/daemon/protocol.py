@@ -9,8 +9,16 @@ File descriptors travel beside a message (SCM_RIGHTS).  Every message has
     daemon -> wrapper   {"v": 1, "ok": true, "name": ..., "pid": N, "addresses": {...}}
                          + the job's pidfd (signals go straight to the job)
                      or {"v": 1, "ok": false, "error": "one line"}
+    wrapper -> daemon   {"v": 1, "op": "stats"}            while the job runs
+    daemon -> wrapper   {"v": 1, "traffic": {...}}
     daemon -> wrapper   {"v": 1, "exit": {"code": N} | {"signal": N}, "traffic": {...}}
-                         when the job has ended
+                         when the job has ended (and its network is gone)
+
+After a restart of larknsd, a wrapper takes its job up again on a new
+connection (only the job's own wrapper may):
+
+    wrapper -> daemon   {"v": 1, "op": "attach", "name": NAME}
+    daemon -> wrapper   {"v": 1, "ok": true, "name": NAME}, then as above
 
 This module is stdlib only: the wrapper imports it, as the job's owner.
 """

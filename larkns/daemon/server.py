@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from larkns import core
-from larkns.config import MODES, ConfigError, Settings
+from larkns.config import MODES, ConfigError, Settings, check_name
 from larkns.daemon import protocol
 from larkns.daemon.relay import Relay, UdpRelay, chirp_port, loopback_nameservers
 from larkns.engine import Engine
-from larkns.journal import Process
+from larkns.journal import Process, start_time
 from larkns.kernel import netns
 from larkns.plan import JobNetwork
 
@@ -147,6 +147,12 @@ class Daemon:
         self.me = Process.of(os.getpid())
         # The engine's netlink sockets are not for two threads at once.
         self.lock = threading.Lock()
+        # Jobs taken over from a larknsd that is gone, with their relays,
+        # until their wrappers attach again.
+        self._adopted: dict[str, list[Relay | UdpRelay]] = {}
+        self._attached: set[str] = set()
+        for line in self._adopt():
+            print(f"larknsd: {line}", file=sys.stderr)
         self.listener = self._listen()
         self._stopping = threading.Event()
 
@@ -179,8 +185,11 @@ class Daemon:
             os.unlink(self.socket_path)
 
     def close(self) -> None:
-        # Jobs still running keep their networks (a restarted daemon finds
-        # them in the journal); with none left, nothing of larkns stays.
+        # Jobs still running keep their networks (a restarted daemon takes
+        # them over); with none left, nothing of larkns stays.  The lock is
+        # kept: a teardown in progress ends first, and none starts after
+        # (what is left then is the next larknsd's).
+        self.lock.acquire()
         self.engine.clean_if_idle()
         self.engine.close()
         self.advertiser.close()
@@ -209,6 +218,8 @@ class Daemon:
                     self._prepare(conn, caller)
                 elif msg.get("op") == "launch":
                     self._launch(conn, caller, msg, fds)
+                elif msg.get("op") == "attach":
+                    self._attach(conn, caller, msg)
                 else:
                     raise Refused(f"unknown operation {msg.get('op')!r}")
             except (Refused, ConfigError, protocol.ProtocolError) as e:
@@ -236,59 +247,159 @@ class Daemon:
             raise Refused(
                 f"expected the job's stdin, stdout and stderr, got {len(fds)} descriptors"
             )
-        client_fd = os.pidfd_open(caller.pid)
+        wrapper = Process.of(caller.pid)
         name = f"s{caller.starter}" if caller.starter else f"r{caller.pid}"
         plan = self._prepared(name, caller)
         mode = plan.mode if plan is not None else self._mode(caller)
         if plan is None:
             with self.lock:
-                plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.pid))
+                plan = self.engine.setup(name, mode, self.me, client=wrapper)
         relays: list[Relay | UdpRelay] = []
+        kept: core.Kept | None = None
         try:
             # condor_chirp inside the job reaches its starter as it would
-            # without larkns: at 127.0.0.1 and the same port.
+            # without larkns: at 127.0.0.1 and the same port.  A loopback
+            # resolver (127.0.0.53, ...) would be the job's own loopback,
+            # where nothing answers: relay it too.
             port = chirp_port(env, caller.starter) if caller.starter else None
-            if port is not None:
-                relays.append(Relay(plan.netns, port))
-            # A loopback resolver (127.0.0.53, ...) would be the job's own
-            # loopback, where nothing answers: relay it too.
-            for server in loopback_nameservers(caller.pid):
-                relays += [Relay(plan.netns, 53, server), UdpRelay(plan.netns, 53, server)]
+            servers = loopback_nameservers(caller.pid)
+            relays = _relays(plan.netns, port, servers)
             self.engine.wait_ready(plan, self.settings.slaac_timeout)
             addresses = self.engine.job_addresses(plan)
-            pid, job_fd = self._spawn(caller, plan.netns, argv, path, env, cwd, fds)
+            kept = self._spawn(caller, name, plan.netns, argv, path, env, cwd, fds)
+            with self.lock:
+                record = self.engine.journal.read(name)
+                assert record is not None
+                # From now on the job is for its wrapper (a prepared network
+                # was for the starter), and a restarted larknsd finds all it
+                # needs to take the job over here.
+                record.client = wrapper
+                record.keeper = Process(kept.keeper_pid, _start(kept.keeper_pid))
+                record.job = Process(kept.job_pid, _start(kept.job_pid))
+                record.extra["relays"] = {"chirp": port, "nameservers": servers}
+                self.engine.journal.write(record)
         except BaseException:
-            os.close(client_fd)
+            if kept is not None:
+                with contextlib.suppress(OSError):
+                    core.pidfd_send_signal(kept.job_pidfd, 9)
+                os.waitid(os.P_PIDFD, kept.keeper_pidfd, os.WEXITED)
+                os.close(kept.keeper_pidfd)
             for r in relays:
                 r.close()
             with self.lock:
                 self.engine.teardown(name)
+            if kept is not None:
+                os.close(kept.job_pidfd)
             raise
-        try:
-            protocol.send(
-                conn,
-                {
-                    "ok": True,
-                    "name": name,
-                    "pid": pid,
-                    "mode": mode,
-                    "addresses": {"ipv4": addresses[0], "ipv6": addresses[1]},
-                },
-                [job_fd],
+        reply = {
+            "ok": True,
+            "name": name,
+            "pid": kept.job_pid,
+            "mode": mode,
+            "addresses": {"ipv4": addresses[0], "ipv6": addresses[1]},
+            # The wrapper runs as the job's owner and cannot read the
+            # node's configuration: larknsd tells it these knobs.
+            "update_interval": self.settings.update_interval,
+            "reattach_timeout": self.settings.reattach_timeout,
+        }
+        # A wrapper killed meanwhile cannot take it: the job's keeper then
+        # kills the job, and _watch cleans up.
+        with contextlib.suppress(OSError):
+            protocol.send(conn, reply, [kept.job_pidfd])
+        os.close(kept.job_pidfd)
+        self._watch(conn, name, kept.keeper_pidfd, relays)
+
+    def _attach(self, conn: socket.socket, caller: Caller, msg: dict[str, Any]) -> None:
+        """A wrapper whose larknsd restarted takes up its job again: it gets
+        the counters and the job's end from this larknsd."""
+        name = msg.get("name")
+        if not isinstance(name, str):
+            raise Refused("name: expected the job's name")
+        check_name(name)
+        with self.lock:
+            record = self.engine.journal.read(name)
+            mine = (
+                record is not None
+                and record.owner == self.me
+                and record.keeper is not None
+                and record.client is not None
+                and record.client.pid == caller.pid
+                and record.client.alive()
+                and name not in self._attached
             )
-            outcome = self._wait(conn, name, job_fd, client_fd)
+            if not mine:
+                raise Refused(f"attach: {name!r} is no job of this caller's here")
+            assert record is not None and record.keeper is not None
+            self._attached.add(name)
+            relays = self._adopted.pop(name, [])
+        keeper_fd: int | None = None
+        try:
+            with contextlib.suppress(OSError):
+                keeper_fd = os.pidfd_open(record.keeper.pid)
+            if keeper_fd is not None and not record.keeper.alive():
+                os.close(keeper_fd)  # that pid is another process's now
+                keeper_fd = None
+            protocol.send(conn, {"ok": True, "name": name})
+        except BaseException:
+            if keeper_fd is not None:
+                os.close(keeper_fd)
+            with self.lock:
+                self._attached.discard(name)
+                self._adopted[name] = relays
+            raise
+        self._watch(conn, name, keeper_fd, relays)
+
+    def _watch(
+        self,
+        conn: socket.socket,
+        name: str,
+        keeper_fd: int | None,
+        relays: list[Relay | UdpRelay],
+    ) -> None:
+        """Serve the job's wrapper until the job has ended, remove the job's
+        network, and tell the wrapper how the job ended: when the wrapper
+        ends, nothing of the job is left."""
+        try:
+            outcome = self._wait(conn, name, keeper_fd)
             with self.lock:
                 traffic = self.engine.stats(name)
-            if outcome is not None:
-                with contextlib.suppress(OSError):
-                    protocol.send(conn, {"exit": outcome, "traffic": _traffic(traffic)})
         finally:
-            os.close(job_fd)
-            os.close(client_fd)
+            if keeper_fd is not None:
+                os.close(keeper_fd)
             for r in relays:
                 r.close()
             with self.lock:
                 self.engine.teardown(name)
+                self._attached.discard(name)
+        with contextlib.suppress(OSError):
+            protocol.send(conn, {"exit": outcome, "traffic": _traffic(traffic)})
+
+    def _adopt(self) -> list[str]:
+        """Take over the jobs of a larknsd that is gone (a restart): their
+        networks, relays and router advertisements.  Their keepers kept them
+        running meanwhile; their wrappers attach again.  What has no live
+        wrapper or keeper is left to gc."""
+        done = []
+        with self.lock:
+            for record in self.engine.records():
+                if record.owner.alive() or record.client is None or record.plan is None:
+                    continue  # another's, a `larkns run` job, or half made: gc decides
+                keeper_alive = record.keeper is not None and record.keeper.alive()
+                if not record.client.alive() and not keeper_alive:
+                    continue
+                record.owner = self.me
+                self.engine.journal.write(record)
+                self.engine.adopt(record.plan)
+                relays = record.extra.get("relays") or {}
+                try:
+                    self._adopted[record.name] = _relays(
+                        record.plan.netns, relays.get("chirp"), relays.get("nameservers", [])
+                    )
+                except OSError as e:
+                    print(f"larknsd: job {record.name}: relays not restored: {e}", file=sys.stderr)
+                    self._adopted[record.name] = []
+                done.append(f"took over job {record.name} from a larknsd that is gone")
+        return done
 
     def info(self) -> dict[str, Any]:
         with self.lock:
@@ -331,27 +442,42 @@ class Daemon:
     def gc_forever(self, interval: float) -> None:
         """Remove what jobs that are gone left (a starter that died after the
         prepare hook, before its job started)."""
-        while not self._stopping.wait(interval):
+        # A first pass at once: a restarted larknsd removes at start what
+        # its predecessor's jobs left (those it did not take over).
+        first = True
+        while first or not self._stopping.wait(interval):
+            first = False
             try:
                 with self.lock:
                     for line in self.engine.gc():
                         print(f"larknsd: gc removed {line}", file=sys.stderr)
+                    # Taken-over jobs whose wrappers never came back.
+                    for name in [n for n in self._adopted if self.engine.journal.read(n) is None]:
+                        for r in self._adopted.pop(name):
+                            r.close()
             except Exception as e:
                 print(f"larknsd: gc failed: {e}", file=sys.stderr)
 
     def _spawn(
         self,
         caller: Caller,
+        name: str,
         ns_name: str,
         argv: list[str],
         path: str,
         env: dict[str, str],
         cwd: str,
         fds: list[int],
-    ) -> tuple[int, int]:
+    ) -> core.Kept:
         opened: list[int] = []
         try:
             opened.append(os.open(netns.path(ns_name), os.O_RDONLY | os.O_CLOEXEC))
+            opened.append(os.pidfd_open(caller.pid))
+            watch = opened[-1]
+            opened.append(
+                os.open(self.engine.journal.jobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            )
+            status_dir = opened[-1]
             for ns in _JOINED:
                 opened.append(os.open(f"/proc/{caller.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
             cg = cgroup_fd(caller.pid)
@@ -361,7 +487,7 @@ class Daemon:
                 path=path,
                 argv=argv,
                 env=env,
-                ns_fds=opened[: 1 + len(_JOINED)],
+                ns_fds=[opened[0], *opened[3 : 3 + len(_JOINED)]],
                 uid=caller.uid,
                 gid=caller.gid,
                 groups=caller.groups,
@@ -369,55 +495,83 @@ class Daemon:
                 cwd=cwd,
                 stdio=(fds[0], fds[1], fds[2]),
                 cgroup_fd=cg,
+                # The job dies with its keeper (killed by SIGKILL: the
+                # keeper ignores every other signal).
+                pdeathsig=9,
             )
             try:
-                return core.spawn(spec)
+                # The keeper, the job's parent, lives in the job's cgroup:
+                # a restart of larknsd (its service's cgroup) spares it.
+                return core.spawn_kept(
+                    spec, status_dir, f"{name}.exit", watch_pidfd=watch, cgroup_fd=cg
+                )
             except core.SpawnError as e:
                 raise Refused(str(e)) from None
         finally:
             for fd in opened:
                 os.close(fd)
 
-    def _wait(
-        self, conn: socket.socket, name: str, job_fd: int, client_fd: int
-    ) -> dict[str, int] | None:
-        """The job's end ({"code"} or {"signal"}); None if its wrapper died first
-        (then the job is killed: it must not outlive the wrapper HTCondor watches).
+    def _wait(self, conn: socket.socket, name: str, keeper_fd: int | None) -> dict[str, int]:
+        """The job's end ({"code"} or {"signal"}), once its keeper has written
+        it down (the keeper also kills the job if the wrapper dies first).
         Meanwhile the wrapper may ask for the job's counters ({"op": "stats"})."""
         poller = select.poll()
-        poller.register(job_fd, select.POLLIN)
-        poller.register(client_fd, select.POLLIN)
+        if keeper_fd is not None:
+            poller.register(keeper_fd, select.POLLIN)
         poller.register(conn.fileno(), select.POLLIN)
-        while True:
+        while keeper_fd is not None:
             ready = {fd for fd, _ in poller.poll()}
-            if job_fd in ready:
-                info = os.waitid(os.P_PIDFD, job_fd, os.WEXITED)
-                assert info is not None
-                if info.si_code == os.CLD_EXITED:
-                    return {"code": info.si_status}
-                return {"signal": info.si_status}
-            if client_fd in ready:
-                with contextlib.suppress(OSError):
-                    core.pidfd_send_signal(job_fd, 9)
-                os.waitid(os.P_PIDFD, job_fd, os.WEXITED)
-                return None
+            if keeper_fd in ready:
+                # Ours to reap unless we took the job over from another larknsd.
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, keeper_fd, os.WEXITED)
+                break
             if conn.fileno() in ready:
                 try:
                     msg, _ = protocol.receive(conn, max_fds=0)
                 except protocol.ProtocolError as e:
                     self._refuse(conn, str(e))
                     continue
+                except OSError:
+                    msg = None
                 if msg is None:
-                    # The wrapper closed its end but lives (or is dying):
-                    # its pidfd says which; stop listening to it.
+                    # The wrapper closed its end but lives (or is dying): its
+                    # keeper watches it; stop listening to it.
                     poller.unregister(conn.fileno())
                     continue
                 if msg.get("op") == "stats":
                     with self.lock:
                         traffic = self.engine.stats(name)
-                    protocol.send(conn, {"traffic": _traffic(traffic)})
+                    with contextlib.suppress(OSError):
+                        protocol.send(conn, {"traffic": _traffic(traffic)})
                 else:
                     self._refuse(conn, f"unknown operation {msg.get('op')!r} while the job runs")
+        end = self.engine.journal.exit_status(name)
+        if end is None:
+            # A keeper killed before its job's end (SIGKILL, the whole cgroup
+            # killed): its job got the same signal (parent-death signal).
+            print(f"larknsd: job {name}: its keeper died; the job was killed", file=sys.stderr)
+            return {"signal": 9}
+        return end
+
+
+def _start(pid: int) -> int:
+    """pid's start time; 0 if it has already ended (a zombie or gone)."""
+    return start_time(pid) or 0
+
+
+def _relays(ns_name: str, chirp: int | None, nameservers: list[str]) -> list[Relay | UdpRelay]:
+    out: list[Relay | UdpRelay] = []
+    try:
+        if chirp is not None:
+            out.append(Relay(ns_name, chirp))
+        for server in nameservers:
+            out += [Relay(ns_name, 53, server), UdpRelay(ns_name, 53, server)]
+    except BaseException:
+        for r in out:
+            r.close()
+        raise
+    return out
 
 
 def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], str]:
