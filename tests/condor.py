@@ -32,6 +32,16 @@ USER_UID = 64501
 TARBALLS = sorted(glob.glob(str(ROOT.parent / "shared" / "htcondor" / "condor-*.tar.xz")))
 
 
+def larkns_config(*args: str) -> str:
+    """The pool's larkns configuration, made as a site makes it
+    (larkns-condor-config, which vagrant/provision.sh runs too)."""
+    import sys
+
+    tool = Path(sys.executable).parent / "larkns-condor-config"
+    done = subprocess.run([str(tool), *args], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
 def release_source() -> str | None:
     """The tarball (preferred) or an installed HTCondor's prefix; None if neither."""
     if TARBALLS:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.condor import RESOLVER, USER_UID, Pool, require_htcondor
+from tests.condor import RESOLVER, USER_UID, Pool, larkns_config, require_htcondor
 from tests.jobside import hook_script, wrapper_script
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
@@ -35,6 +35,8 @@ def daemon(world: World) -> Iterator[Larknsd]:
         world,
         LARKNS_ALLOWED_NETWORK_TYPES="nat,none",
         LARKNS_CLASSES="Site = 198.18.0.0/24, 2001:db8:0:1::/64",
+        # Updates every 2 s (not 60) so a test sees one.
+        LARKNS_UPDATE_INTERVAL="2",
     )
     try:
         yield d
@@ -50,12 +52,19 @@ def daemon(world: World) -> Iterator[Larknsd]:
 def pool(world: World, daemon: Larknsd) -> Iterator[Pool]:
     hook = hook_script(daemon.copy, daemon.socket)
     machine_ad = hook_script(daemon.copy, daemon.socket, "machine_ad")
-    config = POOL_CONFIG.format(wrapper=daemon.wrapper, hook=hook, machine_ad=machine_ad)
+    # What a site adds: the wrapper, the hook, the machine ad's cron job and
+    # WantIOProxy for every job, so that the wrapper can publish through chirp.
+    config = larkns_config(
+        f"--wrapper={daemon.wrapper}",
+        f"--prepare-hook={hook}",
+        f"--machine-ad={machine_ad}",
+        "--cron-period=5s",
+    )
     p = Pool(world, extra_config=config)
     try:
-        # Updates every 2 s (not 60) so a test sees one; condor_chirp is
-        # found as a site's wrapper finds it, beside the starter's bin/.
-        wrapper_script(daemon.copy, daemon.socket, LARKNS_UPDATE_INTERVAL="2")
+        # condor_chirp is found as a site's wrapper finds it, beside the
+        # starter's bin/.
+        wrapper_script(daemon.copy, daemon.socket)
         # The job's own files, readable by its user whatever the checkout's modes.
         shutil.copy(PEER, p.home / "peer.py")
         os.chown(p.home / "peer.py", USER_UID, USER_UID)
@@ -64,21 +73,6 @@ def pool(world: World, daemon: Larknsd) -> Iterator[Pool]:
         p.close()
     assert p.pids() == [], "the pool left processes behind"
 
-
-# What a site adds (README): the wrapper, and WantIOProxy for every job so
-# that the wrapper can publish through chirp.
-POOL_CONFIG = """
-USER_JOB_WRAPPER = {wrapper}
-STARTER_JOB_HOOK_KEYWORD = LARKNS
-LARKNS_HOOK_PREPARE_JOB = {hook}
-STARTD_CRON_JOBLIST = $(STARTD_CRON_JOBLIST) LARKNS
-STARTD_CRON_LARKNS_EXECUTABLE = {machine_ad}
-STARTD_CRON_LARKNS_PERIOD = 5s
-JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) LarkNS
-JOB_TRANSFORM_LarkNS @=end
-   SET WantIOProxy true
-@end
-"""
 
 JOB = """\
     executable = /bin/sh

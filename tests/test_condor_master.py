@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.condor import Pool, require_htcondor
-from tests.jobside import wrapper_copy, wrapper_script
+from tests.condor import Pool, larkns_config, require_htcondor
+from tests.jobside import hook_script, wrapper_copy, wrapper_script
 from tests.world import World
 
 
@@ -33,9 +33,13 @@ def test_larknsd_under_condor_master_serves_jobs_and_goes_with_its_master(world:
     )
     launcher.chmod(0o755)
     wrapper = wrapper_script(copy, sock)
-    config = (
-        f"DAEMON_LIST = $(DAEMON_LIST) LARKNSD\nLARKNSD = {launcher}\n"
-        f"USER_JOB_WRAPPER = {wrapper}\n"
+    hook = hook_script(copy, sock)
+    config = larkns_config(
+        "--under-master",
+        f"--larknsd={launcher}",
+        f"--wrapper={wrapper}",
+        f"--prepare-hook={hook}",
+        f"--machine-ad={hook_script(copy, sock, 'machine_ad')}",
     )
     pool = Pool(world, extra_config=config)
     try:
