@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what larkns needs (Debian 12 / Ubuntu, as root) and builds larkns
+# Installs what larkns needs (Debian 12 / Ubuntu or EL9, as root) and builds larkns
 # with its C core into ./.venv.  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,12 +10,38 @@ if command -v apt-get >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-dev python3-nftables nftables \
         gcc libc6-dev libffi-dev iproute2 util-linux procps iputils-ping >/dev/null
+elif command -v dnf >/dev/null 2>&1; then
+    # EL9: Python 3.11 from AppStream, beside the system's 3.9.
+    dnf install -y -q python3.11 python3.11-devel python3-nftables nftables \
+        gcc libffi-devel iproute util-linux procps-ng iputils >/dev/null
+fi
+
+# The newest system Python that is 3.11 or later.
+PYTHON=
+for v in 3.13 3.12 3.11; do
+    if [ -x "/usr/bin/python$v" ]; then PYTHON=/usr/bin/python$v; break; fi
+done
+if [ -z "$PYTHON" ] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    PYTHON=/usr/bin/python3
+fi
+if [ -z "$PYTHON" ]; then
+    echo "setup.sh: larkns needs Python 3.11 or later in /usr/bin" >&2
+    exit 1
 fi
 
 # The nftables binding comes from the distribution (it is not on PyPI) and is
-# installed for the distribution's python3 only: the venv must be made from
-# /usr/bin/python3 and see its packages.
-/usr/bin/python3 -m venv --system-site-packages .venv
+# installed for the distribution's python3: the venv is made from a system
+# Python and sees its packages.
+"$PYTHON" -m venv --system-site-packages .venv
+if ! .venv/bin/python -c 'import nftables' 2>/dev/null; then
+    # EL packages it for the system's python3 (3.9) only; it is pure Python
+    # over libnftables, so the venv's Python can use the same package.
+    purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    for d in /usr/lib/python3*/site-packages/nftables /usr/lib64/python3*/site-packages/nftables \
+        /usr/lib/python3/dist-packages/nftables; do
+        if [ -d "$d" ]; then ln -sfn "$d" "$purelib/nftables"; break; fi
+    done
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -c 'import nftables, larkns._core' || {

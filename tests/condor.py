@@ -158,9 +158,26 @@ class Pool:
             # No JVM probe: it would leave /tmp/hsperfdata_lktcondor behind.
             JAVA =
             """)
+            + self._installed_layout()
             + extra
         )
         return config
+
+    def _installed_layout(self) -> str:
+        """Where an installed HTCondor (packages: RELEASE_DIR /usr) keeps its
+        libexec and lib, which its own condor_config would have said; a
+        tarball's are where the defaults look."""
+        lines = []
+        for knob, places in (
+            ("LIBEXEC", ("libexec/condor", "lib/condor/libexec")),
+            ("LIB", ("lib64/condor", "lib/condor")),
+        ):
+            if (self.release / knob.lower()).is_dir():
+                continue
+            found = next((p for p in places if (self.release / p).is_dir()), None)
+            if found is not None:
+                lines.append(f"{knob} = {self.release / found}\n")
+        return "".join(lines)
 
     def env(self) -> dict[str, str]:
         return {
