@@ -65,6 +65,7 @@ struct lk_keep_attr {
     const char *status_tmp;
     const char *comm;
     int cgroup_fd;
+    int pid_ns_fd;
 };
 
 int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);

@@ -214,8 +214,12 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
     if (a->pdeathsig > 0) {
         if (prctl(PR_SET_PDEATHSIG, (unsigned long)a->pdeathsig, 0UL, 0UL, 0UL) < 0)
             child_fail(errfd, LK_STAGE_PDEATHSIG);
-        /* The parent may have died before the prctl: no signal will come. */
-        if (getppid() != parent) {
+        /* The parent may have died before the prctl: no signal will come.
+         * (A parent outside the child's pid namespace shows as 0; an orphan
+         * would have been adopted by a reaper inside it, never 0.) */
+        pid_t pp = getppid();
+
+        if (pp != parent && pp != 0) {
             errno = ESRCH;
             child_fail(errfd, LK_STAGE_PDEATHSIG);
         }
@@ -536,6 +540,15 @@ __attribute__((noreturn)) static void keeper(const struct lk_spawn_attr *a,
     sigemptyset(&empty);
     (void)sigprocmask(SIG_SETMASK, &empty, NULL);
 
+    /* A pid namespace joined applies to the children made afterwards: the
+     * job, not the keeper, which stays where its caller can wait for it. */
+    if (k->pid_ns_fd >= 0 && setns(k->pid_ns_fd, CLONE_NEWPID) < 0) {
+        m.pid = -1;
+        m.stage = LK_STAGE_SETNS;
+        m.err = errno;
+        send_report(chan, &m, -1);
+        _exit(1);
+    }
     m.pid = lk_spawn(a, &jpidfd, &m.stage, &m.err);
     if (m.pid < 0) {
         send_report(chan, &m, -1);

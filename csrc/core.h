@@ -59,6 +59,7 @@ struct lk_keep_attr {
     const char *status_tmp;
     const char *comm;        /* the keeper's name (ps, /proc/PID/comm) */
     int cgroup_fd;           /* >= 0: the keeper starts in this cgroup */
+    int pid_ns_fd;           /* >= 0: the job starts in this pid namespace */
 };
 
 int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);

@@ -369,6 +369,7 @@ def spawn_kept(
     watch_pidfd: int | None = None,
     cgroup_fd: int | None = None,
     comm: str = "larkns-keeper",
+    pid_ns_fd: int | None = None,
 ) -> Kept:
     """Start a job as ``spawn`` does, but as the child of a keeper: a small
     process that outlives its caller (a daemon may restart while the job
@@ -378,8 +379,10 @@ def spawn_kept(
     caller's child until the caller dies, and should be reaped.
 
     The keeper starts in ``cgroup_fd``'s cgroup (the job's own is
-    ``spec.cgroup_fd``); it sets up no namespaces, ids or limits of its own,
-    and holds no fd but the three it needs.  Set ``spec.pdeathsig``: the job
+    ``spec.cgroup_fd``); the job starts in the pid namespace of ``pid_ns_fd``
+    (the keeper stays in the caller's).  The keeper sets up no other
+    namespaces, ids or limits of its own, and holds no fd but the three it
+    needs.  Set ``spec.pdeathsig``: the job
     should not outlive a keeper killed by SIGKILL.
     """
     if "/" in status_name or status_name in ("", ".", ".."):
@@ -397,6 +400,7 @@ def spawn_kept(
     ]
     k.status_name, k.status_tmp, k.comm = names
     k.cgroup_fd = -1 if cgroup_fd is None else cgroup_fd
+    k.pid_ns_fd = -1 if pid_ns_fd is None else pid_ns_fd
     out = [ffi.new("int *", -1) for _ in range(3)]
     err_stage = ffi.new("int *", 0)
     err_errno = ffi.new("int *", 0)

@@ -329,3 +329,35 @@ def test_only_its_own_wrapper_may_attach_to_a_job(larknsd: Larknsd, clean_world:
     finally:
         p.kill()
         p.communicate(timeout=10)
+
+
+def test_the_job_joins_its_wrapper_s_pid_namespace(larknsd: Larknsd) -> None:
+    """As with HTCondor's USE_PID_NAMESPACES: the wrapper is the first
+    process of a pid namespace of its own, and the job is in it too."""
+    p = subprocess.Popen(
+        [
+            *larknsd.world.worker_cmd(),
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            str(larknsd.wrapper),
+            "/bin/sh",
+            "-c",
+            "readlink /proc/self/ns/pid; echo $$; exec sleep 300",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    try:
+        job_ns = p.stdout.readline().strip()
+        job_pid_inside = int(p.stdout.readline())
+        (wrapper,) = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+        assert job_ns == os.readlink(f"/proc/{wrapper}/ns/pid")
+        assert job_ns != os.readlink("/proc/self/ns/pid")
+        assert job_pid_inside < 10  # numbered inside the wrapper's namespace
+    finally:
+        p.kill()
+        p.communicate(timeout=10)

@@ -480,6 +480,10 @@ class Daemon:
             status_dir = opened[-1]
             for ns in _JOINED:
                 opened.append(os.open(f"/proc/{caller.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
+            # The wrapper's pid namespace too (HTCondor's USE_PID_NAMESPACES
+            # gives each job one): joined by the keeper for its child.
+            opened.append(os.open(f"/proc/{caller.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
+            pid_ns = opened[-1]
             cg = cgroup_fd(caller.pid)
             if cg is not None:
                 opened.append(cg)
@@ -503,7 +507,12 @@ class Daemon:
                 # The keeper, the job's parent, lives in the job's cgroup:
                 # a restart of larknsd (its service's cgroup) spares it.
                 return core.spawn_kept(
-                    spec, status_dir, f"{name}.exit", watch_pidfd=watch, cgroup_fd=cg
+                    spec,
+                    status_dir,
+                    f"{name}.exit",
+                    watch_pidfd=watch,
+                    cgroup_fd=cg,
+                    pid_ns_fd=pid_ns,
                 )
             except core.SpawnError as e:
                 raise Refused(str(e)) from None
