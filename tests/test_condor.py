@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -135,6 +136,35 @@ def test_the_jobs_bytes_show_in_the_queue_while_it_runs_and_in_history_after(poo
     assert ad["LarkNetworkType"] == "nat"
     assert ad["LarkIPv4Address"].startswith("198.19.")
     assert ad["WantIOProxy"] == "true"
+
+
+def test_a_restart_of_larknsd_leaves_a_running_job_undisturbed(pool: Pool, daemon: Larknsd) -> None:
+    """larknsd is killed and started anew while the job runs: the job runs on
+    in its network, and its ad counts all its bytes, before and after."""
+    n, size, reply = 10, 1000, 400
+    send = f"/usr/bin/python3 peer.py udp {SITE4} {PORT} {n} {size} {reply}"
+    go = pool.home / "restart.go"
+    script = (
+        f"{send} && echo pid=$$ && while [ ! -e {go} ]; do sleep 0.1; done && {send} && echo pid=$$"
+    )
+    cluster = pool.submit(JOB.format(script=script, tag="restart"))
+    out = pool.home / "restart.out"
+    deadline = time.monotonic() + 60
+    while not (out.exists() and "pid=" in out.read_text()):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    err = daemon.restart(signal.SIGKILL)
+    go.touch()
+    try:
+        ad = pool.wait_done(cluster)
+    finally:
+        go.unlink()
+    assert ad["ExitCode"] == "0", (ad, err, (pool.home / "restart.err").read_text())
+    first, second = [x for x in out.read_text().split() if x.startswith("pid=")]
+    assert first == second  # one and the same job
+    assert int(ad["NetworkOutgoing"]) == 2 * n * (28 + size)
+    assert int(ad["NetworkIncoming"]) == 2 * n * (28 + reply)
+    assert "attached to larknsd again" in (pool.home / "restart.err").read_text()
 
 
 def test_a_job_killed_by_a_signal_shows_that_signal(pool: Pool) -> None:

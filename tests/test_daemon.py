@@ -25,21 +25,32 @@ class Larknsd:
         self.world = world
         self.socket = f"/tmp/{world.prefix}-larknsd.sock"
         self.env = world.env() | {"LARKNS_SOCKET": self.socket} | knobs
-        self.proc = subprocess.Popen(
-            world.worker_cmd(str(Path(sys.executable).parent / "larknsd")),
+        self.proc = self._start()
+        self.copy = wrapper_copy()
+        self.wrapper = wrapper_script(self.copy, self.socket)
+
+    def _start(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            self.world.worker_cmd(str(Path(sys.executable).parent / "larknsd")),
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
         if "ready" not in line:
-            self.proc.kill()
-            err = self.proc.stderr.read() if self.proc.stderr else ""
+            proc.kill()
+            err = proc.stderr.read() if proc.stderr else ""
             raise RuntimeError(f"larknsd did not start: {line} {err}")
-        self.copy = wrapper_copy()
-        self.wrapper = wrapper_script(self.copy, self.socket)
+        return proc
+
+    def restart(self, sig: int = signal.SIGKILL) -> str:
+        """Stop larknsd with `sig` and start it anew; what the old one said."""
+        self.proc.send_signal(sig)
+        _out, err = self.proc.communicate(timeout=20)
+        self.proc = self._start()
+        return err
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
