@@ -3,7 +3,10 @@
 The command's exit status becomes larkns's (128+N when killed by signal N, 126
 when it cannot be executed, 127 when not found; 125 for larkns's own
 failures), every signal larkns gets is passed on to the command, and the
-command dies with larkns (PR_SET_PDEATHSIG), as with `unshare --kill-child`.
+command dies with larkns, as with `unshare --kill-child`: its parent is a
+keeper (core.spawn_kept) that kills it when larkns ends, even when the
+command runs a setuid or file-capability program (which clears a parent-death
+signal).
 
 Signals are never handled asynchronously here: from the start every signal
 that matters is blocked (in every thread), and taken with sigwaitinfo when
@@ -213,6 +216,8 @@ def _spawn_and_wait(
     ident: Identity | None,
 ) -> report.Outcome:
     ns_fd = os.open(netns.path(plan.netns), os.O_RDONLY | os.O_CLOEXEC)
+    me = os.pidfd_open(os.getpid())
+    status_dir = os.open(engine.journal.jobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         spec = core.SpawnSpec(
             path=path,
@@ -226,44 +231,60 @@ def _spawn_and_wait(
             pdeathsig=signal.SIGKILL,
         )
         try:
-            pid, pidfd = core.spawn(spec)
+            # The keeper watches this process: if larkns is killed, so is
+            # the command.
+            kept = core.spawn_kept(spec, status_dir, f"{req.name}.exit", watch_pidfd=me)
         except core.SpawnError as e:
             if e.stage != "exec":
                 return report.Outcome(exit_code=125, error=str(e))
             return report.Outcome(exit_code=127 if e.errno == errno.ENOENT else 126, error=str(e))
     finally:
-        os.close(ns_fd)
+        for fd in (ns_fd, me, status_dir):
+            os.close(fd)
     try:
         record = engine.journal.read(req.name)
         if record is not None:
             # The job's pid lets `larkns show` and gc tell it apart; a command
             # that has already exited has no start time left to record.
             with contextlib.suppress(ProcessLookupError):
-                record.job = Process.of(pid)
+                record.job = Process.of(kept.job_pid)
+            with contextlib.suppress(ProcessLookupError):
+                record.keeper = Process.of(kept.keeper_pid)
             record.state = "running"
             engine.journal.write(record)
-        return _wait(pidfd)
+        _wait(kept.keeper_pidfd, kept.job_pidfd)
     finally:
-        os.close(pidfd)
+        os.close(kept.job_pidfd)
+        os.close(kept.keeper_pidfd)
+    end = engine.journal.exit_status(req.name)
+    if end is None:
+        # Killed with its keeper (parent-death signal), or by gc/teardown.
+        print(
+            f"larkns: the keeper of job {req.name} was killed, and the command with it",
+            file=sys.stderr,
+        )
+        return report.Outcome(signal=signal.SIGKILL)
+    if "code" in end:
+        return report.Outcome(exit_code=end["code"])
+    return report.Outcome(signal=end["signal"])
 
 
-def _wait(pidfd: int) -> report.Outcome:
-    """Pass every signal on to the command until it ends."""
+def _wait(keeper_fd: int, job_fd: int) -> None:
+    """Pass every signal on to the command until it has ended (its keeper,
+    which has written down how, has exited)."""
     waited = FORWARDED | {signal.SIGCHLD}
     while True:
-        # The command may have ended before its SIGCHLD was waited for.
-        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        # The keeper may have ended before its SIGCHLD was waited for.
+        info = os.waitid(os.P_PIDFD, keeper_fd, os.WEXITED | os.WNOHANG)
         if info is not None and info.si_pid:
-            if info.si_code == os.CLD_EXITED:
-                return report.Outcome(exit_code=info.si_status)
-            return report.Outcome(signal=info.si_status)
+            return
         sig = signal.sigwaitinfo(waited)
         if sig.si_signo == signal.SIGCHLD:
             continue
         if sig.si_signo in _FROM_TERMINAL and sig.si_code == SI_KERNEL:
             continue
         try:
-            core.pidfd_send_signal(pidfd, sig.si_signo)
+            core.pidfd_send_signal(job_fd, sig.si_signo)
         except OSError as e:
             if e.errno != errno.ESRCH:
                 raise

@@ -275,6 +275,33 @@ def test_sigkill_while_the_command_runs_then_gc_leaves_nothing(
         f.close()
 
 
+def test_a_command_that_execs_a_file_capability_program_dies_with_larkns(
+    clean_world: World,
+) -> None:
+    """ping has cap_net_raw: exec'ing it clears a parent-death signal, so only
+    the keeper's watch on larkns can kill it."""
+    if not os.path.exists("/usr/bin/ping"):
+        pytest.skip("no /usr/bin/ping")
+    p = clean_world.larkns_popen(
+        "run", "--name", "lktcap", "--user", "nobody", "--", "ping", "-q", "-i", "0.2", SITE4
+    )
+    _wait_state(clean_world, "lktcap", "running")
+    show = json.loads(clean_world.larkns("show", "lktcap").stdout)
+    job = show["job"]["pid"]
+    assert Path(f"/proc/{job}/comm").read_text().strip() == "ping"
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 5
+    while _alive(job):
+        assert time.monotonic() < deadline, "ping outlived larkns"
+        time.sleep(0.01)
+    gc = clean_world.larkns("gc")
+    assert gc.returncode == 0 and "job lktcap" in gc.stdout, gc.stderr
+    for f in (p.stdout, p.stderr):
+        assert f is not None
+        f.close()
+
+
 def test_sigkill_at_any_moment_of_setup_then_gc_leaves_nothing(
     clean_world: World, tmp_path: Path
 ) -> None:
