@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
@@ -23,7 +23,7 @@ from larkns import leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, links, netns, rtnl, sysctl
-from larkns.kernel.nft import Ruleset
+from larkns.kernel.nft import NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import HOST_LINK_PREFIX, JobNetwork, build, slot_count
 from larkns.traffic import Traffic
@@ -107,7 +107,7 @@ class Engine:
         try:
             # Shared: the last job out cannot remove the state dir or the
             # table while this job is being set up.
-            with self.journal.lock(exclusive=False):
+            with self._setup_lock(mode):
                 # Checked before the lease too, so that a name in use is
                 # reported as such even when the pool is full; claim() below
                 # is what guarantees it.
@@ -131,6 +131,35 @@ class Engine:
             if claimed:
                 self.teardown(name)  # outside the lock: teardown may take it exclusively
             raise
+
+    @contextlib.contextmanager
+    def _setup_lock(self, mode: str) -> Iterator[None]:
+        """The journal's shared lock, held once the table counts this
+        process's traffic classes as configured.
+
+        Under the shared lock no other larkns process can change the table's
+        classes or remove the table (both take the lock exclusively), so what
+        serves_classes() finds holds until the job's counters are in.  When
+        the classes differ (LARKNS_CLASSES changed while jobs were alive, or
+        the table is not there yet), the table is brought in line under the
+        exclusive lock: the journal's lock rather than a failing nft `create`
+        alone, because a process must see the table as it is while it decides
+        what to add, and only the lock keeps another from changing it in
+        between.  flock cannot turn a shared lock into an exclusive one
+        without letting go of it, hence the loop: look again once back under
+        the shared lock.
+        """
+        for _ in range(3):
+            with self.journal.lock(exclusive=False):
+                if mode != "nat" or self.ruleset.serves_classes():
+                    yield
+                    return
+            with self.journal.lock(exclusive=True):
+                self.ruleset.update_classes()
+        raise SetupError(
+            f"the nft table inet larkns does not keep LARKNS_CLASSES "
+            f"({', '.join(n for n, _ in self.settings.classes)}): something else changes it"
+        )
 
     def _plan(self, name: str, mode: str) -> JobNetwork:
         if mode == "none":
@@ -265,7 +294,7 @@ class Engine:
             else:
                 if not links.is_up(self.ipr, idx):
                     problems.append(f"link {plan.host_link} is not up")
-            if not self.ruleset.has_job(name):
+            if not self.ruleset.has_job(name, self._classes(plan)):
                 problems.append(f"nft counters of {name} are missing")
         return problems
 
@@ -273,7 +302,13 @@ class Engine:
         record = self.journal.read(name)
         if record is None or record.plan is None or record.plan.mode != "nat":
             return Traffic()
-        c = self.ruleset.counters(name)
+        # The classes the job was set up with: this process's may differ.
+        # (For a record of an older larkns, this process's: stats are read
+        # often, and should not list the table.)
+        classes = record.plan.classes
+        if classes is None:
+            classes = tuple(n for n, _ in self.settings.classes)
+        c = self.ruleset.counters(name, classes)
         return Traffic(
             ipv4_in=c["in4"],
             ipv4_out=c["out4"],
@@ -281,7 +316,7 @@ class Engine:
             ipv6_out=c["out6"],
             control_in=c["ctl-in"],
             control_out=c["ctl-out"],
-            classes={n: (c[f"cin-{n}"], c[f"cout-{n}"]) for n, _ in self.settings.classes},
+            classes={n: (c[f"cin-{n}"], c[f"cout-{n}"]) for n in classes},
         )
 
     # -- teardown / gc -----------------------------------------------------
@@ -322,18 +357,32 @@ class Engine:
         self._remove_netns(ns_name)
         if plan is None or plan.mode == "nat":
             with contextlib.suppress(OSError):
-                self._nft_remove(name, host_link)
+                self._nft_remove(name, host_link, plan)
         for slot in slots:
             leases.release(self.journal, slot, name)
         self.journal.remove(name)
         return True
 
-    def _nft_remove(self, name: str, host_link: str | None) -> None:
+    def _nft_remove(self, name: str, host_link: str | None, plan: JobNetwork | None = None) -> None:
         try:
             ruleset = self.ruleset
         except Exception:
             return
-        ruleset.remove_job(name, host_link)
+        ruleset.remove_job(name, host_link, self._classes(plan))
+
+    def _classes(self, plan: JobNetwork | None) -> Sequence[str]:
+        """The traffic classes job `plan` has counters for: as its record
+        says, since the process that set it up may have had other
+        LARKNS_CLASSES; for a record that does not say, every class the
+        table has (a listing: slow, but only for records of older larkns)."""
+        if plan is not None and plan.classes is not None:
+            return plan.classes
+        try:
+            return self.ruleset.table_classes()
+        except NftError:
+            # Teardown goes on whatever fails: remove at least what this
+            # process's classes name.
+            return tuple(n for n, _ in self.settings.classes)
 
     def _remove_netns(self, ns_name: str) -> None:
         ino = netns.inode(ns_name)
@@ -405,15 +454,17 @@ class Engine:
             if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
                 removed.append(f"link {link}")
         try:
-            nft_jobs, nft_links = self.ruleset.job_objects()
+            table = self.ruleset.job_objects()
         except Exception:
-            nft_jobs, nft_links = set(), set()
-        for job in sorted(nft_jobs - live):
-            self._nft_remove(job, None)
+            table = TableJobs(set(), set(), ())
+        # An orphan has no record to say which classes it has: every class
+        # in the table, whichever configuration added it.
+        for job in sorted(table.jobs - live):
+            self.ruleset.remove_job(job, None, table.classes)
             removed.append(f"nft counters of {job}")
-        for link in sorted(nft_links):
+        for link in sorted(table.links):
             if link[len(HOST_LINK_PREFIX) :] not in live:
-                self._nft_remove(link[len(HOST_LINK_PREFIX) :], link)
+                self.ruleset.remove_job(link[len(HOST_LINK_PREFIX) :], link, table.classes)
                 removed.append(f"nft map entries of {link}")
         for slot, lease in sorted(leases.leased(self.journal).items()):
             # A lease is taken just before its job's record is claimed: one

@@ -59,6 +59,10 @@ class JobNetwork:
     ipv4_host: ipaddress.IPv4Interface | None = None
     ipv4_job: ipaddress.IPv4Interface | None = None
     ipv6_prefix: ipaddress.IPv6Network | None = None
+    # The traffic classes the job is counted in (LARKNS_CLASSES when it was
+    # set up; another process, with other classes, may tear it down).  None:
+    # a record from before larkns wrote them down.
+    classes: tuple[str, ...] | None = None
 
     @property
     def ipv6_job(self) -> ipaddress.IPv6Address | None:
@@ -99,6 +103,7 @@ class JobNetwork:
             ipv4_host=opt(ipaddress.IPv4Interface, "ipv4_host"),
             ipv4_job=opt(ipaddress.IPv4Interface, "ipv4_job"),
             ipv6_prefix=opt(ipaddress.IPv6Network, "ipv6_prefix"),
+            classes=opt(tuple, "classes"),
         )
 
     def describe(self) -> str:
@@ -116,6 +121,8 @@ class JobNetwork:
             lines.append(
                 f"  ipv6 {self.ipv6_job} (SLAAC in {self.ipv6_prefix}) via {self.host_link_local}"
             )
+        if self.classes:
+            lines.append(f"  traffic classes {', '.join(self.classes)}")
         return "\n".join(lines)
 
 
@@ -152,4 +159,5 @@ def build(
         ipv4_host=ipaddress.IPv4Interface((base4, 31)),
         ipv4_job=ipaddress.IPv4Interface((base4 + 1, 31)),
         ipv6_prefix=prefix6,
+        classes=tuple(name for name, _ in settings.classes),
     )

@@ -22,6 +22,18 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
       chain postrouting  nat hook postrouting
             iifname @masquerade_from oifname != @job_links masquerade
 
+With LARKNS_CLASSES, each class C adds sets cls_C_4/6 (its prefixes), maps
+cout_C/cin_C (ifname : counter), counters JOB-cout-C and JOB-cin-C per job,
+counting rules after the link-control `return`, and a marker: an unused
+counter `class.C.FINGERPRINT` saying the class is in the table with exactly
+these prefixes.  A process whose markers are all there (one netlink round
+trip, whatever the number of jobs) uses the table as it is; otherwise it
+brings the table in line with its classes in one transaction
+(update_classes).  Classes are only ever added or refilled, never removed
+while the table lives: jobs started under an older configuration keep
+counting into them, and each job's record names the classes it has, so
+whichever process removes the job removes all of it.
+
 A job adds only named counters and map elements, never chains or rules.  The
 table itself is declared through libnftables (JSON); the per-job objects go
 through nfnetlink (nftnl.py), because libnftables reloads its view of the
@@ -35,10 +47,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import json
 import re
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 from larkns.kernel import nftnl
 from larkns.kernel.nftnl import Nftnl, NftnlError
@@ -79,6 +93,11 @@ COUNTER_MAPS = {
 COUNTER_KEYS = tuple(COUNTER_MAPS)
 # NAME-out4, NAME-ctl-in, NAME-cout-Campus, ...: the job's name is group 1.
 _COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|cout-\w+|cin-\w+)")
+# class.NAME.FINGERPRINT: no "-" in it (class names and hex digits have none),
+# so it can never be taken for a job's counter, nor a job's for it.
+MARKER_PREFIX = "class."
+# the chains that count, and which end of a job's link each one sees
+_HALVES = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
 
 
 class NftError(Exception):
@@ -124,63 +143,130 @@ def _count_into(key: str, m: str) -> dict[str, Any]:
 
 
 Classes = tuple[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]], ...]
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def class_maps(classes: Classes) -> dict[str, str]:
+def class_names(classes: Classes) -> tuple[str, ...]:
+    return tuple(name for name, _ in classes)
+
+
+def class_maps(names: Iterable[str]) -> dict[str, str]:
     """counter key -> map, for the admin's traffic classes (cout-NAME: bytes
     the job sent to the class's prefixes; cin-NAME: received from them)."""
     out = {}
-    for name, _ in classes:
+    for name in names:
         out[f"cout-{name}"] = f"cout_{name}"
         out[f"cin-{name}"] = f"cin_{name}"
     return out
 
 
-def _class_rules(classes: Classes, chain: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+def class_marker(name: str, nets: Sequence[Net]) -> str:
+    """The name of the marker that says class `name` is in the table with `nets`."""
+    canonical = ",".join(sorted(str(n) for n in nets))
+    return f"{MARKER_PREFIX}{name}.{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
+
+
+def _family_rules(name: str, version: int) -> list[dict[str, Any]]:
+    """The rules that count a job's traffic to and from one family of a class."""
+    proto = "ip" if version == 4 else "ip6"
     rules = []
-    for name, nets in classes:
-        for proto, version in (("ip", 4), ("ip6", 6)):
-            if not any(n.version == version for n in nets):
-                continue
-            for key in keys:
-                # From the job (iifname) to the class: its destination; to the
-                # job (oifname) from the class: its source.
-                field = "daddr" if key == "iifname" else "saddr"
-                m = f"cout_{name}" if key == "iifname" else f"cin_{name}"
-                match = _match(
-                    {"payload": {"protocol": proto, "field": field}}, f"@cls_{name}_{version}"
-                )
-                rules.append(_rule(chain, match, _count_into(key, m)))
+    for chain, keys in _HALVES.items():
+        for key in keys:
+            # From the job (iifname) to the class: its destination; to the
+            # job (oifname) from the class: its source.
+            field = "daddr" if key == "iifname" else "saddr"
+            m = f"cout_{name}" if key == "iifname" else f"cin_{name}"
+            match = _match(
+                {"payload": {"protocol": proto, "field": field}}, f"@cls_{name}_{version}"
+            )
+            rules.append(_rule(chain, match, _count_into(key, m)))
     return rules
 
 
-def _class_objects(classes: Classes) -> list[dict[str, Any]]:
-    objs: list[dict[str, Any]] = []
-    for name, nets in classes:
-        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            elems = [
-                {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
-                for n in nets
-                if n.version == version
-            ]
-            if not elems:
-                continue
-            objs.append(
-                {
-                    "set": {
-                        **_T,
-                        "name": f"cls_{name}_{version}",
-                        "type": kind,
-                        "flags": ["interval"],
-                    }
-                }
-            )
-            objs.append({"element": {**_T, "name": f"cls_{name}_{version}", "elem": elems}})
-    objs += [
-        {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
-        for m in class_maps(classes).values()
+def _prefixes(nets: Sequence[Net], version: int) -> list[dict[str, Any]]:
+    return [
+        {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+        for n in nets
+        if n.version == version
     ]
-    return objs
+
+
+def _class_set(name: str, version: int) -> dict[str, Any]:
+    kind = "ipv4_addr" if version == 4 else "ipv6_addr"
+    return {"set": {**_T, "name": f"cls_{name}_{version}", "type": kind, "flags": ["interval"]}}
+
+
+def _class_map(m: str) -> dict[str, Any]:
+    return {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
+
+
+def _class_declaration(classes: Classes) -> list[dict[str, Any]]:
+    """Each class's sets, maps, marker and rules, as `add` commands."""
+    cmds: list[dict[str, Any]] = []
+    for name, nets in classes:
+        for version in (4, 6):
+            elems = _prefixes(nets, version)
+            if elems:
+                cmds.append({"add": _class_set(name, version)})
+                cmds.append(
+                    {"add": {"element": {**_T, "name": f"cls_{name}_{version}", "elem": elems}}}
+                )
+        cmds += [{"add": _class_map(m)} for m in class_maps([name]).values()]
+        cmds.append({"add": {"counter": {**_T, "name": class_marker(name, nets)}}})
+        for version in (4, 6):
+            if _prefixes(nets, version):
+                cmds += [{"add": r} for r in _family_rules(name, version)]
+    return cmds
+
+
+def class_update(classes: Classes, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Commands that make the listed table count `classes` as configured.
+
+    Only classes without their marker are touched.  A new class gets its
+    sets, maps and rules; rules are appended to the chains, after the
+    link-control `return` (counting rules do not end the chain, so where
+    they stand among them does not matter).  A class already there gets its
+    sets refilled (flush and add, within the transaction: a packet sees the
+    old prefixes or the new ones); a family it no longer has keeps an empty
+    set, so its rules match nothing, and a family it gains gets its set and
+    rules.  Objects that should not exist yet are made with `create`, which
+    fails if they do: should a process ever get here without the journal's
+    lock, it fails rather than add a class's rules twice (counting twice).
+    """
+    sets = {o["set"]["name"] for o in table if "set" in o}
+    maps = {o["map"]["name"] for o in table if "map" in o}
+    markers = {
+        o["counter"]["name"]
+        for o in table
+        if "counter" in o and o["counter"]["name"].startswith(MARKER_PREFIX)
+    }
+    cmds: list[dict[str, Any]] = []
+    for name, nets in classes:
+        marker = class_marker(name, nets)
+        if marker in markers:
+            continue
+        cmds += [{"create": _class_map(m)} for m in class_maps([name]).values() if m not in maps]
+        for version in (4, 6):
+            set_name = f"cls_{name}_{version}"
+            elems = _prefixes(nets, version)
+            element = {"element": {**_T, "name": set_name, "elem": elems}}
+            if set_name in sets:
+                cmds.append({"flush": {"set": {**_T, "name": set_name}}})
+                if elems:
+                    cmds.append({"add": element})
+            elif elems:
+                cmds.append({"create": _class_set(name, version)})
+                cmds.append({"add": element})
+                cmds += [{"add": r} for r in _family_rules(name, version)]
+        # The old prefixes' marker goes: a process configured with them must
+        # bring them back rather than take the table for its own.
+        cmds += [
+            {"delete": {"counter": {**_T, "name": old}}}
+            for old in sorted(markers)
+            if old.startswith(f"{MARKER_PREFIX}{name}.")
+        ]
+        cmds.append({"create": {"counter": {**_T, "name": marker}}})
+    return cmds
 
 
 def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
@@ -211,7 +297,6 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
         {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
         for m in COUNTER_MAPS.values()
     ]
-    objs += _class_objects(classes)
     objs += [
         base("forward", "forward"),
         base("input", "input"),
@@ -219,14 +304,12 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
         base("postrouting", "postrouting", "nat", 100),
     ]
     ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
-    halves = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
-    for chain, keys in halves.items():
+    for chain, keys in _HALVES.items():
         for key in keys:
             objs.append(
                 _rule(chain, ctl, _count_into(key, "ctl_out" if key == "iifname" else "ctl_in"))
             )
         objs.append(_rule(chain, ctl, {"return": None}))
-        objs += _class_rules(classes, chain, keys)
         for fam, v in (("ipv4", "4"), ("ipv6", "6")):
             for key in keys:
                 m = ("out" if key == "iifname" else "in") + v
@@ -239,7 +322,17 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
             {"masquerade": None},
         )
     )
-    return [{"add": o} for o in objs]
+    # Class rules come after the link-control `return`, as when a class is
+    # added to a live table.
+    return [{"add": o} for o in objs] + _class_declaration(classes)
+
+
+class TableJobs(NamedTuple):
+    """What jobs own in the table, as gc finds it."""
+
+    jobs: set[str]  # job names that own counters
+    links: set[str]  # links in the job maps and sets
+    classes: tuple[str, ...]  # every class the table has maps for
 
 
 class Ruleset:
@@ -247,8 +340,9 @@ class Ruleset:
 
     def __init__(self, classes: Classes = ()) -> None:
         self.classes = classes
-        # every counter of a job: key -> the map that leads to it
-        self.maps = {**COUNTER_MAPS, **class_maps(classes)}
+        # every counter a job set up by this process gets: key -> its map
+        self.maps = {**COUNTER_MAPS, **class_maps(class_names(classes))}
+        self._markers = [class_marker(name, nets) for name, nets in classes]
         self._nft = _load()
         self._nl = Nftnl()
         self._ready = False  # the table was there at our last look
@@ -262,6 +356,13 @@ class Ruleset:
             raise NftError(err.strip().splitlines()[0] if err.strip() else f"nft failed (rc {rc})")
         return _parse(out)
 
+    def _maps(self, classes: Sequence[str] | None) -> dict[str, str]:
+        """A job's counter keys and maps: those of `classes` (the job's, from
+        its record), or by default those this process gives a new job."""
+        if classes is None:
+            return self.maps
+        return {**COUNTER_MAPS, **class_maps(classes)}
+
     def ensure_table(self) -> None:
         """Declare the table, unless present (whole or not at all: one transaction)."""
         if not self.has_table():
@@ -274,6 +375,31 @@ class Ruleset:
             except NftError:
                 if not self.has_table():
                     raise
+        self._ready = True
+
+    def serves_classes(self) -> bool:
+        """Whether the table counts this process's classes as configured: all
+        their markers are there.  One netlink round trip, whatever the number
+        of jobs; False if the table is missing."""
+        if not self._markers:
+            return True
+        return len(self._nl.counters(TABLE, self._markers)) == len(self._markers)
+
+    def update_classes(self) -> None:
+        """Bring the table in line with this process's classes, in one
+        transaction, declaring it if missing.
+
+        Lists the whole table (slow with many jobs alive): only for when
+        serves_classes() says no, and only with every other process that
+        could do the same shut out (the caller holds the journal's exclusive
+        lock), since two that add the same class at once would count it twice.
+        """
+        if not self.has_table():
+            self.ensure_table()
+            return
+        cmds = class_update(self.classes, self._listing())
+        if cmds:
+            self._run(cmds)
         self._ready = True
 
     def has_table(self) -> bool:
@@ -294,7 +420,12 @@ class Ruleset:
         return bool(rc == 0)
 
     def add_job(self, job: str, link: str, masquerade: bool) -> None:
-        """Counters and map entries of one job, in one transaction."""
+        """Counters and map entries of one job, in one transaction.
+
+        The table must serve this process's classes (serves_classes, or
+        update_classes under the journal's exclusive lock); a table that is
+        missing is declared with them.
+        """
         key = nftnl.ifname_key(link)
         ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in self.maps]
         ops += [
@@ -311,7 +442,7 @@ class Ruleset:
             if e.errno == errno.EEXIST:
                 # A killed job of the same name left its objects (its record,
                 # and so its name, is ours now): remove them, start at zero.
-                self.remove_job(job, link)
+                self.remove_job(job, link, self.table_classes())
             elif e.errno == errno.ENOENT:
                 # The table went since our last look (the last job out
                 # removed it, or someone flushed the ruleset).
@@ -321,29 +452,24 @@ class Ruleset:
             try:
                 self._nl.batch(ops)
             except NftnlError as e2:
-                if e2.errno == errno.ENOENT and self.classes:
-                    # The table is there but lacks a class's map: it was
-                    # declared before LARKNS_CLASSES changed.
-                    raise NftError(
-                        f"{e2}: the table inet {TABLE} was declared with other LARKNS_CLASSES; "
-                        "it is declared anew once no job is alive"
-                    ) from None
                 raise NftError(str(e2)) from None
 
-    def remove_job(self, job: str, link: str | None) -> bool:
-        """Remove everything of `job`; True if anything was there.
+    def remove_job(self, job: str, link: str | None, classes: Sequence[str] | None = None) -> bool:
+        """Remove everything of `job`, whose counters cover `classes` (by
+        default: this process's); True if anything was there.
 
         One transaction in the common case; when part of it is already gone
         (a half-built or half-removed job), the kernel refuses the batch, so
         each object is then removed on its own.
         """
+        maps = self._maps(classes)
         ops = []
         if link is not None:
             key = nftnl.ifname_key(link)
             # Map entries first: they hold references to the counters.
-            ops += [nftnl.delete_element(TABLE, m, key) for m in self.maps.values()]
+            ops += [nftnl.delete_element(TABLE, m, key) for m in maps.values()]
             ops += [nftnl.delete_element(TABLE, s, key) for s in ("job_links", "masquerade_from")]
-        ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in self.maps]
+        ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in maps]
         try:
             self._nl.batch(ops)
             return True
@@ -356,28 +482,44 @@ class Ruleset:
                 removed = True
         return removed
 
-    def counters(self, job: str) -> dict[str, Count]:
-        """The job's counters by key (out4, in6, ...); missing ones read as zero."""
-        got = self._nl.counters(TABLE, [counter_name(job, k) for k in self.maps])
+    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
+        """The job's counters by key (out4, in6, cout-NAME, ...), for the job's
+        `classes` (by default: this process's); missing ones read as zero."""
+        maps = self._maps(classes)
+        got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
         out = {}
-        for k in self.maps:
+        for k in maps:
             packets, nbytes = got.get(counter_name(job, k), (0, 0))
             out[k] = Count(packets, nbytes)
         return out
 
-    def has_job(self, job: str) -> bool:
+    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool:
         """Whether all of the job's counters exist."""
-        got = self._nl.counters(TABLE, [counter_name(job, k) for k in self.maps])
-        return len(got) == len(self.maps)
+        maps = self._maps(classes)
+        got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
+        return len(got) == len(maps)
 
-    def job_objects(self) -> tuple[set[str], set[str]]:
-        """(job names that own counters, links in the job maps and sets), for gc."""
+    def _listing(self) -> list[dict[str, Any]]:
+        return self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
+
+    def table_classes(self) -> tuple[str, ...]:
+        """Every class the table has maps for, whichever process added it:
+        for a job whose record does not say which it has (lists the whole
+        table: slow with many jobs alive)."""
         if not self.has_table():
-            return set(), set()
+            return ()
+        return _classes_in(self._listing())
+
+    def job_objects(self) -> TableJobs:
+        """What jobs own in the table, for gc."""
+        if not self.has_table():
+            return TableJobs(set(), set(), ())
+        table = self._listing()
+        classes = _classes_in(table)
         jobs: set[str] = set()
         links: set[str] = set()
-        maps = set(self.maps.values()) | {"job_links", "masquerade_from"}
-        for obj in self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}]):
+        maps = set(self._maps(classes).values()) | {"job_links", "masquerade_from"}
+        for obj in table:
             if "counter" in obj:
                 name = obj["counter"]["name"]
                 found = _COUNTER_NAME.fullmatch(name)
@@ -387,7 +529,18 @@ class Ruleset:
             if body.get("name") in maps:
                 for e in body.get("elem", []):
                     links.add(e[0] if isinstance(e, list) else e)
-        return jobs, links
+        return TableJobs(jobs, links, classes)
+
+
+def _classes_in(table: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The classes a listed table has maps for."""
+    return tuple(
+        sorted(
+            o["map"]["name"][len("cout_") :]
+            for o in table
+            if "map" in o and o["map"]["name"].startswith("cout_")
+        )
+    )
 
 
 def _parse(out: str) -> list[dict[str, Any]]:
