@@ -316,6 +316,7 @@ class Engine:
             ipv6_out=c["out6"],
             control_in=c["ctl-in"],
             control_out=c["ctl-out"],
+            dropped=c["drop"],
             classes={n: (c[f"cin-{n}"], c[f"cout-{n}"]) for n in classes},
         )
 

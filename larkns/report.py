@@ -79,6 +79,9 @@ def build(
         "classes": {n: _family(inc, out) for n, (inc, out) in traffic.classes.items()},
         # ND, RA/RS and MLD on the job's link: not the job's traffic, shown apart.
         "link_control": _family(traffic.control_in, traffic.control_out),
+        # What the job sent that was dropped (a spoofed source address, a
+        # router advertisement, a DHCP server reply): not in the totals.
+        "dropped": {"packets": traffic.dropped.packets, "bytes": traffic.dropped.bytes},
     }
 
 
@@ -131,6 +134,12 @@ def summary(report: dict[str, Any]) -> str:
                 f"larkns:   {fam}  in {human_bytes(f['bytes']['incoming'])}"
                 f" ({f['packets']['incoming']} pkts)"
                 f"  out {human_bytes(f['bytes']['outgoing'])} ({f['packets']['outgoing']} pkts)"
+            )
+        dropped = report["dropped"]
+        if dropped["packets"]:
+            lines.append(
+                f"larkns:   dropped {dropped['packets']} pkts the job sent from addresses "
+                "not its own (or as a router or DHCP server)"
             )
     else:
         lines.append("larkns:   no network (loopback only)")

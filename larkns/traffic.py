@@ -25,6 +25,9 @@ class Traffic:
     # ND, RA/RS and MLD on the job's link: not the job's own traffic.
     control_in: Count = field(default_factory=Count)
     control_out: Count = field(default_factory=Count)
+    # What the job sent that larkns dropped: spoofed source addresses, router
+    # advertisements, DHCP server replies.  Not in the totals.
+    dropped: Count = field(default_factory=Count)
     # class name -> (incoming, outgoing), for the admin's traffic classes
     classes: dict[str, tuple[Count, Count]] = field(default_factory=dict)
 

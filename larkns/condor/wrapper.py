@@ -114,6 +114,11 @@ def counters(traffic: dict[str, Any]) -> dict[str, str]:
         f = traffic["families"][fam]["bytes"]
         out[f"LarkNetworkIncoming{label}"] = str(f["incoming"])
         out[f"LarkNetworkOutgoing{label}"] = str(f["outgoing"])
+    dropped = traffic.get("dropped")
+    if dropped is not None:
+        # Packets the job sent that larkns dropped (spoofed sources, rogue
+        # router advertisements or DHCP replies).
+        out["LarkNetworkDroppedPackets"] = str(dropped["packets"])
     # Lark's per-class attributes: NetworkIncoming<Class>, NetworkOutgoing<Class>
     for name, c in traffic.get("classes", {}).items():
         out[f"NetworkIncoming{name}"] = str(c["bytes"]["incoming"])

@@ -608,6 +608,7 @@ def _traffic(t: Any) -> dict[str, Any]:
         **fam(t.incoming, t.outgoing),
         "families": {"ipv4": fam(t.ipv4_in, t.ipv4_out), "ipv6": fam(t.ipv6_in, t.ipv6_out)},
         "classes": {n: fam(inc, out) for n, (inc, out) in t.classes.items()},
+        "dropped": {"packets": t.dropped.packets, "bytes": t.dropped.bytes},
     }
 
 

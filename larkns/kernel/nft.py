@@ -9,8 +9,8 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
       set link_control  icmpv6_type         ND, RA/RS and MLD messages
       set job_links     ifname              every job's host end
       set masquerade_from ifname            jobs in nat mode
-      map out4 out6 in4 in6 ctl_out ctl_in  ifname : counter
-      counter NAME-out4 NAME-out6 NAME-in4 NAME-in6 NAME-ctl-out NAME-ctl-in   (per job)
+      map out4 out6 in4 in6 ctl_out ctl_in dropped   ifname : counter
+      counter NAME-out4 NAME-out6 NAME-in4 NAME-in6 NAME-ctl-out NAME-ctl-in NAME-drop (per job)
       chain forward  hook forward  priority 300
             icmpv6 type @link_control counter name iifname map @ctl_out
             icmpv6 type @link_control counter name oifname map @ctl_in
@@ -21,6 +21,11 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
       chain output   hook output   priority 300     (the oifname half)
       chain postrouting  nat hook postrouting
             iifname @masquerade_from oifname != @job_links masquerade
+      chain guard    hook prerouting priority -300  (what a job may not send)
+            iifname @job_links icmpv6 type { nd-router-advert, nd-redirect } jump spoofed
+            iifname @job_links udp sport { 67, 547 } jump spoofed
+            iifname @job_links fib saddr . iif oif missing jump spoofed   (v4; v6 but ::)
+      chain spoofed: counter name iifname map @dropped; drop
 
 With LARKNS_CLASSES, each class C adds sets cls_C_4/6 (its prefixes), maps
 cout_C/cin_C (ifname : counter), counters JOB-cout-C and JOB-cin-C per job,
@@ -89,13 +94,24 @@ COUNTER_MAPS = {
     "in6": "in6",
     "ctl-out": "ctl_out",
     "ctl-in": "ctl_in",
+    # what the guard dropped: spoofed sources, rogue RAs and DHCP servers
+    "drop": "dropped",
 }
 COUNTER_KEYS = tuple(COUNTER_MAPS)
 # NAME-out4, NAME-ctl-in, NAME-cout-Campus, ...: the job's name is group 1.
-_COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|cout-\w+|cin-\w+)")
+_COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|drop|cout-\w+|cin-\w+)")
 # class.NAME.FINGERPRINT: no "-" in it (class names and hex digits have none),
 # so it can never be taken for a job's counter, nor a job's for it.
 MARKER_PREFIX = "class."
+# The guard (chain guard, prerouting, before conntrack) is part of every
+# table from this marker's version on; a table without it (made by an older
+# larkns, its jobs still running) gets it added in place.
+GUARD_MARKER = "schema.guard"
+GUARD_PRIORITY = -300
+# What a job may not send: router advertisements and redirects (it would be
+# the worker's router), DHCP server replies (v4 from port 67, v6 from 547).
+ROGUE_ICMPV6 = ["nd-router-advert", "nd-redirect"]
+ROGUE_UDP_SPORTS = [67, 547]
 # the chains that count, and which end of a job's link each one sees
 _HALVES = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
 
@@ -269,6 +285,67 @@ def class_update(classes: Classes, table: list[dict[str, Any]]) -> list[dict[str
     return cmds
 
 
+def _guard() -> list[dict[str, Any]]:
+    """The guard's chains, map, rules and marker, as `add` commands.
+
+    Anti-spoofing is the kernel's reverse-path check (fib saddr . iif): a
+    packet from a job's link whose source address is not routed back through
+    that link (not the job's /31, /64 or link-local) is dropped.  It needs no
+    per-job rule: the job's routes are its allowed sources.  "::" is let
+    through (MLD before the job has a link-local address).
+    """
+    from_job = _match(_meta("iifname"), "@job_links")
+    spoofed = {"jump": {"target": "spoofed"}}
+    fib_missing = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False)
+    objs: list[dict[str, Any]] = [
+        {"map": {**_T, "name": "dropped", "type": "ifname", "map": "counter"}},
+        {
+            "chain": {
+                **_T,
+                "name": "guard",
+                "type": "filter",
+                "hook": "prerouting",
+                "prio": GUARD_PRIORITY,
+                "policy": "accept",
+            }
+        },
+        {"chain": {**_T, "name": "spoofed"}},
+        _rule(
+            "guard",
+            from_job,
+            _match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": ROGUE_ICMPV6}),
+            spoofed,
+        ),
+        _rule(
+            "guard",
+            from_job,
+            _match({"payload": {"protocol": "udp", "field": "sport"}}, {"set": ROGUE_UDP_SPORTS}),
+            spoofed,
+        ),
+        _rule("guard", from_job, _match(_meta("nfproto"), "ipv4"), fib_missing, spoofed),
+        _rule(
+            "guard",
+            from_job,
+            _match({"payload": {"protocol": "ip6", "field": "saddr"}}, "::", "!="),
+            fib_missing,
+            spoofed,
+        ),
+        # Counted apart (a job of an older table has no counter here: the
+        # lookup then ends this rule, and the next one still drops).
+        _rule("spoofed", _count_into("iifname", "dropped")),
+        _rule("spoofed", {"drop": None}),
+        {"counter": {**_T, "name": GUARD_MARKER}},
+    ]
+    return [{"add": o} for o in objs]
+
+
+def guard_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The guard, for a listed table that lacks it."""
+    if any(o.get("chain", {}).get("name") == "guard" for o in table):
+        return []
+    return _guard()
+
+
 def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
     """The whole table as `add` commands, for one transaction."""
 
@@ -324,7 +401,7 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
     )
     # Class rules come after the link-control `return`, as when a class is
     # added to a live table.
-    return [{"add": o} for o in objs] + _class_declaration(classes)
+    return [{"add": o} for o in objs] + _guard() + _class_declaration(classes)
 
 
 class TableJobs(NamedTuple):
@@ -342,7 +419,7 @@ class Ruleset:
         self.classes = classes
         # every counter a job set up by this process gets: key -> its map
         self.maps = {**COUNTER_MAPS, **class_maps(class_names(classes))}
-        self._markers = [class_marker(name, nets) for name, nets in classes]
+        self._markers = [GUARD_MARKER] + [class_marker(name, nets) for name, nets in classes]
         self._nft = _load()
         self._nl = Nftnl()
         self._ready = False  # the table was there at our last look
@@ -378,11 +455,10 @@ class Ruleset:
         self._ready = True
 
     def serves_classes(self) -> bool:
-        """Whether the table counts this process's classes as configured: all
-        their markers are there.  One netlink round trip, whatever the number
+        """Whether the table is as this process needs it: it has the guard
+        and counts this process's classes as configured (all their markers
+        are there).  One netlink round trip, whatever the number
         of jobs; False if the table is missing."""
-        if not self._markers:
-            return True
         return len(self._nl.counters(TABLE, self._markers)) == len(self._markers)
 
     def update_classes(self) -> None:
@@ -397,7 +473,8 @@ class Ruleset:
         if not self.has_table():
             self.ensure_table()
             return
-        cmds = class_update(self.classes, self._listing())
+        table = self._listing()
+        cmds = guard_update(table) + class_update(self.classes, table)
         if cmds:
             self._run(cmds)
         self._ready = True
