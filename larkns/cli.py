@@ -40,7 +40,12 @@ def parser() -> argparse.ArgumentParser:
         help="run a command in a network of its own",
         usage="larkns run [options] -- CMD [ARG...]",
     )
-    r.add_argument("--mode", default=None, help="nat (default) or none (loopback only)")
+    r.add_argument(
+        "--mode",
+        default=None,
+        help="nat (default), routed (no NAT: addresses the site routes here), "
+        "or none (loopback only)",
+    )
     r.add_argument(
         "--name", default=None, help="job name (default: random); the host link is lk-NAME"
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-MODES = ("nat", "none")
+MODES = ("nat", "routed", "none")
 
 # 198.19.0.0/16 (RFC 2544 benchmarking space) is routed nowhere and used by no
 # site for real hosts, so job addresses never collide with the site's own
@@ -65,6 +65,13 @@ class Settings:
     update_interval: float = DEFAULT_UPDATE_INTERVAL
     # How long a wrapper tries to attach to a restarted larknsd.
     reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT
+    # routed mode: prefixes the site routes to this worker.  Each job gets a
+    # /64 of the IPv6 one and a /32 of the IPv4 one; either may be absent.
+    routed_ipv6_prefix: ipaddress.IPv6Network | None = None
+    routed_ipv4_pool: ipaddress.IPv4Network | None = None
+    # The uplink on which the worker answers neighbour discovery (and ARP)
+    # for routed jobs' addresses, where the site does not route them to it.
+    proxy_nd: str | None = None
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -97,7 +104,22 @@ class Settings:
                 continue
             attr, value = parse(knob, raw.strip())
             changes[attr] = value
-        return replace(self, **changes)  # type: ignore[arg-type]
+        out = replace(self, **changes)  # type: ignore[arg-type]
+        out._check_overlaps()
+        return out
+
+    def _check_overlaps(self) -> None:
+        """Pools that overlap would give two jobs one address."""
+        pools: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network | None]] = [
+            ("LARKNS_IPV4_POOL", self.ipv4_pool),
+            ("LARKNS_ROUTED_IPV4_POOL", self.routed_ipv4_pool),
+            ("LARKNS_IPV6_PREFIX", self.ipv6_prefix),
+            ("LARKNS_ROUTED_IPV6_PREFIX", self.routed_ipv6_prefix),
+        ]
+        for i, (ka, a) in enumerate(pools):
+            for kb, b in pools[i + 1 :]:
+                if a is not None and b is not None and a.version == b.version and a.overlaps(b):
+                    raise ConfigError(f"{kb}: {b} overlaps {ka} ({a})")
 
 
 def _parse_mode(knob: str, raw: str) -> tuple[str, object]:
@@ -195,6 +217,33 @@ def _parse_ipv6_prefix(knob: str, raw: str) -> tuple[str, object]:
     return "ipv6_prefix", net
 
 
+def _parse_routed_ipv6(knob: str, raw: str) -> tuple[str, object]:
+    if not raw:
+        return "routed_ipv6_prefix", None
+    _, net = _parse_ipv6_prefix(knob, raw)
+    return "routed_ipv6_prefix", net
+
+
+def _parse_routed_ipv4(knob: str, raw: str) -> tuple[str, object]:
+    if not raw:
+        return "routed_ipv4_pool", None
+    try:
+        net = ipaddress.IPv4Network(raw, strict=True)
+    except ValueError as e:
+        raise ConfigError(
+            f"{knob}: expected an IPv4 network routed to this worker, got {raw!r} ({e})"
+        ) from None
+    return "routed_ipv4_pool", net
+
+
+def _parse_ifname(knob: str, raw: str) -> tuple[str, object]:
+    if not raw:
+        return "proxy_nd", None
+    if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", raw):
+        raise ConfigError(f"{knob}: expected an interface name (the uplink), got {raw!r}")
+    return "proxy_nd", raw
+
+
 Parser = Callable[[str, str], tuple[str, object]]
 
 
@@ -239,6 +288,9 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_SLAAC_TIMEOUT": _parse_seconds("slaac_timeout", 0, 60),
     "LARKNS_UPDATE_INTERVAL": _parse_seconds("update_interval", 0, 86400, low_included=False),
     "LARKNS_REATTACH_TIMEOUT": _parse_seconds("reattach_timeout", 0, 86400, low_included=False),
+    "LARKNS_ROUTED_IPV6_PREFIX": _parse_routed_ipv6,
+    "LARKNS_ROUTED_IPV4_POOL": _parse_routed_ipv4,
+    "LARKNS_PROXY_ND": _parse_ifname,
 }
 KNOBS = tuple(_PARSERS)
 

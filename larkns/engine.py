@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -25,7 +26,14 @@ from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, links, netns, rtnl, sysctl
 from larkns.kernel.nft import NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
-from larkns.plan import HOST_LINK_PREFIX, JobNetwork, build, slot_count
+from larkns.plan import (
+    HOST_LINK_PREFIX,
+    LINKED_MODES,
+    JobNetwork,
+    build,
+    routed_slot_count,
+    slot_count,
+)
 from larkns.traffic import Traffic
 
 if TYPE_CHECKING:
@@ -54,6 +62,7 @@ class Engine:
         self._ruleset: Ruleset | None = None
         self._forwarding = False
         self._advertised: dict[str, int] = {}
+        self._proxying: set[str] = set()  # uplinks with proxy_ndp on
 
     # -- resources ---------------------------------------------------------
 
@@ -101,7 +110,7 @@ class Engine:
     ) -> JobNetwork:
         """Build job `name`'s network; on any failure remove what was built and raise."""
         check_name(name)
-        if mode == "nat":
+        if mode in LINKED_MODES:
             _ = self.ruleset  # no nftables: refuse before anything is built
         claimed = False
         try:
@@ -151,7 +160,7 @@ class Engine:
         """
         for _ in range(3):
             with self.journal.lock(exclusive=False):
-                if mode != "nat" or self.ruleset.serves_classes():
+                if mode not in LINKED_MODES or self.ruleset.serves_classes():
                     yield
                     return
             with self.journal.lock(exclusive=True):
@@ -164,11 +173,17 @@ class Engine:
     def _plan(self, name: str, mode: str) -> JobNetwork:
         if mode == "none":
             return build(self.settings, name, mode, None, None)
-        if mode != "nat":
-            raise ConfigError(f"--mode: unknown network type {mode!r} (expected nat or none)")
+        if mode not in LINKED_MODES:
+            raise ConfigError(
+                f"--mode: unknown network type {mode!r} (expected nat, routed or none)"
+            )
         prefix = self.settings.ipv6_prefix or host_ula_prefix(self.settings.lib_dir)
+        if mode == "routed":
+            # Refused before a slot is taken: routed needs its prefixes.
+            build(self.settings, name, mode, 0, prefix)
+        count = (routed_slot_count if mode == "routed" else slot_count)(self.settings, prefix)
         try:
-            slot = leases.lease(self.journal, name, slot_count(self.settings, prefix))
+            slot = leases.lease(self.journal, name, count)
         except leases.PoolExhausted as e:
             raise SetupError(
                 f"address pool exhausted: {e} (LARKNS_IPV4_POOL={self.settings.ipv4_pool}, "
@@ -191,19 +206,19 @@ class Engine:
             sysctl.write("ipv6/conf/default/accept_dad", 0)
             job = Rtnl()
         with job:
-            if plan.mode == "nat":
-                self._build_nat(plan, job)
+            if plan.linked:
+                self._build_linked(plan, job)
             else:
                 job.run(rtnl.link_up(1, "lo"))
 
-    def _build_nat(self, plan: JobNetwork, job: Rtnl) -> None:
+    def _build_linked(self, plan: JobNetwork, job: Rtnl) -> None:
+        """The job's veth, addresses and routes, counters, RAs (nat, routed)."""
         assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
-        assert plan.host_index and plan.job_index
-        assert plan.ipv4_host and plan.ipv4_job and plan.ipv6_prefix and plan.host_link_local
+        assert plan.host_index and plan.job_index and plan.host_link_local
         if not self._forwarding:
             sysctl.enable_forwarding()
             self._forwarding = True
-        self.ruleset.add_job(plan.name, plan.host_link, masquerade=True)
+        self.ruleset.add_job(plan.name, plan.host_link, masquerade=plan.mode == "nat")
         args = (
             plan.host_link,
             plan.host_index,
@@ -227,16 +242,27 @@ class Engine:
             links.delete(self.ipr, plan.host_link)
             idx = links.create_veth(self.rtnl, *args)
         addrs.host_side(
-            self.rtnl, idx, plan.host_link, plan.ipv4_host, plan.host_link_local, plan.ipv6_prefix
+            self.rtnl,
+            idx,
+            plan.host_link,
+            plan.ipv4_host,
+            plan.host_link_local,
+            plan.ipv6_prefix,
+            plan.ipv4_job,
         )
-        addrs.job_side(job, plan.job_index, plan.ipv4_job, plan.ipv4_host.ip)
-        if self.advertiser is not None:
+        gateway = plan.ipv4_host.ip if plan.ipv4_host else None
+        addrs.job_side(job, plan.job_index, plan.ipv4_job, gateway)
+        if self.advertiser is not None and plan.ipv6_prefix is not None:
             self._advertise(plan, idx)
+        if plan.mode == "routed" and self.settings.proxy_nd:
+            self._proxy(plan, add=True)
 
     def adopt(self, plan: JobNetwork) -> None:
         """Serve a running job's network again after a restart: what lives in
         the process (router advertisements) rather than in the kernel."""
-        if plan.mode != "nat" or self.advertiser is None or plan.host_link is None:
+        if not plan.linked or self.advertiser is None or plan.host_link is None:
+            return
+        if plan.ipv6_prefix is None:
             return
         idx = self.rtnl.link_index(plan.host_link)
         if idx is not None:
@@ -247,6 +273,30 @@ class Engine:
         mac = bytes(int(x, 16) for x in plan.host_mac.split(":"))
         self.advertiser.add(idx, plan.ipv6_prefix, plan.host_link_local, mac)
         self._advertised[plan.name] = idx
+
+    def _proxy(self, plan: JobNetwork, add: bool) -> None:
+        """Answer neighbour discovery and ARP for a routed job's addresses on
+        the uplink (LARKNS_PROXY_ND), where the site takes them for on-link
+        instead of routing them to this worker."""
+        uplink = self.settings.proxy_nd
+        assert uplink is not None
+        idx = self.rtnl.link_index(uplink)
+        if idx is None:
+            if add:
+                raise SetupError(f"LARKNS_PROXY_ND: no link {uplink!r} on this worker")
+            return
+        if add and uplink not in self._proxying:
+            sysctl.write(f"ipv6/conf/{uplink}/proxy_ndp", 1)
+            self._proxying.add(uplink)
+        targets: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        if plan.ipv6_job is not None:
+            targets.append(plan.ipv6_job)
+        if plan.ipv4_job is not None:
+            targets.append(plan.ipv4_job.ip)
+        self.rtnl.run(
+            *(rtnl.proxy_neighbour(idx, a, delete=not add) for a in targets),
+            ignore=() if add else rtnl.ignore_missing(),
+        )
 
     @staticmethod
     def _job_socket(plan: JobNetwork) -> Rtnl:
@@ -260,14 +310,14 @@ class Engine:
     ) -> float | None:
         """Wait for the job's SLAAC address; seconds waited, or None on timeout
         (or when `cancel()` says so)."""
-        if plan.mode != "nat" or plan.ipv6_prefix is None or plan.job_index is None:
+        if not plan.linked or plan.ipv6_prefix is None or plan.job_index is None:
             return 0.0
         with self._job_socket(plan) as job:
             return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout, cancel)
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
         """(IPv4, [IPv6 global addresses]) the job has now."""
-        if plan.mode != "nat" or plan.job_index is None:
+        if not plan.linked or plan.job_index is None:
             return (None, [])
         with self._job_socket(plan) as job:
             v6 = [str(a) for a in addrs.ipv6_global(job, plan.job_index)]
@@ -286,7 +336,7 @@ class Engine:
         problems = []
         if not netns.exists(plan.netns):
             problems.append(f"netns {plan.netns} is missing")
-        if plan.mode == "nat":
+        if plan.linked:
             assert plan.host_link
             idx = links.index(self.ipr, plan.host_link)
             if idx is None:
@@ -300,7 +350,7 @@ class Engine:
 
     def stats(self, name: str) -> Traffic:
         record = self.journal.read(name)
-        if record is None or record.plan is None or record.plan.mode != "nat":
+        if record is None or record.plan is None or not record.plan.linked:
             return Traffic()
         # The classes the job was set up with: this process's may differ.
         # (For a record of an older larkns, this process's: stats are read
@@ -351,12 +401,14 @@ class Engine:
         idx = self._advertised.pop(name, None)
         if idx is not None and self.advertiser is not None:
             self.advertiser.remove(idx)
-        if plan is not None and plan.ipv4_host and plan.ipv6_prefix and host_link:
+        if plan is not None and plan.linked and host_link:
             host_idx = self.rtnl.link_index(host_link)
             if host_idx is not None:
-                addrs.release(self.rtnl, host_idx, plan.ipv4_host, plan.ipv6_prefix)
+                addrs.release(self.rtnl, host_idx, plan.ipv4_host, plan.ipv6_prefix, plan.ipv4_job)
+            if plan.mode == "routed" and self.settings.proxy_nd:
+                self._proxy(plan, add=False)
         self._remove_netns(ns_name)
-        if plan is None or plan.mode == "nat":
+        if plan is None or plan.linked:
             with contextlib.suppress(OSError):
                 self._nft_remove(name, host_link, plan)
         for slot in slots:

@@ -22,6 +22,12 @@ HOST_LINK_PREFIX = "lk-"
 # carrier change, and the first RA, by up to a second).
 JOB_INDEX = 2
 HOST_INDEX_BASE = 1_000_000
+# routed mode: a job's IPv4 is a /32, and its gateway this link-local address,
+# the same on every job's host end (as Calico does): no address of the routed
+# range is spent on the host side.
+ROUTED_GATEWAY4 = ipaddress.IPv4Interface("169.254.0.1/32")
+# Modes in which a job has a link to the host (and counters, and the guard).
+LINKED_MODES = ("nat", "routed")
 
 
 def slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
@@ -29,6 +35,25 @@ def slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
     v4 = settings.ipv4_pool.num_addresses // 2
     v6 = 1 << min(64 - ipv6_prefix.prefixlen, 32)
     return min(v4, v6)
+
+
+def _routed_ipv4(pool: ipaddress.IPv4Network) -> tuple[int, int]:
+    """(first address, how many) of a routed pool's job addresses: not its
+    network and broadcast addresses, which some hosts refuse to talk to."""
+    if pool.prefixlen >= 31:
+        return int(pool.network_address), pool.num_addresses
+    return int(pool.network_address) + 1, pool.num_addresses - 2
+
+
+def routed_slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
+    """How many slots a routed job may take: slots are shared by all modes
+    (they number host links and MACs), so within the NAT pools' too."""
+    count = slot_count(settings, ipv6_prefix)
+    if settings.routed_ipv6_prefix is not None:
+        count = min(count, 1 << min(64 - settings.routed_ipv6_prefix.prefixlen, 32))
+    if settings.routed_ipv4_pool is not None:
+        count = min(count, _routed_ipv4(settings.routed_ipv4_pool)[1])
+    return count
 
 
 def _mac(first: int, slot: int) -> str:
@@ -63,6 +88,11 @@ class JobNetwork:
     # set up; another process, with other classes, may tear it down).  None:
     # a record from before larkns wrote them down.
     classes: tuple[str, ...] | None = None
+
+    @property
+    def linked(self) -> bool:
+        """Whether the job has a link to the host (all but "none")."""
+        return self.mode in LINKED_MODES
 
     @property
     def ipv6_job(self) -> ipaddress.IPv6Address | None:
@@ -137,14 +167,16 @@ def build(
     netns = settings.netns_prefix + name
     if mode == "none":
         return JobNetwork(name=name, mode=mode, netns=netns)
-    if mode != "nat":
-        raise ConfigError(f"--mode: unknown network type {mode!r} (expected nat or none)")
+    if mode not in LINKED_MODES:
+        raise ConfigError(f"--mode: unknown network type {mode!r} (expected nat, routed or none)")
     if slot is None or ipv6_prefix is None:
-        raise ValueError("nat mode needs a slot and an IPv6 prefix")
+        raise ValueError(f"{mode} mode needs a slot and an IPv6 prefix")
+    if mode == "routed":
+        return _routed(settings, name, netns, slot, ipv6_prefix)
     if not 0 <= slot < slot_count(settings, ipv6_prefix):
         raise ConfigError(f"slot {slot} is outside the address pools")
     base4 = int(settings.ipv4_pool.network_address) + 2 * slot
-    prefix6 = ipaddress.IPv6Network((int(ipv6_prefix.network_address) + (slot << 64), 64))
+    prefix6 = _slash64(ipv6_prefix, slot)
     return JobNetwork(
         name=name,
         mode=mode,
@@ -159,5 +191,44 @@ def build(
         ipv4_host=ipaddress.IPv4Interface((base4, 31)),
         ipv4_job=ipaddress.IPv4Interface((base4 + 1, 31)),
         ipv6_prefix=prefix6,
+        classes=tuple(name for name, _ in settings.classes),
+    )
+
+
+def _slash64(prefix: ipaddress.IPv6Network, slot: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network((int(prefix.network_address) + (slot << 64), 64))
+
+
+def _routed(
+    settings: Settings, name: str, netns: str, slot: int, nat_prefix: ipaddress.IPv6Network
+) -> JobNetwork:
+    """A routed job: a /64 of the routed IPv6 prefix, a /32 of the routed
+    IPv4 pool (either may be absent), no NAT."""
+    v6, v4 = settings.routed_ipv6_prefix, settings.routed_ipv4_pool
+    if v6 is None and v4 is None:
+        raise ConfigError(
+            "--mode routed: set LARKNS_ROUTED_IPV6_PREFIX and/or LARKNS_ROUTED_IPV4_POOL "
+            "(prefixes the site routes to this worker)"
+        )
+    if not 0 <= slot < routed_slot_count(settings, nat_prefix):
+        raise ConfigError(f"slot {slot} is outside the routed address pools")
+    ipv4_job = None
+    if v4 is not None:
+        first, _ = _routed_ipv4(v4)
+        ipv4_job = ipaddress.IPv4Interface((first + slot, 32))
+    return JobNetwork(
+        name=name,
+        mode="routed",
+        netns=netns,
+        slot=slot,
+        host_link=HOST_LINK_PREFIX + name,
+        job_link=JOB_LINK,
+        host_index=HOST_INDEX_BASE + slot,
+        job_index=JOB_INDEX,
+        host_mac=_mac(0x02, slot),
+        job_mac=_mac(0x06, slot),
+        ipv4_host=ROUTED_GATEWAY4 if ipv4_job else None,
+        ipv4_job=ipv4_job,
+        ipv6_prefix=None if v6 is None else _slash64(v6, slot),
         classes=tuple(name for name, _ in settings.classes),
     )

@@ -33,7 +33,8 @@ def run_job(
     if name:
         args += ["--name", name]
     proc = world.larkns(*args, "--", *cmd, cwd=cwd, knobs=knobs)
-    data = json.loads(report.read_text()) if report.exists() else {}
+    text = report.read_text() if report.exists() else ""
+    data = json.loads(text) if text else {}
     return proc, data
 
 

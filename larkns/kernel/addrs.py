@@ -17,50 +17,71 @@ def host_side(
     host: Rtnl,
     idx: int,
     name: str,
-    iface: ipaddress.IPv4Interface,
+    iface: ipaddress.IPv4Interface | None,
     link_local: ipaddress.IPv6Address,
-    prefix: ipaddress.IPv6Network,
+    prefix: ipaddress.IPv6Network | None,
+    job4: ipaddress.IPv4Interface | None = None,
 ) -> None:
-    """Bring the host end up with its addresses and the route to the job's /64.
+    """Bring the host end up with its addresses and the routes to the job.
 
     Its link-local is added by hand, without DAD (both ends of the link are
     ours), so RAs can leave from it as soon as the job's end has carrier.
+    A job with a /32 (routed mode) is reached by a route to it on the link;
+    a /31's other half is on the link already.
     """
-    host.run(
+    requests = [
         rtnl.no_link_local(idx, name),
         rtnl.address(idx, ipaddress.IPv6Interface(f"{link_local}/64"), nodad=True),
         rtnl.link_up(idx, name),
-        rtnl.address(idx, iface),
-        rtnl.route(prefix, idx),
-    )
+    ]
+    if iface is not None:
+        requests.append(rtnl.address(idx, iface))
+    if job4 is not None and job4.network.prefixlen == 32:
+        requests.append(rtnl.route(job4.network, idx))
+    if prefix is not None:
+        requests.append(rtnl.route(prefix, idx))
+    host.run(*requests)
 
 
 def job_side(
-    job: Rtnl, idx: int, iface: ipaddress.IPv4Interface, gateway: ipaddress.IPv4Address
+    job: Rtnl,
+    idx: int,
+    iface: ipaddress.IPv4Interface | None,
+    gateway: ipaddress.IPv4Address | None,
 ) -> None:
     """Loopback and the job's link up, its IPv4 address and default route."""
-    job.run(
-        rtnl.link_up(1, "lo"),
-        rtnl.link_up(idx, "job link"),
-        rtnl.address(idx, iface),
-        rtnl.route(_ANY4, idx, gateway),
-    )
+    requests = [rtnl.link_up(1, "lo"), rtnl.link_up(idx, "job link")]
+    if iface is not None and gateway is not None:
+        requests.append(rtnl.address(idx, iface))
+        if gateway not in iface.network:
+            # A /32: the gateway is reached on the link itself.
+            requests.append(rtnl.route(ipaddress.IPv4Network(gateway), idx))
+        requests.append(rtnl.route(_ANY4, idx, gateway))
+    job.run(*requests)
 
 
 def release(
-    host: Rtnl, idx: int, iface: ipaddress.IPv4Interface, prefix: ipaddress.IPv6Network
+    host: Rtnl,
+    idx: int,
+    iface: ipaddress.IPv4Interface | None,
+    prefix: ipaddress.IPv6Network | None,
+    job4: ipaddress.IPv4Interface | None = None,
 ) -> None:
-    """Take a finished job's address and route off its host link.
+    """Take a finished job's addresses and routes off its host link.
 
     The link itself goes away with the job's namespace, but asynchronously:
     until then it must not hold an address or route a new job may be given.
     Missing ones are fine (teardown is idempotent).
     """
-    host.run(
-        rtnl.address(idx, iface, delete=True),
-        rtnl.route(prefix, idx, delete=True),
-        ignore=rtnl.ignore_missing(),
-    )
+    requests = []
+    if iface is not None:
+        requests.append(rtnl.address(idx, iface, delete=True))
+    if job4 is not None and job4.network.prefixlen == 32:
+        requests.append(rtnl.route(job4.network, idx, delete=True))
+    if prefix is not None:
+        requests.append(rtnl.route(prefix, idx, delete=True))
+    if requests:
+        host.run(*requests, ignore=rtnl.ignore_missing())
 
 
 def ipv6_global(job: Rtnl, idx: int) -> list[ipaddress.IPv6Address]:

@@ -32,6 +32,11 @@ RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+NDA_DST = 1
+NTF_PROXY = 0x08
+NUD_PERMANENT = 0x80
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_LINKINFO = 18
@@ -233,6 +238,21 @@ class Rtnl(netlink.Socket):
             if addr is not None:
                 out.append((addr, scope, flags))
         return out
+
+
+_NDMSG = struct.Struct("=BBHiHBB")
+
+
+def proxy_neighbour(
+    index: int, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, delete: bool = False
+) -> Request:
+    """Answer ARP / neighbour solicitations for `addr` on link `index`
+    (`ip neigh add proxy ADDR dev LINK`)."""
+    body = _NDMSG.pack(_family(addr), 0, 0, index, NUD_PERMANENT, NTF_PROXY, 0)
+    body += _attr(NDA_DST, addr.packed)
+    if delete:
+        return Request(f"delete proxy neighbour {addr}", RTM_DELNEIGH, 0, body)
+    return Request(f"add proxy neighbour {addr}", RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def ignore_missing() -> tuple[int, ...]:
