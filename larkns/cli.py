@@ -196,7 +196,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from larkns import doctor
 
-    return doctor.main()
+    return doctor.main(_settings(args))
 
 
 VERBS = {

@@ -11,10 +11,12 @@ import contextlib
 import functools
 import os
 import secrets
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from larkns.config import Settings
 from larkns.kernel import netns, sysctl
 
 QDISCS = ("htb", "tbf", "ingress", "fq", "fq_codel", "sfq", "cake", "prio", "netem")
@@ -179,8 +181,61 @@ def _ifb(ipr: object) -> str:
     return "works"
 
 
-def main() -> int:
+def available_modes(settings: Settings) -> list[str]:
+    """The network types this node can give jobs, as configured."""
+    modes = ["nat"]
+    if settings.routed_ipv6_prefix is not None or settings.routed_ipv4_pool is not None:
+        modes.append("routed")
+    return [*modes, "none"]
+
+
+def modes(settings: Settings) -> list[Finding]:
+    """What each network type can do on this node (its uplink, its config),
+    as seen from the calling thread's network namespace."""
+    from pyroute2 import IPRoute
+
+    out: list[Finding] = []
+    with IPRoute() as ipr:
+        v4 = bool(ipr.get_default_routes(family=socket.AF_INET))
+        v6 = bool(ipr.get_default_routes(family=socket.AF_INET6))
+        uplink = ", ".join(f for f, ok in (("IPv4", v4), ("IPv6", v6)) if ok) or "none"
+        out.append(
+            Finding(
+                "mode nat",
+                v4 or v6,
+                f"uplink (default routes): {uplink}"
+                + ("" if v4 else "; jobs get IPv4 but it reaches nothing (no IPv4 uplink)"),
+                needed=False,
+            )
+        )
+        if "routed" in available_modes(settings):
+            parts = [str(p) for p in (settings.routed_ipv6_prefix, settings.routed_ipv4_pool) if p]
+            detail = "routes " + ", ".join(parts)
+            ok = True
+            if settings.proxy_nd:
+                found = bool(ipr.link_lookup(ifname=settings.proxy_nd))
+                ok = found
+                detail += f"; proxy ND/ARP on {settings.proxy_nd}" + (
+                    "" if found else " (no such link)"
+                )
+            out.append(Finding("mode routed", ok, detail, needed=False))
+        else:
+            out.append(
+                Finding(
+                    "mode routed",
+                    False,
+                    "not configured (LARKNS_ROUTED_IPV6_PREFIX, LARKNS_ROUTED_IPV4_POOL)",
+                    needed=False,
+                )
+            )
+    out.append(Finding("mode none", True, "loopback only", needed=False))
+    return out
+
+
+def main(settings: Settings | None = None) -> int:
     results = findings()
+    if os.geteuid() == 0:
+        results += modes(settings or Settings())
     width = max(len(f.what) for f in results)
     for f in results:
         mark = "ok  " if f.ok else ("MISSING" if f.needed else "no  ")
@@ -189,5 +244,6 @@ def main() -> int:
     if missing:
         print(f"larkns cannot run here: missing {', '.join(f.what for f in missing)}")
         return 1
-    print("larkns can run here (nat and none modes)")
+    usable = [f.what.removeprefix("mode ") for f in results if f.what.startswith("mode ") and f.ok]
+    print(f"larkns can run here (modes: {', '.join(usable)})")
     return 0

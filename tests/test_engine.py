@@ -152,5 +152,21 @@ def test_doctor_reports_what_this_kernel_has(clean_world: World) -> None:
         assert any(line in x and x.startswith("ok") for x in out.splitlines()), (line, out)
     # MEASURED.md: this kernel has no fq_codel; the doctor must say so, not claim it
     assert any("qdisc fq_codel" in x and not x.startswith("ok") for x in out.splitlines()), out
-    assert "can run here" in out
+    assert "can run here (modes: nat, none)" in out
     assert not [n for n in netns.names() if n.startswith("lkdoctor-")]
+    lines = out.splitlines()
+    # The worker has both uplinks; routed is not configured here.
+    assert any(x.startswith("ok") and "mode nat" in x and "IPv4, IPv6" in x for x in lines), out
+    assert any(not x.startswith("ok") and "mode routed" in x for x in lines), out
+
+
+def test_doctor_names_the_modes_the_configuration_offers(clean_world: World) -> None:
+    proc = subprocess.run(
+        clean_world.worker_cmd(str(Path(sys.executable).parent / "larkns"), "doctor"),
+        capture_output=True,
+        text=True,
+        env=clean_world.env() | {"LARKNS_ROUTED_IPV6_PREFIX": "2001:db8:100::/56"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "can run here (modes: nat, routed, none)" in proc.stdout
+    assert "routes 2001:db8:100::/56" in proc.stdout

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from larkns import core
-from larkns.config import MODES, ConfigError, Settings, check_name
+from larkns.config import ConfigError, Settings, check_name
 from larkns.daemon import protocol
 from larkns.daemon.relay import Relay, UdpRelay, chirp_port, loopback_nameservers
+from larkns.doctor import available_modes
 from larkns.engine import Engine
 from larkns.journal import Process, start_time
 from larkns.kernel import netns
@@ -405,7 +406,8 @@ class Daemon:
         with self.lock:
             v4 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET))
             v6 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET6))
-        return {"modes": list(MODES), "default_mode": self.settings.mode, "ipv4": v4, "ipv6": v6}
+        modes = available_modes(self.settings)
+        return {"modes": modes, "default_mode": self.settings.mode, "ipv4": v4, "ipv6": v6}
 
     def _prepare(self, conn: socket.socket, caller: Caller) -> None:
         """Build the network of the caller's job ahead of it (the PREPARE_JOB
