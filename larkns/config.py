@@ -72,6 +72,10 @@ class Settings:
     # The uplink on which the worker answers neighbour discovery (and ARP)
     # for routed jobs' addresses, where the site does not route them to it.
     proxy_nd: str | None = None
+    # nat mode: ports of the worker forwarded to jobs (TCP and UDP, IPv4 and
+    # IPv6), a block of inbound_per_job of them for each job.
+    inbound_ports: tuple[int, int] | None = None
+    inbound_per_job: int = 4
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -244,6 +248,25 @@ def _parse_ifname(knob: str, raw: str) -> tuple[str, object]:
     return "proxy_nd", raw
 
 
+def _parse_port_range(knob: str, raw: str) -> tuple[str, object]:
+    if not raw:
+        return "inbound_ports", None
+    found = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", raw)
+    lo, hi = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+    if not found or not 1024 <= lo <= hi <= 65535:
+        raise ConfigError(
+            f"{knob}: expected a port range FIRST-LAST within 1024-65535 (outside the "
+            f"kernel's ip_local_port_range), got {raw!r}"
+        )
+    return "inbound_ports", (lo, hi)
+
+
+def _parse_per_job(knob: str, raw: str) -> tuple[str, object]:
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise ConfigError(f"{knob}: expected a number of ports from 1 to 1024, got {raw!r}")
+    return "inbound_per_job", int(raw)
+
+
 Parser = Callable[[str, str], tuple[str, object]]
 
 
@@ -291,6 +314,8 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_ROUTED_IPV6_PREFIX": _parse_routed_ipv6,
     "LARKNS_ROUTED_IPV4_POOL": _parse_routed_ipv4,
     "LARKNS_PROXY_ND": _parse_ifname,
+    "LARKNS_INBOUND_PORTS": _parse_port_range,
+    "LARKNS_INBOUND_PORTS_PER_JOB": _parse_per_job,
 }
 KNOBS = tuple(_PARSERS)
 

@@ -24,15 +24,15 @@ from larkns import leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, links, netns, rtnl, sysctl
-from larkns.kernel.nft import NftError, Ruleset, TableJobs
+from larkns.kernel.nft import Inbound, NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import (
     HOST_LINK_PREFIX,
     LINKED_MODES,
     JobNetwork,
     build,
+    nat_slot_count,
     routed_slot_count,
-    slot_count,
 )
 from larkns.traffic import Traffic
 
@@ -181,7 +181,7 @@ class Engine:
         if mode == "routed":
             # Refused before a slot is taken: routed needs its prefixes.
             build(self.settings, name, mode, 0, prefix)
-        count = (routed_slot_count if mode == "routed" else slot_count)(self.settings, prefix)
+        count = (routed_slot_count if mode == "routed" else nat_slot_count)(self.settings, prefix)
         try:
             slot = leases.lease(self.journal, name, count)
         except leases.PoolExhausted as e:
@@ -218,7 +218,9 @@ class Engine:
         if not self._forwarding:
             sysctl.enable_forwarding()
             self._forwarding = True
-        self.ruleset.add_job(plan.name, plan.host_link, masquerade=plan.mode == "nat")
+        self.ruleset.add_job(
+            plan.name, plan.host_link, masquerade=plan.mode == "nat", inbound=_inbound(plan)
+        )
         args = (
             plan.host_link,
             plan.host_index,
@@ -421,7 +423,13 @@ class Engine:
             ruleset = self.ruleset
         except Exception:
             return
-        ruleset.remove_job(name, host_link, self._classes(plan))
+        ruleset.remove_job(
+            name,
+            host_link,
+            self._classes(plan),
+            masquerade=plan is None or plan.mode == "nat",
+            inbound=None if plan is None else _inbound(plan),
+        )
 
     def _classes(self, plan: JobNetwork | None) -> Sequence[str]:
         """The traffic classes job `plan` has counters for: as its record
@@ -529,3 +537,11 @@ class Engine:
             tmp.unlink(missing_ok=True)
             removed.append(f"journal temp file {tmp.name}")
         return removed
+
+
+def _inbound(plan: JobNetwork) -> Inbound | None:
+    if plan.inbound_ports is None:
+        return None
+    first, last = plan.inbound_ports
+    ipv4 = plan.ipv4_job.ip if plan.ipv4_job else None
+    return Inbound(range(first, last + 1), ipv4, plan.ipv6_job)

@@ -37,6 +37,26 @@ def slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
     return min(v4, v6)
 
 
+def nat_slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
+    """How many slots a nat job may take: with forwarded ports, as many as
+    LARKNS_INBOUND_PORTS has blocks for."""
+    count = slot_count(settings, ipv6_prefix)
+    if settings.inbound_ports is not None:
+        lo, hi = settings.inbound_ports
+        count = min(count, (hi - lo + 1) // settings.inbound_per_job)
+    return count
+
+
+def _inbound(settings: Settings, slot: int) -> tuple[int, int] | None:
+    if settings.inbound_ports is None:
+        return None
+    first = settings.inbound_ports[0] + slot * settings.inbound_per_job
+    last = first + settings.inbound_per_job - 1
+    if last > settings.inbound_ports[1]:
+        raise ConfigError(f"slot {slot} is outside LARKNS_INBOUND_PORTS")
+    return (first, last)
+
+
 def _routed_ipv4(pool: ipaddress.IPv4Network) -> tuple[int, int]:
     """(first address, how many) of a routed pool's job addresses: not its
     network and broadcast addresses, which some hosts refuse to talk to."""
@@ -88,6 +108,14 @@ class JobNetwork:
     # set up; another process, with other classes, may tear it down).  None:
     # a record from before larkns wrote them down.
     classes: tuple[str, ...] | None = None
+    # nat mode: the worker's ports forwarded to the job, first and last.
+    inbound_ports: tuple[int, int] | None = None
+
+    def job_env(self) -> dict[str, str]:
+        """What the job's environment learns of its network."""
+        if self.inbound_ports is None:
+            return {}
+        return {"LARKNS_JOB_PORTS": f"{self.inbound_ports[0]}-{self.inbound_ports[1]}"}
 
     @property
     def linked(self) -> bool:
@@ -134,6 +162,7 @@ class JobNetwork:
             ipv4_job=opt(ipaddress.IPv4Interface, "ipv4_job"),
             ipv6_prefix=opt(ipaddress.IPv6Network, "ipv6_prefix"),
             classes=opt(tuple, "classes"),
+            inbound_ports=opt(tuple, "inbound_ports"),
         )
 
     def describe(self) -> str:
@@ -153,6 +182,8 @@ class JobNetwork:
             )
         if self.classes:
             lines.append(f"  traffic classes {', '.join(self.classes)}")
+        if self.inbound_ports:
+            lines.append(f"  forwarded ports {self.inbound_ports[0]}-{self.inbound_ports[1]}")
         return "\n".join(lines)
 
 
@@ -192,6 +223,7 @@ def build(
         ipv4_job=ipaddress.IPv4Interface((base4 + 1, 31)),
         ipv6_prefix=prefix6,
         classes=tuple(name for name, _ in settings.classes),
+        inbound_ports=_inbound(settings, slot),
     )
 
 

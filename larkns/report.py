@@ -54,6 +54,7 @@ def build(
     ipv4: str | None,
     ipv6: list[str],
     traffic: Traffic,
+    inbound_ports: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -69,6 +70,11 @@ def build(
         "setup_s": round(setup_s, 6),
         "slaac_s": None if slaac_s is None else round(slaac_s, 6),
         "addresses": {"ipv4": ipv4, "ipv6": ipv6},
+        # nat mode with LARKNS_INBOUND_PORTS: the worker's ports (TCP and UDP,
+        # IPv4 and IPv6) that reach the job, at the same port numbers.
+        "inbound_ports": None
+        if inbound_ports is None
+        else {"first": inbound_ports[0], "last": inbound_ports[1]},
         **_family(traffic.incoming, traffic.outgoing),
         "families": {
             "ipv4": _family(traffic.ipv4_in, traffic.ipv4_out),
@@ -134,6 +140,12 @@ def summary(report: dict[str, Any]) -> str:
                 f"larkns:   {fam}  in {human_bytes(f['bytes']['incoming'])}"
                 f" ({f['packets']['incoming']} pkts)"
                 f"  out {human_bytes(f['bytes']['outgoing'])} ({f['packets']['outgoing']} pkts)"
+            )
+        ports = report["inbound_ports"]
+        if ports:
+            lines.append(
+                f"larkns:   the worker's ports {ports['first']}-{ports['last']} (TCP, UDP) "
+                "are forwarded to it"
             )
         dropped = report["dropped"]
         if dropped["packets"]:

@@ -191,6 +191,7 @@ def _run(
         ipv4=addresses[0],
         ipv6=addresses[1],
         traffic=traffic,
+        inbound_ports=plan.inbound_ports,
     )
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)
@@ -222,7 +223,7 @@ def _spawn_and_wait(
         spec = core.SpawnSpec(
             path=path,
             argv=req.argv,
-            env=env,
+            env={**env, **plan.job_env()},
             ns_fds=[ns_fd],
             uid=ident.uid if ident else None,
             gid=ident.gid if ident else None,

@@ -98,9 +98,13 @@ def test_a_job_that_keeps_to_its_own_addresses_has_nothing_dropped(
 def test_a_table_made_without_the_guard_gets_it_once() -> None:
     from larkns.kernel import nft
 
-    old_table = [{"chain": {"name": "forward"}}, {"chain": {"name": "postrouting"}}]
-    added = nft.guard_update(old_table)
+    old_table = [
+        {"chain": {"name": "forward"}},
+        {"chain": {"name": "postrouting"}},
+        {"chain": {"name": "prerouting"}},
+    ]
+    added = nft.feature_update(old_table)
     chains = [c["add"]["chain"]["name"] for c in added if "chain" in c["add"]]
     assert chains == ["guard", "spoofed"]
     assert {"add": {"counter": {**nft._T, "name": nft.GUARD_MARKER}}} in added
-    assert nft.guard_update([*old_table, {"chain": {"name": "guard"}}]) == []
+    assert nft.feature_update([*old_table, {"chain": {"name": "guard"}}]) == []

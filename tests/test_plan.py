@@ -75,6 +75,11 @@ def test_the_pools_bound_the_number_of_jobs() -> None:
         ("LARKNS_SLAAC_TIMEOUT", "61", "0 to 60 seconds"),
         ("LARKNS_UPDATE_INTERVAL", "0", "more than 0 to 86400 seconds"),
         ("LARKNS_REATTACH_TIMEOUT", "-5", "more than 0"),
+        ("LARKNS_INBOUND_PORTS", "80-90", "within 1024-65535"),
+        ("LARKNS_INBOUND_PORTS", "41000", "FIRST-LAST"),
+        ("LARKNS_INBOUND_PORTS_PER_JOB", "0", "from 1 to 1024"),
+        ("LARKNS_ROUTED_IPV6_PREFIX", "2001:db8::/64", "too small"),
+        ("LARKNS_PROXY_ND", "a b", "interface name"),
         ("LARKNS_NETNS_PREFIX", "a/b", "characters"),
     ],
 )

@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 "LarkIPv6Addresses": _quote(",".join(addresses.get("ipv6") or [])),
             }
         )
+        ports = reply.get("inbound_ports")
+        if isinstance(ports, list) and len(ports) == 2:
+            # The worker's ports that reach the job (TCP and UDP), for its
+            # clients: "FIRST-LAST".
+            publisher.set({"LarkInboundPorts": _quote(f"{ports[0]}-{ports[1]}")})
         reattach = _seconds(reply, "reattach_timeout", DEFAULT_REATTACH_TIMEOUT)
         interval = _seconds(reply, "update_interval", DEFAULT_UPDATE_INTERVAL)
         link = Link(sock_path, sock, str(reply.get("name", "")), reattach)

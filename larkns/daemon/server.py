@@ -267,6 +267,7 @@ class Daemon:
             relays = _relays(plan.netns, port, servers)
             self.engine.wait_ready(plan, self.settings.slaac_timeout)
             addresses = self.engine.job_addresses(plan)
+            env = {**env, **plan.job_env()}
             kept = self._spawn(caller, name, plan.netns, argv, path, env, cwd, fds)
             with self.lock:
                 record = self.engine.journal.read(name)
@@ -298,6 +299,7 @@ class Daemon:
             "pid": kept.job_pid,
             "mode": mode,
             "addresses": {"ipv4": addresses[0], "ipv6": addresses[1]},
+            "inbound_ports": plan.inbound_ports,
             # The wrapper runs as the job's owner and cannot read the
             # node's configuration: larknsd tells it these knobs.
             "update_interval": self.settings.update_interval,

@@ -26,6 +26,10 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
             iifname @job_links udp sport { 67, 547 } jump spoofed
             iifname @job_links fib saddr . iif oif missing jump spoofed   (v4; v6 but ::)
       chain spoofed: counter name iifname map @dropped; drop
+      map inbound4 inbound6   inet_service : ipv4_addr / ipv6_addr   (forwarded ports)
+      chain prerouting  nat hook prerouting priority -100
+            fib daddr type local meta l4proto { tcp, udp } dnat ip to th dport map @inbound4
+            (and ip6 with @inbound6)
 
 With LARKNS_CLASSES, each class C adds sets cls_C_4/6 (its prefixes), maps
 cout_C/cin_C (ifname : counter), counters JOB-cout-C and JOB-cin-C per job,
@@ -339,11 +343,53 @@ def _guard() -> list[dict[str, Any]]:
     return [{"add": o} for o in objs]
 
 
-def guard_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The guard, for a listed table that lacks it."""
-    if any(o.get("chain", {}).get("name") == "guard" for o in table):
-        return []
-    return _guard()
+INBOUND_MARKER = "schema.inbound"
+INBOUND_PRIORITY = -100  # dstnat
+
+
+def _inbound() -> list[dict[str, Any]]:
+    """Forwarded ports (nat mode): a new TCP or UDP connection to one of the
+    worker's own addresses, on a port of a job's range, goes to that job.
+    The maps are keyed by port: each job adds its ports, nothing else."""
+    dport = {"payload": {"protocol": "th", "field": "dport"}}
+    local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    l4 = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
+    objs: list[dict[str, Any]] = [
+        {"map": {**_T, "name": "inbound4", "type": "inet_service", "map": "ipv4_addr"}},
+        {"map": {**_T, "name": "inbound6", "type": "inet_service", "map": "ipv6_addr"}},
+        {
+            "chain": {
+                **_T,
+                "name": "prerouting",
+                "type": "nat",
+                "hook": "prerouting",
+                "prio": INBOUND_PRIORITY,
+                "policy": "accept",
+            }
+        },
+    ]
+    for fam, m in (("ip", "inbound4"), ("ip6", "inbound6")):
+        nfproto = _match(_meta("nfproto"), "ipv4" if fam == "ip" else "ipv6")
+        dnat = {"dnat": {"family": fam, "addr": {"map": {"key": dport, "data": f"@{m}"}}}}
+        objs.append(_rule("prerouting", nfproto, local, l4, dnat))
+    objs.append({"counter": {**_T, "name": INBOUND_MARKER}})
+    return [{"add": o} for o in objs]
+
+
+# Parts of the table added after its first version: (marker, a chain that
+# only they make, their objects).  A table made by an older larkns, its jobs
+# still running, gets the missing ones in place.
+FEATURES = ((GUARD_MARKER, "guard", _guard), (INBOUND_MARKER, "prerouting", _inbound))
+
+
+def feature_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a listed table lacks of FEATURES."""
+    chains = {o["chain"]["name"] for o in table if "chain" in o}
+    cmds: list[dict[str, Any]] = []
+    for _marker, chain, objects in FEATURES:
+        if chain not in chains:
+            cmds += objects()
+    return cmds
 
 
 def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
@@ -401,7 +447,16 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
     )
     # Class rules come after the link-control `return`, as when a class is
     # added to a live table.
-    return [{"add": o} for o in objs] + _guard() + _class_declaration(classes)
+    features = [c for _m, _chain, objects in FEATURES for c in objects()]
+    return [{"add": o} for o in objs] + features + _class_declaration(classes)
+
+
+class Inbound(NamedTuple):
+    """A job's forwarded ports, and where they go."""
+
+    ports: range
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
 
 
 class TableJobs(NamedTuple):
@@ -419,7 +474,8 @@ class Ruleset:
         self.classes = classes
         # every counter a job set up by this process gets: key -> its map
         self.maps = {**COUNTER_MAPS, **class_maps(class_names(classes))}
-        self._markers = [GUARD_MARKER] + [class_marker(name, nets) for name, nets in classes]
+        self._markers = [m for m, _c, _o in FEATURES]
+        self._markers += [class_marker(name, nets) for name, nets in classes]
         self._nft = _load()
         self._nl = Nftnl()
         self._ready = False  # the table was there at our last look
@@ -474,7 +530,7 @@ class Ruleset:
             self.ensure_table()
             return
         table = self._listing()
-        cmds = guard_update(table) + class_update(self.classes, table)
+        cmds = feature_update(table) + class_update(self.classes, table)
         if cmds:
             self._run(cmds)
         self._ready = True
@@ -496,8 +552,15 @@ class Ruleset:
         )
         return bool(rc == 0)
 
-    def add_job(self, job: str, link: str, masquerade: bool) -> None:
-        """Counters and map entries of one job, in one transaction.
+    def add_job(
+        self,
+        job: str,
+        link: str,
+        masquerade: bool,
+        inbound: Inbound | None = None,
+    ) -> None:
+        """Counters and map entries of one job, in one transaction; with
+        `inbound`, its forwarded ports.
 
         The table must serve this process's classes (serves_classes, or
         update_classes under the journal's exclusive lock); a table that is
@@ -511,6 +574,12 @@ class Ruleset:
         ops.append(nftnl.add_element(TABLE, "job_links", key))
         if masquerade:
             ops.append(nftnl.add_element(TABLE, "masquerade_from", key))
+        if inbound is not None:
+            for port in inbound.ports:
+                pk = nftnl.port_key(port)
+                for m, addr in (("inbound4", inbound.ipv4), ("inbound6", inbound.ipv6)):
+                    if addr is not None:
+                        ops.append(nftnl.add_element(TABLE, m, pk, data=addr.packed))
         if not self._ready:
             self.ensure_table()
         try:
@@ -531,7 +600,14 @@ class Ruleset:
             except NftnlError as e2:
                 raise NftError(str(e2)) from None
 
-    def remove_job(self, job: str, link: str | None, classes: Sequence[str] | None = None) -> bool:
+    def remove_job(
+        self,
+        job: str,
+        link: str | None,
+        classes: Sequence[str] | None = None,
+        masquerade: bool = True,
+        inbound: Inbound | None = None,
+    ) -> bool:
         """Remove everything of `job`, whose counters cover `classes` (by
         default: this process's); True if anything was there.
 
@@ -541,11 +617,17 @@ class Ruleset:
         """
         maps = self._maps(classes)
         ops = []
+        if inbound is not None:
+            for port in inbound.ports:
+                for m, addr in (("inbound4", inbound.ipv4), ("inbound6", inbound.ipv6)):
+                    if addr is not None:
+                        ops.append(nftnl.delete_element(TABLE, m, nftnl.port_key(port)))
         if link is not None:
             key = nftnl.ifname_key(link)
             # Map entries first: they hold references to the counters.
             ops += [nftnl.delete_element(TABLE, m, key) for m in maps.values()]
-            ops += [nftnl.delete_element(TABLE, s, key) for s in ("job_links", "masquerade_from")]
+            sets = ("job_links", "masquerade_from") if masquerade else ("job_links",)
+            ops += [nftnl.delete_element(TABLE, s, key) for s in sets]
         ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in maps]
         try:
             self._nl.batch(ops)

@@ -45,6 +45,7 @@ NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_DATA = 2
 NFTA_SET_ELEM_OBJREF = 9  # after NFTA_SET_ELEM_PAD
 NFTA_DATA_VALUE = 1
 
@@ -101,10 +102,14 @@ def delete_counter(table: str, name: str) -> Op:
     return Op(f"delete counter {name}", NFT_MSG_DELOBJ, 0, attrs)
 
 
-def _element(table: str, set_name: str, key: bytes, objref: str | None) -> bytes:
+def _element(
+    table: str, set_name: str, key: bytes, objref: str | None, data: bytes | None = None
+) -> bytes:
     elem = _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key), nested=True)
     if objref is not None:
         elem += _attr(NFTA_SET_ELEM_OBJREF, _str(objref))
+    if data is not None:
+        elem += _attr(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, data), nested=True)
     return (
         _attr(NFTA_SET_ELEM_LIST_TABLE, _str(table))
         + _attr(NFTA_SET_ELEM_LIST_SET, _str(set_name))
@@ -112,14 +117,22 @@ def _element(table: str, set_name: str, key: bytes, objref: str | None) -> bytes
     )
 
 
-def add_element(table: str, set_name: str, key: bytes, objref: str | None = None) -> Op:
-    """An element of a set, or of a map to named objects (objref)."""
+def add_element(
+    table: str, set_name: str, key: bytes, objref: str | None = None, data: bytes | None = None
+) -> Op:
+    """An element of a set, of a map to named objects (objref), or of a map
+    to values (data)."""
     return Op(
         f"add element to {set_name}",
         NFT_MSG_NEWSETELEM,
         NLM_F_CREATE | NLM_F_EXCL,
-        _element(table, set_name, key, objref),
+        _element(table, set_name, key, objref, data),
     )
+
+
+def port_key(port: int) -> bytes:
+    """A set key of type inet_service: the port in network order."""
+    return struct.pack("!H", port)
 
 
 def delete_element(table: str, set_name: str, key: bytes) -> Op:
