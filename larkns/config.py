@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-MODES = ("nat", "routed", "none")
+MODES = ("nat", "routed", "bridge", "none")
 
 # 198.19.0.0/16 (RFC 2544 benchmarking space) is routed nowhere and used by no
 # site for real hosts, so job addresses never collide with the site's own
@@ -76,6 +76,10 @@ class Settings:
     # IPv6), a block of inbound_per_job of them for each job.
     inbound_ports: tuple[int, int] | None = None
     inbound_per_job: int = 4
+    # bridge mode: the site network's bridge on this worker, and this node's
+    # range of the site's IPv4 subnet (one address per job; none: no IPv4).
+    bridge: str | None = None
+    bridge_ipv4_pool: ipaddress.IPv4Network | None = None
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -117,6 +121,7 @@ class Settings:
         pools: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network | None]] = [
             ("LARKNS_IPV4_POOL", self.ipv4_pool),
             ("LARKNS_ROUTED_IPV4_POOL", self.routed_ipv4_pool),
+            ("LARKNS_BRIDGE_IPV4_POOL", self.bridge_ipv4_pool),
             ("LARKNS_IPV6_PREFIX", self.ipv6_prefix),
             ("LARKNS_ROUTED_IPV6_PREFIX", self.routed_ipv6_prefix),
         ]
@@ -240,12 +245,27 @@ def _parse_routed_ipv4(knob: str, raw: str) -> tuple[str, object]:
     return "routed_ipv4_pool", net
 
 
-def _parse_ifname(knob: str, raw: str) -> tuple[str, object]:
+def _parse_ifname(attr: str, what: str) -> Parser:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        if not raw:
+            return attr, None
+        if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", raw):
+            raise ConfigError(f"{knob}: expected an interface name ({what}), got {raw!r}")
+        return attr, raw
+
+    return parse
+
+
+def _parse_bridge_pool(knob: str, raw: str) -> tuple[str, object]:
     if not raw:
-        return "proxy_nd", None
-    if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", raw):
-        raise ConfigError(f"{knob}: expected an interface name (the uplink), got {raw!r}")
-    return "proxy_nd", raw
+        return "bridge_ipv4_pool", None
+    try:
+        net = ipaddress.IPv4Network(raw, strict=True)
+    except ValueError as e:
+        raise ConfigError(
+            f"{knob}: expected this node's range of the site's IPv4 subnet, got {raw!r} ({e})"
+        ) from None
+    return "bridge_ipv4_pool", net
 
 
 def _parse_port_range(knob: str, raw: str) -> tuple[str, object]:
@@ -313,7 +333,9 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_REATTACH_TIMEOUT": _parse_seconds("reattach_timeout", 0, 86400, low_included=False),
     "LARKNS_ROUTED_IPV6_PREFIX": _parse_routed_ipv6,
     "LARKNS_ROUTED_IPV4_POOL": _parse_routed_ipv4,
-    "LARKNS_PROXY_ND": _parse_ifname,
+    "LARKNS_PROXY_ND": _parse_ifname("proxy_nd", "the uplink"),
+    "LARKNS_BRIDGE": _parse_ifname("bridge", "the site network's bridge"),
+    "LARKNS_BRIDGE_IPV4_POOL": _parse_bridge_pool,
     "LARKNS_INBOUND_PORTS": _parse_port_range,
     "LARKNS_INBOUND_PORTS_PER_JOB": _parse_per_job,
 }

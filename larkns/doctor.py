@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from larkns.config import Settings
-from larkns.kernel import netns, sysctl
+from larkns.kernel import links, netns, sysctl
 
 QDISCS = ("htb", "tbf", "ingress", "fq", "fq_codel", "sfq", "cake", "prio", "netem")
 
@@ -186,6 +186,8 @@ def available_modes(settings: Settings) -> list[str]:
     modes = ["nat"]
     if settings.routed_ipv6_prefix is not None or settings.routed_ipv4_pool is not None:
         modes.append("routed")
+    if settings.bridge is not None:
+        modes.append("bridge")
     return [*modes, "none"]
 
 
@@ -227,6 +229,24 @@ def modes(settings: Settings) -> list[Finding]:
                     "not configured (LARKNS_ROUTED_IPV6_PREFIX, LARKNS_ROUTED_IPV4_POOL)",
                     needed=False,
                 )
+            )
+        if settings.bridge is not None:
+            found = ipr.link_lookup(ifname=settings.bridge)
+            is_bridge = bool(found) and links.kind(ipr, found[0]) == "bridge"
+            pool = settings.bridge_ipv4_pool
+            out.append(
+                Finding(
+                    "mode bridge",
+                    is_bridge,
+                    f"bridge {settings.bridge}"
+                    + ("" if is_bridge else " (no such bridge)")
+                    + (f", IPv4 from {pool}" if pool else ", no IPv4 pool"),
+                    needed=False,
+                )
+            )
+        else:
+            out.append(
+                Finding("mode bridge", False, "not configured (LARKNS_BRIDGE)", needed=False)
             )
     out.append(Finding("mode none", True, "loopback only", needed=False))
     return out

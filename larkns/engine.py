@@ -15,6 +15,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,14 +25,20 @@ from larkns import leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, links, netns, rtnl, sysctl
+from larkns.kernel.bridge import BridgeRuleset
 from larkns.kernel.nft import Inbound, NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import (
     HOST_LINK_PREFIX,
     LINKED_MODES,
+    ROUTED_MODES,
+    BridgeFacts,
     JobNetwork,
+    bridge_slot_count,
+    bridged,
     build,
     nat_slot_count,
+    random_mac,
     routed_slot_count,
 )
 from larkns.traffic import Traffic
@@ -60,6 +67,7 @@ class Engine:
         self._rtnl: Rtnl | None = None
         self._ipr: IPRoute | None = None
         self._ruleset: Ruleset | None = None
+        self._bridge_rules: BridgeRuleset | None = None
         self._forwarding = False
         self._advertised: dict[str, int] = {}
         self._proxying: set[str] = set()  # uplinks with proxy_ndp on
@@ -81,6 +89,13 @@ class Engine:
         return self._ipr
 
     @property
+    def bridge_rules(self) -> BridgeRuleset:
+        """The `bridge larkns` table (bridge mode)."""
+        if self._bridge_rules is None:
+            self._bridge_rules = BridgeRuleset()
+        return self._bridge_rules
+
+    @property
     def ruleset(self) -> Ruleset:
         if self._ruleset is None:
             self._ruleset = Ruleset(self.settings.classes)
@@ -96,6 +111,9 @@ class Engine:
         if self._ruleset is not None:
             self._ruleset.close()
             self._ruleset = None
+        if self._bridge_rules is not None:
+            self._bridge_rules.close()
+            self._bridge_rules = None
 
     def __enter__(self) -> Engine:
         return self
@@ -160,7 +178,7 @@ class Engine:
         """
         for _ in range(3):
             with self.journal.lock(exclusive=False):
-                if mode not in LINKED_MODES or self.ruleset.serves_classes():
+                if mode not in ROUTED_MODES or self.ruleset.serves_classes():
                     yield
                     return
             with self.journal.lock(exclusive=True):
@@ -175,9 +193,11 @@ class Engine:
             return build(self.settings, name, mode, None, None)
         if mode not in LINKED_MODES:
             raise ConfigError(
-                f"--mode: unknown network type {mode!r} (expected nat, routed or none)"
+                f"--mode: unknown network type {mode!r} (expected nat, routed, bridge or none)"
             )
         prefix = self.settings.ipv6_prefix or host_ula_prefix(self.settings.lib_dir)
+        if mode == "bridge":
+            return self._plan_bridge(name, prefix)
         if mode == "routed":
             # Refused before a slot is taken: routed needs its prefixes.
             build(self.settings, name, mode, 0, prefix)
@@ -190,6 +210,48 @@ class Engine:
                 f"LARKNS_IPV6_PREFIX={prefix})"
             ) from None
         return build(self.settings, name, mode, slot, prefix)
+
+    def _bridge_facts(self) -> BridgeFacts:
+        """The site network as the worker's bridge sees it."""
+        name = self.settings.bridge
+        if name is None:
+            raise ConfigError("--mode bridge: set LARKNS_BRIDGE (the site network's bridge)")
+        found = self.ipr.link_lookup(ifname=name)
+        if not found:
+            raise ConfigError(f"LARKNS_BRIDGE: no link {name!r} on this worker")
+        (idx,) = found
+        if links.kind(self.ipr, idx) != "bridge":
+            raise ConfigError(f"LARKNS_BRIDGE: {name} is not a bridge")
+        subnet = None
+        for a in self.ipr.get_addr(index=idx, family=socket.AF_INET):
+            subnet = ipaddress.IPv4Interface(
+                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+            ).network
+            break
+        gateway = None
+        for r in self.ipr.get_default_routes(family=socket.AF_INET):
+            if r.get_attr("RTA_OIF") == idx and r.get_attr("RTA_GATEWAY"):
+                gateway = ipaddress.IPv4Address(r.get_attr("RTA_GATEWAY"))
+        prefixes = []
+        for a in self.ipr.get_addr(index=idx, family=socket.AF_INET6):
+            if a["scope"] == 0 and a["prefixlen"] == 64:
+                net = ipaddress.IPv6Interface(f"{a.get_attr('IFA_ADDRESS')}/64").network
+                if net not in prefixes:
+                    prefixes.append(net)
+        return BridgeFacts(subnet, gateway, tuple(prefixes))
+
+    def _plan_bridge(self, name: str, prefix: ipaddress.IPv6Network) -> JobNetwork:
+        facts = self._bridge_facts()
+        # A configuration that cannot work is refused before a slot is taken.
+        bridged(self.settings, name, 0, facts, random_mac())
+        try:
+            slot = leases.lease(self.journal, name, bridge_slot_count(self.settings, prefix))
+        except leases.PoolExhausted as e:
+            raise SetupError(
+                f"address pool exhausted: {e} "
+                f"(LARKNS_BRIDGE_IPV4_POOL={self.settings.bridge_ipv4_pool})"
+            ) from None
+        return bridged(self.settings, name, slot, facts, random_mac())
 
     def _build(self, plan: JobNetwork) -> None:
         try:
@@ -206,7 +268,9 @@ class Engine:
             sysctl.write("ipv6/conf/default/accept_dad", 0)
             job = Rtnl()
         with job:
-            if plan.linked:
+            if plan.mode == "bridge":
+                self._build_bridge(plan, job)
+            elif plan.linked:
                 self._build_linked(plan, job)
             else:
                 job.run(rtnl.link_up(1, "lo"))
@@ -258,6 +322,35 @@ class Engine:
             self._advertise(plan, idx)
         if plan.mode == "routed" and self.settings.proxy_nd:
             self._proxy(plan, add=True)
+
+    def _build_bridge(self, plan: JobNetwork, job: Rtnl) -> None:
+        """The job's veth, a port of the site's bridge, guarded before it is up."""
+        assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
+        assert plan.host_index and plan.job_index and plan.bridge
+        master = self.rtnl.link_index(plan.bridge)
+        if master is None:
+            raise SetupError(f"LARKNS_BRIDGE: no link {plan.bridge!r} on this worker")
+        ipv4 = plan.ipv4_job.ip if plan.ipv4_job else None
+        self.bridge_rules.add_job(
+            plan.name, plan.host_link, plan.job_mac, ipv4, plan.allowed_ipv6()
+        )
+        idx = links.create_veth(
+            self.rtnl,
+            plan.host_link,
+            plan.host_index,
+            plan.host_mac,
+            plan.job_link,
+            plan.job_index,
+            plan.job_mac,
+            netns.path(plan.netns),
+        )
+        # A port has no addresses of its own; it joins the bridge, then comes up.
+        self.rtnl.run(
+            rtnl.no_link_local(idx, plan.host_link),
+            rtnl.link_master(idx, master, plan.host_link),
+            rtnl.link_up(idx, plan.host_link),
+        )
+        addrs.job_side(job, plan.job_index, plan.ipv4_job, plan.gateway4)
 
     def adopt(self, plan: JobNetwork) -> None:
         """Serve a running job's network again after a restart: what lives in
@@ -312,10 +405,29 @@ class Engine:
     ) -> float | None:
         """Wait for the job's SLAAC address; seconds waited, or None on timeout
         (or when `cancel()` says so)."""
+        if plan.mode == "bridge":
+            return self._wait_bridge(plan, timeout, cancel)
         if not plan.linked or plan.ipv6_prefix is None or plan.job_index is None:
             return 0.0
         with self._job_socket(plan) as job:
             return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout, cancel)
+
+    def _wait_bridge(
+        self, plan: JobNetwork, timeout: float, cancel: Callable[[], bool]
+    ) -> float | None:
+        """Wait for the job's SLAAC address from the site's router; then let
+        the guard allow whatever addresses it took."""
+        if not plan.site_prefixes or plan.job_index is None or plan.job_mac is None:
+            return 0.0
+        with self._job_socket(plan) as job:
+            waited = addrs.wait_slaac(job, plan.job_index, plan.site_prefixes[0], timeout, cancel)
+            got = addrs.ipv6_global(job, plan.job_index)
+        allowed = plan.allowed_ipv6()
+        extra = [a for a in got if a not in allowed]
+        if extra:
+            ipv4 = plan.ipv4_job.ip if plan.ipv4_job else None
+            self.bridge_rules.allow(plan.name, plan.job_mac, ipv4, allowed + extra)
+        return waited
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
         """(IPv4, [IPv6 global addresses]) the job has now."""
@@ -338,6 +450,8 @@ class Engine:
         problems = []
         if not netns.exists(plan.netns):
             problems.append(f"netns {plan.netns} is missing")
+        if plan.mode == "bridge" and name not in self.bridge_rules.jobs():
+            problems.append(f"bridge guard of {name} is missing")
         if plan.linked:
             assert plan.host_link
             idx = links.index(self.ipr, plan.host_link)
@@ -354,6 +468,17 @@ class Engine:
         record = self.journal.read(name)
         if record is None or record.plan is None or not record.plan.linked:
             return Traffic()
+        if record.plan.mode == "bridge":
+            b = self.bridge_rules.counters(name)
+            return Traffic(
+                ipv4_in=b["in4"],
+                ipv4_out=b["out4"],
+                ipv6_in=b["in6"],
+                ipv6_out=b["out6"],
+                control_in=b["ctl-in"],
+                control_out=b["ctl-out"],
+                dropped=b["drop"],
+            )
         # The classes the job was set up with: this process's may differ.
         # (For a record of an older larkns, this process's: stats are read
         # often, and should not list the table.)
@@ -403,16 +528,20 @@ class Engine:
         idx = self._advertised.pop(name, None)
         if idx is not None and self.advertiser is not None:
             self.advertiser.remove(idx)
-        if plan is not None and plan.linked and host_link:
+        if plan is not None and plan.host_routed and host_link:
             host_idx = self.rtnl.link_index(host_link)
             if host_idx is not None:
                 addrs.release(self.rtnl, host_idx, plan.ipv4_host, plan.ipv6_prefix, plan.ipv4_job)
             if plan.mode == "routed" and self.settings.proxy_nd:
                 self._proxy(plan, add=False)
         self._remove_netns(ns_name)
-        if plan is None or plan.linked:
+        if plan is None or plan.host_routed:
             with contextlib.suppress(OSError):
                 self._nft_remove(name, host_link, plan)
+        if plan is None or plan.mode == "bridge":
+            with contextlib.suppress(Exception):
+                if plan is not None or self.bridge_rules.has_table():
+                    self.bridge_rules.remove_job(name, host_link)
         for slot in slots:
             leases.release(self.journal, slot, name)
         self.journal.remove(name)
@@ -470,6 +599,8 @@ class Engine:
         if not self.journal.names():
             with contextlib.suppress(Exception):
                 self.ruleset.delete_table()
+            with contextlib.suppress(Exception):
+                self.bridge_rules.delete_table()
             self.journal.remove_if_idle()
 
     def records(self) -> list[Record]:
@@ -527,6 +658,13 @@ class Engine:
             if link[len(HOST_LINK_PREFIX) :] not in live:
                 self.ruleset.remove_job(link[len(HOST_LINK_PREFIX) :], link, table.classes)
                 removed.append(f"nft map entries of {link}")
+        try:
+            bridged_jobs = self.bridge_rules.jobs()
+        except Exception:
+            bridged_jobs = set()
+        for job in sorted(bridged_jobs - live):
+            self.bridge_rules.remove_job(job, HOST_LINK_PREFIX + job)
+            removed.append(f"bridge guard and counters of {job}")
         for slot, lease in sorted(leases.leased(self.journal).items()):
             # A lease is taken just before its job's record is claimed: one
             # without a record is orphaned only once its leaser is gone.

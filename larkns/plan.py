@@ -27,7 +27,10 @@ HOST_INDEX_BASE = 1_000_000
 # range is spent on the host side.
 ROUTED_GATEWAY4 = ipaddress.IPv4Interface("169.254.0.1/32")
 # Modes in which a job has a link to the host (and counters, and the guard).
-LINKED_MODES = ("nat", "routed")
+LINKED_MODES = ("nat", "routed", "bridge")
+# Modes whose traffic the host routes (table inet larkns); bridge-mode
+# traffic is switched (table bridge larkns).
+ROUTED_MODES = ("nat", "routed")
 
 
 def slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
@@ -110,6 +113,11 @@ class JobNetwork:
     classes: tuple[str, ...] | None = None
     # nat mode: the worker's ports forwarded to the job, first and last.
     inbound_ports: tuple[int, int] | None = None
+    # bridge mode: the bridge, the site's IPv4 gateway, and the site's IPv6
+    # prefixes (from the bridge's own addresses) the job may take by SLAAC.
+    bridge: str | None = None
+    gateway4: ipaddress.IPv4Address | None = None
+    site_prefixes: tuple[ipaddress.IPv6Network, ...] = ()
 
     def job_env(self) -> dict[str, str]:
         """What the job's environment learns of its network."""
@@ -121,6 +129,20 @@ class JobNetwork:
     def linked(self) -> bool:
         """Whether the job has a link to the host (all but "none")."""
         return self.mode in LINKED_MODES
+
+    @property
+    def host_routed(self) -> bool:
+        """Whether the host routes the job's traffic (nat, routed)."""
+        return self.mode in ROUTED_MODES
+
+    def allowed_ipv6(self) -> list[ipaddress.IPv6Address]:
+        """bridge mode: the IPv6 sources the job may use, as far as known
+        before it has them: its link-local and its SLAAC address in each of
+        the site's prefixes (EUI-64: the MAC is fixed)."""
+        if self.job_mac is None:
+            return []
+        nets = [ipaddress.IPv6Network("fe80::/64"), *self.site_prefixes]
+        return [eui64(n, self.job_mac) for n in nets]
 
     @property
     def ipv6_job(self) -> ipaddress.IPv6Address | None:
@@ -136,10 +158,14 @@ class JobNetwork:
         return eui64(ipaddress.IPv6Network("fe80::/64"), self.host_mac)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: (str(v) if isinstance(v, ipaddress._BaseNetwork | ipaddress._BaseAddress) else v)
-            for k, v in asdict(self).items()
-        }
+        def plain(v: Any) -> Any:
+            if isinstance(v, ipaddress._BaseNetwork | ipaddress._BaseAddress):
+                return str(v)
+            if isinstance(v, tuple):
+                return [plain(x) for x in v]
+            return v
+
+        return {k: plain(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobNetwork:
@@ -163,6 +189,9 @@ class JobNetwork:
             ipv6_prefix=opt(ipaddress.IPv6Network, "ipv6_prefix"),
             classes=opt(tuple, "classes"),
             inbound_ports=opt(tuple, "inbound_ports"),
+            bridge=d.get("bridge"),
+            gateway4=opt(ipaddress.IPv4Address, "gateway4"),
+            site_prefixes=tuple(ipaddress.IPv6Network(p) for p in d.get("site_prefixes") or ()),
         )
 
     def describe(self) -> str:
@@ -198,8 +227,12 @@ def build(
     netns = settings.netns_prefix + name
     if mode == "none":
         return JobNetwork(name=name, mode=mode, netns=netns)
+    if mode == "bridge":
+        raise ValueError("bridge-mode plans need the bridge's facts: see bridged()")
     if mode not in LINKED_MODES:
-        raise ConfigError(f"--mode: unknown network type {mode!r} (expected nat, routed or none)")
+        raise ConfigError(
+            f"--mode: unknown network type {mode!r} (expected nat, routed, bridge or none)"
+        )
     if slot is None or ipv6_prefix is None:
         raise ValueError(f"{mode} mode needs a slot and an IPv6 prefix")
     if mode == "routed":
@@ -264,3 +297,75 @@ def _routed(
         ipv6_prefix=None if v6 is None else _slash64(v6, slot),
         classes=tuple(name for name, _ in settings.classes),
     )
+
+
+@dataclass(frozen=True)
+class BridgeFacts:
+    """What the worker's bridge says of the site network (read by the engine)."""
+
+    subnet: ipaddress.IPv4Network | None  # the bridge's IPv4 subnet
+    gateway: ipaddress.IPv4Address | None  # the worker's default gateway on it
+    prefixes: tuple[ipaddress.IPv6Network, ...]  # the bridge's global /64s
+
+
+def bridge_slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
+    """Slots a bridge-mode job may take: within LARKNS_BRIDGE_IPV4_POOL."""
+    count = slot_count(settings, ipv6_prefix)
+    if settings.bridge_ipv4_pool is not None:
+        count = min(count, _routed_ipv4(settings.bridge_ipv4_pool)[1])
+    return count
+
+
+def bridged(
+    settings: Settings, name: str, slot: int, facts: BridgeFacts, job_mac: str
+) -> JobNetwork:
+    """A bridge-mode job: a port of the site's bridge, an address of this
+    node's range of the site's subnet (if set), IPv6 by the site's RAs."""
+    if settings.bridge is None:
+        raise ConfigError("--mode bridge: set LARKNS_BRIDGE (the site network's bridge)")
+    ipv4_job = None
+    pool = settings.bridge_ipv4_pool
+    if pool is not None:
+        if facts.subnet is None or not pool.subnet_of(facts.subnet):
+            raise ConfigError(
+                f"LARKNS_BRIDGE_IPV4_POOL: {pool} is not within the IPv4 subnet of "
+                f"{settings.bridge} ({facts.subnet or 'it has no IPv4 address'})"
+            )
+        if facts.gateway is None:
+            raise ConfigError(
+                f"LARKNS_BRIDGE: the worker has no IPv4 default route via {settings.bridge}, "
+                "so a job would have no gateway"
+            )
+        first, count = _routed_ipv4(pool)
+        if not 0 <= slot < count:
+            raise ConfigError(f"slot {slot} is outside LARKNS_BRIDGE_IPV4_POOL")
+        ipv4_job = ipaddress.IPv4Interface((first + slot, facts.subnet.prefixlen))
+    return JobNetwork(
+        name=name,
+        mode="bridge",
+        netns=settings.netns_prefix + name,
+        slot=slot,
+        host_link=HOST_LINK_PREFIX + name,
+        job_link=JOB_LINK,
+        host_index=HOST_INDEX_BASE + slot,
+        job_index=JOB_INDEX,
+        # High, so that the bridge never takes a port's address as its own
+        # (it takes the lowest of its ports' unless set by hand).
+        host_mac=_mac(0xFE, slot),
+        job_mac=job_mac,
+        ipv4_job=ipv4_job,
+        bridge=settings.bridge,
+        gateway4=facts.gateway if ipv4_job else None,
+        site_prefixes=facts.prefixes,
+        classes=(),
+    )
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC: unique on a site's L2 network,
+    where slot-numbered ones (unique per worker only) could meet."""
+    import secrets
+
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)

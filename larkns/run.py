@@ -33,7 +33,7 @@ from larkns.config import ConfigError, Settings
 from larkns.engine import Engine
 from larkns.journal import Process
 from larkns.kernel import netns
-from larkns.plan import LINKED_MODES, JobNetwork
+from larkns.plan import ROUTED_MODES, JobNetwork
 
 # Before the command exists, these end larkns (it tears down, exits 128+N).
 ABORTING = {
@@ -119,7 +119,7 @@ def run(settings: Settings, req: RunRequest) -> int:
     # Blocked before any thread exists: threads inherit the mask.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGCHLD})
     advertiser = None
-    if req.mode in LINKED_MODES:
+    if req.mode in ROUTED_MODES:  # bridge mode: the site's router advertises
         from larkns.kernel.ra import Advertiser
 
         advertiser = Advertiser()
@@ -163,7 +163,7 @@ def _run(
                 file=sys.stderr,
             )
             return 128 + signum
-        if slaac is None and plan.ipv6_prefix is not None:
+        if slaac is None and (plan.ipv6_prefix is not None or plan.site_prefixes):
             print(
                 f"larkns: warning: job {req.name} got no IPv6 address by SLAAC within "
                 f"{settings.slaac_timeout} s; IPv6 may not work",

@@ -95,3 +95,9 @@ def _kind(link: Any) -> str | None:
 def is_up(ipr: IPRoute, idx: int) -> bool:
     link: Any = ipr.get_links(idx)[0]
     return bool(link.get_attr("IFLA_OPERSTATE") == "UP")
+
+
+def kind(ipr: IPRoute, idx: int) -> str | None:
+    """The link's kind (veth, bridge, ...); None for a plain device."""
+    found = ipr.get_links(idx)
+    return _kind(found[0]) if found else None

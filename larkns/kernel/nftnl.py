@@ -23,6 +23,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFPROTO_INET = 1
+NFPROTO_BRIDGE = 7
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 
@@ -130,6 +131,12 @@ def add_element(
     )
 
 
+def concat_key(*parts: bytes) -> bytes:
+    """A key of a concatenated set type (ifname . ipv4_addr, ...): each part
+    padded to a multiple of 4 bytes, as the kernel's registers hold them."""
+    return b"".join(p.ljust((len(p) + 3) // 4 * 4, b"\0") for p in parts)
+
+
 def port_key(port: int) -> bytes:
     """A set key of type inet_service: the port in network order."""
     return struct.pack("!H", port)
@@ -147,8 +154,9 @@ def delete_element(table: str, set_name: str, key: bytes) -> Op:
 class Nftnl(netlink.Socket):
     """An nfnetlink socket in the netns of the thread that made it."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: int = NFPROTO_INET) -> None:
         super().__init__(NETLINK_NETFILTER)
+        self.family = family  # of the tables this socket works on
 
     def _msg(
         self, mtype: int, flags: int, family: int, res_id: int, attrs: bytes
@@ -165,7 +173,7 @@ class Nftnl(netlink.Socket):
             seq, msg = self._msg(
                 (NFNL_SUBSYS_NFTABLES << 8) | op.type,
                 NLM_F_REQUEST | NLM_F_ACK | op.flags,
-                NFPROTO_INET,
+                self.family,
                 0,
                 op.attrs,
             )
@@ -190,7 +198,7 @@ class Nftnl(netlink.Socket):
                 + _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
             )
             seq, msg = self._msg(
-                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, NLM_F_REQUEST, NFPROTO_INET, 0, attrs
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, NLM_F_REQUEST, self.family, 0, attrs
             )
             asked[seq] = name
             out += msg

@@ -39,6 +39,7 @@ NTF_PROXY = 0x08
 NUD_PERMANENT = 0x80
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
+IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_NET_NS_FD = 28
 IFLA_AF_SPEC = 26
@@ -134,6 +135,12 @@ def no_link_local(index: int, what: str) -> Request:
     )
     body = _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_AF_SPEC, spec, nested=True)
     return Request(f"set {what} addrgenmode none", RTM_NEWLINK, 0, body)
+
+
+def link_master(index: int, master: int, what: str) -> Request:
+    """Make link `index` a port of bridge `master`."""
+    body = _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_MASTER, struct.pack("=I", master))
+    return Request(f"add {what} to its bridge", RTM_NEWLINK, 0, body)
 
 
 def link_up(index: int, what: str) -> Request:

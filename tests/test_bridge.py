@@ -1,0 +1,222 @@
+"""bridge mode: the job is a port of the site's bridge (real kernel).
+
+The worker's uplink is a port of a bridge (lktbr0) that holds the worker's
+own addresses; the site runs radvd as its router.  A job gets an address of
+this node's range of the site's subnet, its IPv6 address by the site's RAs,
+and can send only as itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_run import run_job
+from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
+
+BRIDGE = "lktbr0"
+POOL = "198.18.0.128/26"
+KNOBS = {"LARKNS_BRIDGE": BRIDGE, "LARKNS_BRIDGE_IPV4_POOL": POOL, "LARKNS_SLAAC_TIMEOUT": "5"}
+RADVD = """
+interface down0 {
+    AdvSendAdvert on;
+    MinRtrAdvInterval 3;
+    MaxRtrAdvInterval 10;
+    prefix 2001:db8:0:1::/64 { AdvOnLink on; AdvAutonomous on; };
+};
+"""
+
+
+@pytest.fixture(scope="module")
+def bridged() -> Iterator[World]:
+    """A world whose worker reaches the site through a bridge, and whose
+    site has a router (radvd)."""
+    if shutil.which("radvd") is None:
+        pytest.skip("radvd is not installed (setup.sh installs it)")
+    w = World()
+    tmp = Path(tempfile.mkdtemp(prefix="lktradvd-"))
+    radvd: subprocess.Popen[bytes] | None = None
+    try:
+        ns = w.worker
+        sh(
+            "ip",
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            ns=ns,
+        )
+        # Set by hand: a bridge otherwise takes the lowest of its ports' MACs.
+        sh("ip", "link", "set", BRIDGE, "address", "02:6c:6b:ff:00:01", ns=ns)
+        sh("sysctl", "-qw", f"net.ipv6.conf.{BRIDGE}.accept_dad=0", ns=ns)
+        sh("ip", "addr", "flush", "dev", "up0", ns=ns)
+        sh("ip", "link", "set", "up0", "master", BRIDGE, ns=ns)
+        sh("ip", "addr", "add", f"{WORKER4}/24", "dev", BRIDGE, ns=ns)
+        sh("ip", "addr", "add", f"{WORKER6}/64", "dev", BRIDGE, "nodad", ns=ns)
+        sh("ip", "link", "set", BRIDGE, "up", ns=ns)
+        sh("ip", "route", "replace", "default", "via", SITE4, "dev", BRIDGE, ns=ns)
+        sh("ip", "-6", "route", "replace", "default", "via", SITE6, "dev", BRIDGE, ns=ns)
+        conf = tmp / "radvd.conf"
+        conf.write_text(RADVD)
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=w.site)
+        radvd = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                w.site,
+                "radvd",
+                "-n",
+                "-C",
+                str(conf),
+                "-p",
+                str(tmp / "radvd.pid"),
+                "-m",
+                "stderr",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        yield w
+    finally:
+        if radvd is not None:
+            radvd.kill()
+            radvd.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        w.close()
+
+
+@pytest.fixture()
+def site(bridged: World) -> Iterator[World]:
+    yield bridged
+    left = bridged.wait_no_leftovers()
+    if left:
+        bridged.larkns("gc", knobs=KNOBS)
+        pytest.fail(f"leaked: {left}")
+
+
+def _report(world: World, tmp_path: Path, script: str, **knobs: str) -> tuple[Any, Any]:
+    return run_job(
+        world, tmp_path, "sh", "-c", script, extra=("--mode", "bridge"), **(KNOBS | knobs)
+    )
+
+
+def test_a_bridged_job_has_an_address_of_the_site_and_reaches_it_as_itself(
+    site: World, tmp_path: Path
+) -> None:
+    script = (
+        f"{sys.executable} {PEER} udp {SITE4} {PORT} 3 100 50 && "
+        f"{sys.executable} {PEER} udp {SITE6} {PORT} 2 200 60"
+    )
+    proc, report = _report(site, tmp_path, script)
+    assert proc.returncode == 0, proc.stderr
+    v4, v6 = (json.loads(line) for line in proc.stdout.splitlines())
+    ipv4 = report["addresses"]["ipv4"]
+    assert ipaddress.IPv4Address(ipv4) in ipaddress.IPv4Network(POOL)
+    (ipv6,) = report["addresses"]["ipv6"]
+    assert ipaddress.IPv6Address(ipv6) in ipaddress.IPv6Network("2001:db8:0:1::/64")
+    # On the site's own network: the site sees the job's addresses.
+    assert v4["seen_as"] == ipv4 and v6["seen_as"] == ipv6
+    fam = report["families"]
+    assert fam["ipv4"]["bytes"] == {"outgoing": 3 * 128, "incoming": 3 * 78}
+    assert fam["ipv6"]["bytes"] == {"outgoing": 2 * 248, "incoming": 2 * 108}
+    assert report["dropped"] == {"packets": 0, "bytes": 0}
+
+
+def test_a_bridged_job_cannot_send_as_another_address_or_mac(site: World, tmp_path: Path) -> None:
+    script = (
+        f"ping -q -c 1 -W 2 {SITE4} >/dev/null || exit 10; "
+        "ip addr add 198.18.0.77/24 dev eth0 || exit 11; "
+        f"ping -q -c 2 -i 0.2 -W 1 -I 198.18.0.77 {SITE4} >/dev/null && exit 12; "
+        "ip addr del 198.18.0.77/24 dev eth0; "
+        f"ping -q -c 1 -W 2 {SITE4} >/dev/null || exit 13"
+    )
+    proc, report = _report(site, tmp_path, script)
+    assert proc.returncode == 0, proc.stderr
+    assert report["dropped"]["packets"] >= 2
+
+
+def _dropped(report: dict[str, Any]) -> int:
+    return int(report["dropped"]["packets"])
+
+
+RAW = """
+import socket, struct, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+me = s.getsockname()[4]
+kind = sys.argv[1]
+if kind == "arp":
+    # "198.18.0.1 is at my MAC": a forged ARP reply, broadcast
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, me,
+                       socket.inet_aton("198.18.0.1"), b"\\xff" * 6, socket.inet_aton("198.18.0.1"))
+    s.send(b"\\xff" * 6 + me + b"\\x08\\x06" + body)
+elif kind == "mac":
+    # an IPv4 frame from another MAC
+    s.send(b"\\xff" * 6 + b"\\x02\\x00\\x00\\x00\\x00\\x99" + b"\\x08\\x00" + bytes(46))
+print("sent")
+"""
+
+
+@pytest.mark.parametrize("kind", ["arp", "mac"])
+def test_forged_arp_answers_and_foreign_macs_are_dropped(
+    site: World, tmp_path: Path, kind: str
+) -> None:
+    proc, report = run_job(
+        site, tmp_path, "/usr/bin/python3", "-c", RAW, kind, extra=("--mode", "bridge"), **KNOBS
+    )
+    assert proc.returncode == 0 and "sent" in proc.stdout, proc.stderr
+    assert _dropped(report) == 1
+    neigh = sh("ip", "neigh", "show", SITE4, ns=site.worker).stdout
+    assert "02:00:00:00:00:99" not in neigh
+
+
+ROGUE = """
+import socket, struct
+idx = socket.if_nametoindex("eth0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.sendto(struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0), ("ff02::1", 0, 0, idx))
+# a neighbour advertisement for the site's router's address (override)
+na = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, socket.inet_pton(socket.AF_INET6, "SITE6"))
+s.sendto(na, ("ff02::1", 0, 0, idx))
+print("sent")
+""".replace("SITE6", SITE6)
+
+
+def test_a_bridged_job_cannot_act_as_the_site_s_router(site: World, tmp_path: Path) -> None:
+    proc, report = run_job(
+        site, tmp_path, "/usr/bin/python3", "-c", ROGUE, extra=("--mode", "bridge"), **KNOBS
+    )
+    assert proc.returncode == 0 and "sent" in proc.stdout, proc.stderr
+    assert _dropped(report) == 2  # the RA and the forged NA
+
+
+@pytest.mark.parametrize(
+    ("knobs", "words"),
+    [
+        ({"LARKNS_BRIDGE": "lktnosuch0"}, "LARKNS_BRIDGE: no link"),
+        ({"LARKNS_BRIDGE": "up0"}, "is not a bridge"),
+        ({"LARKNS_BRIDGE_IPV4_POOL": "198.18.200.0/26"}, "is not within the IPv4 subnet"),
+    ],
+)
+def test_bad_bridge_config_gets_a_one_line_error(
+    site: World, tmp_path: Path, knobs: dict[str, str], words: str
+) -> None:
+    proc, _ = run_job(site, tmp_path, "true", extra=("--mode", "bridge"), **(KNOBS | knobs))
+    assert proc.returncode == 125, proc.stderr
+    assert words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
