@@ -80,6 +80,11 @@ class Settings:
     # range of the site's IPv4 subnet (one address per job; none: no IPv4).
     bridge: str | None = None
     bridge_ipv4_pool: ipaddress.IPv4Network | None = None
+    # bridge mode's IPv4: "static" (from the pool), "dhcp" (from the site's
+    # server, through larkns's own client) or "none"; None: static if a
+    # pool is set, else none.
+    bridge_ipv4: str | None = None
+    dhcp_timeout: float = 5.0
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -256,6 +261,13 @@ def _parse_ifname(attr: str, what: str) -> Parser:
     return parse
 
 
+def _parse_bridge_ipv4(knob: str, raw: str) -> tuple[str, object]:
+    value = raw.lower()
+    if value not in ("static", "dhcp", "none"):
+        raise ConfigError(f"{knob}: expected static, dhcp or none, got {raw!r}")
+    return "bridge_ipv4", value
+
+
 def _parse_bridge_pool(knob: str, raw: str) -> tuple[str, object]:
     if not raw:
         return "bridge_ipv4_pool", None
@@ -336,6 +348,8 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_PROXY_ND": _parse_ifname("proxy_nd", "the uplink"),
     "LARKNS_BRIDGE": _parse_ifname("bridge", "the site network's bridge"),
     "LARKNS_BRIDGE_IPV4_POOL": _parse_bridge_pool,
+    "LARKNS_BRIDGE_IPV4": _parse_bridge_ipv4,
+    "LARKNS_DHCP_TIMEOUT": _parse_seconds("dhcp_timeout", 0, 120, low_included=False),
     "LARKNS_INBOUND_PORTS": _parse_port_range,
     "LARKNS_INBOUND_PORTS_PER_JOB": _parse_per_job,
 }

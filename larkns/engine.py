@@ -24,7 +24,7 @@ from pyroute2 import IPRoute
 from larkns import leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
-from larkns.kernel import addrs, links, netns, rtnl, sysctl
+from larkns.kernel import addrs, dhcp, links, netns, rtnl, sysctl
 from larkns.kernel.bridge import BridgeRuleset
 from larkns.kernel.nft import Inbound, NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
@@ -71,6 +71,7 @@ class Engine:
         self._forwarding = False
         self._advertised: dict[str, int] = {}
         self._proxying: set[str] = set()  # uplinks with proxy_ndp on
+        self._dhcp: dict[str, dhcp.Renewer] = {}  # bridge-mode jobs' leases kept here
 
     # -- resources ---------------------------------------------------------
 
@@ -102,6 +103,11 @@ class Engine:
         return self._ruleset
 
     def close(self) -> None:
+        # Jobs that outlive this process keep their leases: the next larkns
+        # process (a restarted larknsd) renews them (adopt), or gc releases.
+        for renewer in self._dhcp.values():
+            renewer.stop(release=False)
+        self._dhcp.clear()
         if self._rtnl is not None:
             self._rtnl.close()
             self._rtnl = None
@@ -152,6 +158,9 @@ class Engine:
                 claimed = True
                 self._build(plan)
                 record.state = "ready"
+                renewer = self._dhcp.get(name)
+                if renewer is not None:
+                    record.extra["dhcp"] = renewer.lease.to_dict()
                 self.journal.write(record)
                 return plan
         except BaseException:
@@ -351,10 +360,68 @@ class Engine:
             rtnl.link_up(idx, plan.host_link),
         )
         addrs.job_side(job, plan.job_index, plan.ipv4_job, plan.gateway4)
+        if plan.dhcp:
+            self._dhcp_start(plan, job)
+
+    def _dhcp_start(self, plan: JobNetwork, job: Rtnl, lease: dhcp.Lease | None = None) -> None:
+        """Lease the job's IPv4 address from the site's DHCP server (or take
+        up `lease`, after a restart), apply it, let the guard allow it, and
+        keep it for as long as the job runs."""
+        assert plan.job_mac and plan.job_link and plan.job_index
+        client = dhcp.Client(plan.netns, plan.job_link, plan.job_mac)
+        try:
+            if lease is None:
+                try:
+                    lease = client.obtain(self.settings.dhcp_timeout)
+                except dhcp.DhcpError as e:
+                    raise SetupError(f"DHCP on {plan.bridge}: {e}") from None
+                self._dhcp_apply(plan, job, None, lease)
+        except BaseException:
+            client.close()
+            raise
+        name = plan.name
+        self._dhcp[name] = dhcp.Renewer(client, lease, lambda new: self._dhcp_renewed(plan, new))
+
+    def _dhcp_apply(
+        self, plan: JobNetwork, job: Rtnl, old: dhcp.Lease | None, new: dhcp.Lease
+    ) -> None:
+        assert plan.job_index and plan.job_mac
+        if old is not None:
+            job.run(
+                rtnl.address(plan.job_index, old.address, delete=True), ignore=rtnl.ignore_missing()
+            )
+        requests = [rtnl.address(plan.job_index, new.address)]
+        if new.router is not None:
+            requests.append(
+                rtnl.route(ipaddress.IPv4Network("0.0.0.0/0"), plan.job_index, new.router)
+            )
+        job.run(*requests)
+        # The guard lets the job send from the leased address, and no other.
+        self.bridge_rules.allow(plan.name, plan.job_mac, new.address.ip, plan.allowed_ipv6())
+
+    def _dhcp_renewed(self, plan: JobNetwork, new: dhcp.Lease) -> None:
+        """A renewal: journal the lease; a new address (rare) replaces the old."""
+        renewer = self._dhcp.get(plan.name)
+        old = renewer.lease if renewer is not None else None
+        if old is not None and old.address != new.address:
+            with contextlib.suppress(Exception), self._job_socket(plan) as job:
+                self._dhcp_apply(plan, job, old, new)
+        record = self.journal.read(plan.name)
+        if record is not None:
+            record.extra["dhcp"] = new.to_dict()
+            with contextlib.suppress(OSError):
+                self.journal.write(record)
 
     def adopt(self, plan: JobNetwork) -> None:
         """Serve a running job's network again after a restart: what lives in
         the process (router advertisements) rather than in the kernel."""
+        if plan.dhcp and plan.name not in self._dhcp:
+            # Keep renewing the lease the last larkns process got.
+            record = self.journal.read(plan.name)
+            saved = record.extra.get("dhcp") if record is not None else None
+            if saved:
+                with self._job_socket(plan) as job:
+                    self._dhcp_start(plan, job, dhcp.Lease.from_dict(saved))
         if not plan.linked or self.advertiser is None or plan.host_link is None:
             return
         if plan.ipv6_prefix is None:
@@ -435,6 +502,9 @@ class Engine:
             return (None, [])
         with self._job_socket(plan) as job:
             v6 = [str(a) for a in addrs.ipv6_global(job, plan.job_index)]
+        renewer = self._dhcp.get(plan.name)
+        if renewer is not None:
+            return (str(renewer.lease.address.ip), v6)
         return (str(plan.ipv4_job.ip) if plan.ipv4_job else None, v6)
 
     # -- check / stats -----------------------------------------------------
@@ -525,6 +595,9 @@ class Engine:
         # plan (killed right after claiming) still tells what to remove.
         ns_name = plan.netns if plan else self.settings.netns_prefix + name
         host_link = plan.host_link if plan else HOST_LINK_PREFIX + name
+        if plan is not None and plan.dhcp and record is not None:
+            # The lease goes back to the site's server before the link goes.
+            self._dhcp_release(plan, record)
         idx = self._advertised.pop(name, None)
         if idx is not None and self.advertiser is not None:
             self.advertiser.remove(idx)
@@ -546,6 +619,21 @@ class Engine:
             leases.release(self.journal, slot, name)
         self.journal.remove(name)
         return True
+
+    def _dhcp_release(self, plan: JobNetwork, record: Record) -> None:
+        renewer = self._dhcp.pop(plan.name, None)
+        if renewer is not None:
+            renewer.stop(release=True)
+            return
+        # Another process's (killed) job: release what its record says.
+        saved = record.extra.get("dhcp")
+        if saved and plan.job_link and plan.job_mac and netns.exists(plan.netns):
+            with contextlib.suppress(Exception):
+                client = dhcp.Client(plan.netns, plan.job_link, plan.job_mac)
+                try:
+                    client.release(dhcp.Lease.from_dict(saved))
+                finally:
+                    client.close()
 
     def _nft_remove(self, name: str, host_link: str | None, plan: JobNetwork | None = None) -> None:
         try:

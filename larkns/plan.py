@@ -118,6 +118,8 @@ class JobNetwork:
     bridge: str | None = None
     gateway4: ipaddress.IPv4Address | None = None
     site_prefixes: tuple[ipaddress.IPv6Network, ...] = ()
+    # bridge mode: IPv4 by DHCP from the site's server (larkns's client).
+    dhcp: bool = False
 
     def job_env(self) -> dict[str, str]:
         """What the job's environment learns of its network."""
@@ -192,6 +194,7 @@ class JobNetwork:
             bridge=d.get("bridge"),
             gateway4=opt(ipaddress.IPv4Address, "gateway4"),
             site_prefixes=tuple(ipaddress.IPv6Network(p) for p in d.get("site_prefixes") or ()),
+            dhcp=bool(d.get("dhcp", False)),
         )
 
     def describe(self) -> str:
@@ -311,7 +314,7 @@ class BridgeFacts:
 def bridge_slot_count(settings: Settings, ipv6_prefix: ipaddress.IPv6Network) -> int:
     """Slots a bridge-mode job may take: within LARKNS_BRIDGE_IPV4_POOL."""
     count = slot_count(settings, ipv6_prefix)
-    if settings.bridge_ipv4_pool is not None:
+    if settings.bridge_ipv4_pool is not None and settings.bridge_ipv4 in (None, "static"):
         count = min(count, _routed_ipv4(settings.bridge_ipv4_pool)[1])
     return count
 
@@ -325,7 +328,11 @@ def bridged(
         raise ConfigError("--mode bridge: set LARKNS_BRIDGE (the site network's bridge)")
     ipv4_job = None
     pool = settings.bridge_ipv4_pool
-    if pool is not None:
+    how = settings.bridge_ipv4 or ("static" if pool is not None else "none")
+    if how == "static" and pool is None:
+        raise ConfigError("LARKNS_BRIDGE_IPV4: static needs LARKNS_BRIDGE_IPV4_POOL")
+    if how == "static":
+        assert pool is not None
         if facts.subnet is None or not pool.subnet_of(facts.subnet):
             raise ConfigError(
                 f"LARKNS_BRIDGE_IPV4_POOL: {pool} is not within the IPv4 subnet of "
@@ -358,6 +365,7 @@ def bridged(
         gateway4=facts.gateway if ipv4_job else None,
         site_prefixes=facts.prefixes,
         classes=(),
+        dhcp=how == "dhcp",
     )
 
 

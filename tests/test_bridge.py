@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 BRIDGE = "lktbr0"
 POOL = "198.18.0.128/26"
 KNOBS = {"LARKNS_BRIDGE": BRIDGE, "LARKNS_BRIDGE_IPV4_POOL": POOL, "LARKNS_SLAAC_TIMEOUT": "5"}
+DHCP_RANGE = ("198.18.0.192", "198.18.0.223")
 RADVD = """
 interface down0 {
     AdvSendAdvert on;
@@ -40,11 +43,16 @@ interface down0 {
 def bridged() -> Iterator[World]:
     """A world whose worker reaches the site through a bridge, and whose
     site has a router (radvd)."""
-    if shutil.which("radvd") is None:
-        pytest.skip("radvd is not installed (setup.sh installs it)")
+    missing = [t for t in ("radvd", "dnsmasq") if shutil.which(t) is None]
+    if missing:
+        why = f"{' and '.join(missing)} not installed (setup.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {why}")
+        pytest.skip(why)
     w = World()
     tmp = Path(tempfile.mkdtemp(prefix="lktradvd-"))
     radvd: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
     try:
         ns = w.worker
         sh(
@@ -73,6 +81,33 @@ def bridged() -> Iterator[World]:
         conf = tmp / "radvd.conf"
         conf.write_text(RADVD)
         sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=w.site)
+        dnsmasq = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                w.site,
+                "dnsmasq",
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--user=root",
+                "--interface=down0",
+                "--bind-interfaces",
+                "--no-ping",
+                f"--dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,120s",
+                f"--dhcp-leasefile={tmp / 'leases'}",
+                f"--pid-file={tmp / 'dnsmasq.pid'}",
+                f"--dhcp-option=option:router,{SITE4}",
+                # Renewals every 2 s, so a test sees them (the lease is 2 min,
+                # dnsmasq's shortest).
+                "--dhcp-option=option:T1,2",
+                "--dhcp-option=option:T2,3",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(dnsmasq)
         radvd = subprocess.Popen(
             [
                 "ip",
@@ -91,11 +126,14 @@ def bridged() -> Iterator[World]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        w.leases = tmp / "leases"  # type: ignore[attr-defined]
         yield w
     finally:
         if radvd is not None:
-            radvd.kill()
-            radvd.wait()
+            started.append(radvd)
+        for p in started:
+            p.kill()
+            p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
         w.close()
 
@@ -220,3 +258,70 @@ def test_bad_bridge_config_gets_a_one_line_error(
     proc, _ = run_job(site, tmp_path, "true", extra=("--mode", "bridge"), **(KNOBS | knobs))
     assert proc.returncode == 125, proc.stderr
     assert words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+DHCP = KNOBS | {"LARKNS_BRIDGE_IPV4": "dhcp"}
+# The job's MAC, from inside (/sys would show the host's links).
+MAC_OF_ETH0 = "ip -o link show eth0 | sed 's/.*link.ether \\([0-9a-f:]*\\).*/\\1/'"
+
+
+def _lease_expiry(world: World, mac: str) -> int | None:
+    leases: Path = world.leases  # type: ignore[attr-defined]
+    for line in leases.read_text().splitlines() if leases.exists() else []:
+        expiry, lease_mac, *_ = line.split()
+        if lease_mac == mac:
+            return int(expiry)
+    return None
+
+
+def test_a_bridged_job_gets_its_ipv4_address_from_the_site_s_dhcp_server(
+    site: World, tmp_path: Path
+) -> None:
+    script = f"{sys.executable} {PEER} udp {SITE4} {PORT} 2 100 50; {MAC_OF_ETH0}"
+    proc, report = run_job(site, tmp_path, "sh", "-c", script, extra=("--mode", "bridge"), **DHCP)
+    assert proc.returncode == 0, proc.stderr
+    first, mac = proc.stdout.splitlines()
+    ipv4 = str(report["addresses"]["ipv4"])  # type: ignore[index]
+    assert ipaddress.IPv4Address(DHCP_RANGE[0]) <= ipaddress.IPv4Address(ipv4)
+    assert ipaddress.IPv4Address(ipv4) <= ipaddress.IPv4Address(DHCP_RANGE[1])
+    assert json.loads(first)["seen_as"] == ipv4
+    # Given back at the end: the server no longer holds it for the job.
+    leases: Path = site.leases  # type: ignore[attr-defined]
+    assert leases.exists()
+    assert _lease_expiry(site, mac.strip()) is None
+
+
+def test_a_bridged_job_keeps_its_lease_for_as_long_as_it_runs(site: World) -> None:
+    p = subprocess.Popen(
+        site.worker_cmd(
+            str(Path(sys.executable).parent / "larkns"),
+            "run",
+            "--mode",
+            "bridge",
+            "--",
+            "sh",
+            "-c",
+            f"{MAC_OF_ETH0}; exec sleep 6",
+        ),
+        env=site.env() | DHCP,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    mac = p.stdout.readline().strip()
+    first = _lease_expiry(site, mac)
+    time.sleep(4.5)
+    later = _lease_expiry(site, mac)
+    _out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    # Renewed at T1 (every 2 s): the server moved the lease's end on.
+    leases: Path = site.leases  # type: ignore[attr-defined]
+    assert first is not None and later is not None and later >= first + 3, (
+        first,
+        later,
+        mac,
+        leases.read_text() if leases.exists() else "(no lease file)",
+        err,
+    )
+    assert _lease_expiry(site, mac) is None

@@ -22,11 +22,12 @@ them.  This table does the same work at the bridge's hooks:
       chain output   hook output   priority 300   (frames from the worker)
 
 Counters count L3 bytes, as in inet larkns (bridge hooks see the frame from
-its network header on); ARP is not counted.  The per-job guard chain is made
-through libnftables: a job's allowed addresses are constants in its rules
-(the ND target is checked as raw payload, which no set type can hold in
-nftables 1.0.6).  That costs more per job than the inet table's map
-elements, with many bridge-mode jobs alive.
+its network header on); ARP is not counted, IGMP counts as link control.
+The per-job guard chain is made through libnftables: a job's allowed
+addresses are constants in its rules (the ND target is checked as raw
+payload, which no set type can hold in nftables 1.0.6).  That costs more
+per job than the inet table's map elements, with many bridge-mode jobs
+alive.
 """
 
 from __future__ import annotations
@@ -123,12 +124,16 @@ def declaration() -> list[dict[str, Any]]:
         base("input", "input", ACCOUNT_PRIORITY),
         base("output", "output", ACCOUNT_PRIORITY),
     ]
-    ctl = _match(_payload("icmpv6", "type"), "@link_control")
+    # Link control: ND, RA/RS and MLD as in inet larkns, and IGMP, which a
+    # job on the site's L2 hears from every multicast listener there.
+    ctl6 = _match(_payload("icmpv6", "type"), "@link_control")
+    igmp = _match(_payload("ip", "protocol"), "igmp")
     for chain, keys in _HALVES.items():
-        for key in keys:
-            m = "ctl_out" if key == "iifname" else "ctl_in"
-            objs.append(_rule(chain, ctl, _count_into(key, m)))
-        objs.append(_rule(chain, ctl, {"return": None}))
+        for ctl in (ctl6, igmp):
+            for key in keys:
+                m = "ctl_out" if key == "iifname" else "ctl_in"
+                objs.append(_rule(chain, ctl, _count_into(key, m)))
+            objs.append(_rule(chain, ctl, {"return": None}))
         for proto, v in (("ip", "4"), ("ip6", "6")):
             for key in keys:
                 m = ("out" if key == "iifname" else "in") + v
