@@ -85,6 +85,13 @@ class Settings:
     # pool is set, else none.
     bridge_ipv4: str | None = None
     dhcp_timeout: float = 5.0
+    # IPv4 for jobs on IPv6-only workers (464XLAT): a CLAT in each nat or
+    # routed job toward the site's NAT64 prefix.  "auto": when the worker
+    # has no IPv4 default route.
+    clat: str = "auto"
+    nat64_prefix: ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.IPv6Network("64:ff9b::/96")
+    )
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -268,6 +275,27 @@ def _parse_bridge_ipv4(knob: str, raw: str) -> tuple[str, object]:
     return "bridge_ipv4", value
 
 
+def _parse_clat(knob: str, raw: str) -> tuple[str, object]:
+    value = raw.lower()
+    if value not in ("auto", "on", "off"):
+        raise ConfigError(f"{knob}: expected auto, on or off, got {raw!r}")
+    return "clat", value
+
+
+def _parse_nat64(knob: str, raw: str) -> tuple[str, object]:
+    try:
+        net = ipaddress.IPv6Network(raw, strict=True)
+    except ValueError as e:
+        raise ConfigError(
+            f"{knob}: expected an IPv6 /96 like 64:ff9b::/96, got {raw!r} ({e})"
+        ) from None
+    if net.prefixlen != 96:
+        raise ConfigError(
+            f"{knob}: {raw} is not a /96 (a NAT64 prefix embeds IPv4 in its last 32 bits)"
+        )
+    return "nat64_prefix", net
+
+
 def _parse_bridge_pool(knob: str, raw: str) -> tuple[str, object]:
     if not raw:
         return "bridge_ipv4_pool", None
@@ -349,6 +377,8 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_BRIDGE": _parse_ifname("bridge", "the site network's bridge"),
     "LARKNS_BRIDGE_IPV4_POOL": _parse_bridge_pool,
     "LARKNS_BRIDGE_IPV4": _parse_bridge_ipv4,
+    "LARKNS_CLAT": _parse_clat,
+    "LARKNS_NAT64_PREFIX": _parse_nat64,
     "LARKNS_DHCP_TIMEOUT": _parse_seconds("dhcp_timeout", 0, 120, low_included=False),
     "LARKNS_INBOUND_PORTS": _parse_port_range,
     "LARKNS_INBOUND_PORTS_PER_JOB": _parse_per_job,

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 from collections.abc import Callable
@@ -201,14 +202,18 @@ def modes(settings: Settings) -> list[Finding]:
         v4 = bool(ipr.get_default_routes(family=socket.AF_INET))
         v6 = bool(ipr.get_default_routes(family=socket.AF_INET6))
         uplink = ", ".join(f for f, ok in (("IPv4", v4), ("IPv6", v6)) if ok) or "none"
-        out.append(
-            Finding(
-                "mode nat",
-                v4 or v6,
-                f"uplink (default routes): {uplink}"
-                + ("" if v4 else "; jobs get IPv4 but it reaches nothing (no IPv4 uplink)"),
-                needed=False,
+        clat = settings.clat == "on" or (settings.clat == "auto" and not v4)
+        if clat:
+            tayga = shutil.which("tayga", path="/usr/sbin:/usr/bin:/sbin:/bin")
+            ipv4 = f"; jobs get IPv4 through a CLAT toward NAT64 {settings.nat64_prefix}" + (
+                "" if tayga else " (tayga is not installed: jobs are refused)"
             )
+            ok = bool(tayga) and v6
+        else:
+            ipv4 = "" if v4 else "; jobs get IPv4 but it reaches nothing (no IPv4 uplink)"
+            ok = v4 or v6
+        out.append(
+            Finding("mode nat", ok, f"uplink (default routes): {uplink}{ipv4}", needed=False)
         )
         if "routed" in available_modes(settings):
             parts = [str(p) for p in (settings.routed_ipv6_prefix, settings.routed_ipv4_pool) if p]

@@ -12,16 +12,20 @@ worker node's (in tests, a namespace that plays it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import os
+import select
+import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 
-from larkns import leases
+from larkns import core, leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, dhcp, links, netns, rtnl, sysctl
@@ -29,6 +33,8 @@ from larkns.kernel.bridge import BridgeRuleset
 from larkns.kernel.nft import Inbound, NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import (
+    CLAT_JOB4,
+    CLAT_SELF4,
     HOST_LINK_PREFIX,
     LINKED_MODES,
     ROUTED_MODES,
@@ -37,6 +43,7 @@ from larkns.plan import (
     bridge_slot_count,
     bridged,
     build,
+    eui64,
     nat_slot_count,
     random_mac,
     routed_slot_count,
@@ -72,6 +79,8 @@ class Engine:
         self._advertised: dict[str, int] = {}
         self._proxying: set[str] = set()  # uplinks with proxy_ndp on
         self._dhcp: dict[str, dhcp.Renewer] = {}  # bridge-mode jobs' leases kept here
+        self._tayga: dict[str, int] = {}  # CLATs this process started: pidfds
+        self._v4_uplink: tuple[float, bool] | None = None
 
     # -- resources ---------------------------------------------------------
 
@@ -207,9 +216,15 @@ class Engine:
         prefix = self.settings.ipv6_prefix or host_ula_prefix(self.settings.lib_dir)
         if mode == "bridge":
             return self._plan_bridge(name, prefix)
+        clat = self._needs_clat()
         if mode == "routed":
             # Refused before a slot is taken: routed needs its prefixes.
-            build(self.settings, name, mode, 0, prefix)
+            probe = build(self.settings, name, mode, 0, prefix)
+            if clat and probe.ipv6_prefix is None:
+                raise ConfigError(
+                    "--mode routed on a worker without IPv4 needs LARKNS_ROUTED_IPV6_PREFIX "
+                    "(the CLAT translates jobs' IPv4 to IPv6)"
+                )
         count = (routed_slot_count if mode == "routed" else nat_slot_count)(self.settings, prefix)
         try:
             slot = leases.lease(self.journal, name, count)
@@ -218,7 +233,24 @@ class Engine:
                 f"address pool exhausted: {e} (LARKNS_IPV4_POOL={self.settings.ipv4_pool}, "
                 f"LARKNS_IPV6_PREFIX={prefix})"
             ) from None
-        return build(self.settings, name, mode, slot, prefix)
+        plan = build(self.settings, name, mode, slot, prefix)
+        if clat:
+            # No IPv4 on the job's link: its IPv4 is the CLAT's, in the job.
+            plan = dataclasses.replace(
+                plan, ipv4_host=None, ipv4_job=None, nat64_prefix=self.settings.nat64_prefix
+            )
+        return plan
+
+    def _needs_clat(self) -> bool:
+        """Whether jobs get IPv4 through a CLAT: LARKNS_CLAT on, or auto on a
+        worker without an IPv4 default route (looked at every few seconds)."""
+        if self.settings.clat != "auto":
+            return self.settings.clat == "on"
+        now = time.monotonic()
+        if self._v4_uplink is None or now - self._v4_uplink[0] > 5:
+            has = bool(self.ipr.get_default_routes(family=socket.AF_INET))
+            self._v4_uplink = (now, has)
+        return not self._v4_uplink[1]
 
     def _bridge_facts(self) -> BridgeFacts:
         """The site network as the worker's bridge sees it."""
@@ -275,6 +307,11 @@ class Engine:
             # DAD would hold every address tentative for a second or more.
             # ("all" is 0 in a new namespace; DAD runs only if both are 1.)
             sysctl.write("ipv6/conf/default/accept_dad", 0)
+            if plan.clat:
+                # The job's namespace forwards between its CLAT and its link;
+                # a forwarding link takes RAs only with accept_ra=2.
+                sysctl.write("ipv6/conf/default/accept_ra", 2)
+                sysctl.write("ipv6/conf/all/forwarding", 1)
             job = Rtnl()
         with job:
             if plan.mode == "bridge":
@@ -331,6 +368,54 @@ class Engine:
             self._advertise(plan, idx)
         if plan.mode == "routed" and self.settings.proxy_nd:
             self._proxy(plan, add=True)
+        if plan.clat:
+            self._start_clat(plan, job, idx)
+
+    def _start_clat(self, plan: JobNetwork, job: Rtnl, host_idx: int) -> None:
+        """A CLAT in the job's namespace (tayga): the job's IPv4 (192.0.0.1)
+        goes out as IPv6 from the job's CLAT address toward the site's NAT64
+        prefix, and back.  The host routes the CLAT address to the job."""
+        assert plan.ipv6_clat and plan.nat64_prefix and plan.job_mac and plan.job_index
+        tayga = shutil.which("tayga", path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if tayga is None:
+            raise SetupError(
+                "this worker has no IPv4: jobs need a CLAT, and tayga is not installed"
+            )
+        job_ll = plan_eui64_ll(plan.job_mac)
+        self.rtnl.run(rtnl.route(ipaddress.IPv6Network(plan.ipv6_clat), host_idx, job_ll))
+        conf = self.journal.clat_config(plan.name)
+        conf.write_text(
+            f"tun-device {CLAT_TUN}\n"
+            f"ipv4-addr {CLAT_SELF4}\n"
+            f"prefix {plan.nat64_prefix}\n"
+            f"map {CLAT_JOB4.ip} {plan.ipv6_clat}\n"
+        )
+        ns_fd = os.open(netns.path(plan.netns), os.O_RDONLY | os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            spec = core.SpawnSpec(
+                path=tayga,
+                argv=["tayga", "--nodetach", "-c", str(conf)],
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                ns_fds=[ns_fd],
+                stdio=(null, null, null),
+                new_session=True,
+            )
+            _pid, pidfd = core.spawn(spec)
+        finally:
+            os.close(ns_fd)
+            os.close(null)
+        self._tayga[plan.name] = pidfd
+        deadline = time.monotonic() + 3
+        while (tun := job.link_index(CLAT_TUN)) is None:
+            if time.monotonic() > deadline or select.select([pidfd], [], [], 0.002)[0]:
+                raise SetupError("the job's CLAT (tayga) did not start")
+        job.run(
+            rtnl.link_up(tun, "CLAT"),
+            rtnl.address(tun, CLAT_JOB4),
+            rtnl.route(ipaddress.IPv4Network("0.0.0.0/0"), tun),
+            rtnl.route(ipaddress.IPv6Network(plan.ipv6_clat), tun),
+        )
 
     def _build_bridge(self, plan: JobNetwork, job: Rtnl) -> None:
         """The job's veth, a port of the site's bridge, guarded before it is up."""
@@ -505,6 +590,8 @@ class Engine:
         renewer = self._dhcp.get(plan.name)
         if renewer is not None:
             return (str(renewer.lease.address.ip), v6)
+        if plan.clat:
+            return (str(CLAT_JOB4.ip), v6)
         return (str(plan.ipv4_job.ip) if plan.ipv4_job else None, v6)
 
     # -- check / stats -----------------------------------------------------
@@ -608,6 +695,12 @@ class Engine:
             if plan.mode == "routed" and self.settings.proxy_nd:
                 self._proxy(plan, add=False)
         self._remove_netns(ns_name)
+        tayga = self._tayga.pop(name, None)
+        if tayga is not None:
+            # Killed with everything else in the job's namespace: reap it.
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, tayga, os.WEXITED)
+            os.close(tayga)
         if plan is None or plan.host_routed:
             with contextlib.suppress(OSError):
                 self._nft_remove(name, host_link, plan)
@@ -771,3 +864,11 @@ def _inbound(plan: JobNetwork) -> Inbound | None:
     first, last = plan.inbound_ports
     ipv4 = plan.ipv4_job.ip if plan.ipv4_job else None
     return Inbound(range(first, last + 1), ipv4, plan.ipv6_job)
+
+
+CLAT_TUN = "clat"
+
+
+def plan_eui64_ll(mac: str) -> ipaddress.IPv6Address:
+    """The link-local address a link with `mac` forms (EUI-64)."""
+    return eui64(ipaddress.IPv6Network("fe80::/64"), mac)

@@ -180,9 +180,17 @@ class Journal:
         )
 
     def remove(self, name: str) -> None:
-        for leftover in (self.exit_path(name), self.jobs / f".{name}.exit.tmp"):
+        for leftover in (
+            self.exit_path(name),
+            self.jobs / f".{name}.exit.tmp",
+            self.clat_config(name),
+        ):
             leftover.unlink(missing_ok=True)
         self.path(name).unlink(missing_ok=True)
+
+    def clat_config(self, name: str) -> Path:
+        """The configuration of a job's CLAT (tayga)."""
+        return self.jobs / f"{name}.tayga.conf"
 
     def exit_path(self, name: str) -> Path:
         """Where a job's keeper writes how the job ended."""

@@ -26,6 +26,11 @@ HOST_INDEX_BASE = 1_000_000
 # the same on every job's host end (as Calico does): no address of the routed
 # range is spent on the host side.
 ROUTED_GATEWAY4 = ipaddress.IPv4Interface("169.254.0.1/32")
+# CLAT (464XLAT): the job's IPv4 address (RFC 7335), the translator's own,
+# and the interface id of the job's translated IPv6 address.
+CLAT_JOB4 = ipaddress.IPv4Interface("192.0.0.1/32")
+CLAT_SELF4 = ipaddress.IPv4Address("192.0.0.2")
+CLAT_IID = 0x464
 # Modes in which a job has a link to the host (and counters, and the guard).
 LINKED_MODES = ("nat", "routed", "bridge")
 # Modes whose traffic the host routes (table inet larkns); bridge-mode
@@ -120,6 +125,20 @@ class JobNetwork:
     site_prefixes: tuple[ipaddress.IPv6Network, ...] = ()
     # bridge mode: IPv4 by DHCP from the site's server (larkns's client).
     dhcp: bool = False
+    # IPv6-only worker: the job's IPv4 is a CLAT's (192.0.0.1), translated
+    # to IPv6 toward this NAT64 prefix.
+    nat64_prefix: ipaddress.IPv6Network | None = None
+
+    @property
+    def clat(self) -> bool:
+        return self.nat64_prefix is not None
+
+    @property
+    def ipv6_clat(self) -> ipaddress.IPv6Address | None:
+        """The IPv6 address the job's IPv4 traffic leaves from (in its /64)."""
+        if self.ipv6_prefix is None or not self.clat:
+            return None
+        return self.ipv6_prefix.network_address + CLAT_IID
 
     def job_env(self) -> dict[str, str]:
         """What the job's environment learns of its network."""
@@ -195,6 +214,7 @@ class JobNetwork:
             gateway4=opt(ipaddress.IPv4Address, "gateway4"),
             site_prefixes=tuple(ipaddress.IPv6Network(p) for p in d.get("site_prefixes") or ()),
             dhcp=bool(d.get("dhcp", False)),
+            nat64_prefix=opt(ipaddress.IPv6Network, "nat64_prefix"),
         )
 
     def describe(self) -> str:
@@ -216,6 +236,10 @@ class JobNetwork:
             lines.append(f"  traffic classes {', '.join(self.classes)}")
         if self.inbound_ports:
             lines.append(f"  forwarded ports {self.inbound_ports[0]}-{self.inbound_ports[1]}")
+        if self.clat:
+            lines.append(
+                f"  ipv4 {CLAT_JOB4.ip} by CLAT, as {self.ipv6_clat} toward {self.nat64_prefix}"
+            )
         return "\n".join(lines)
 
 

@@ -1,0 +1,148 @@
+"""IPv6-only workers: jobs still get IPv4, through a CLAT toward the site's
+NAT64 (464XLAT), (real kernel, simulated site).
+
+The worker has no IPv4 on its uplink.  The site runs a NAT64 (tayga) for
+NAT64 (a network-specific prefix inside 2001:db8::/32: tayga refuses the
+well-known 64:ff9b::/96 toward benchmark-range IPv4) and an IPv4 server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_run import run_job
+from tests.world import PEER, PORT, SITE4, WORKER4, World, sh
+
+NAT64 = "2001:db8:64::/96"
+PLAT_POOL = "198.18.100.0/24"  # the IPv4 addresses the site's NAT64 sends from
+KNOBS = {"LARKNS_NAT64_PREFIX": NAT64}
+
+
+@pytest.fixture(scope="module")
+def v6only() -> Iterator[World]:
+    if shutil.which("tayga") is None:
+        why = "tayga is not installed (setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {why}")
+        pytest.skip(why)
+    w = World()
+    tmp = Path(tempfile.mkdtemp(prefix="lkttayga-"))
+    plat: subprocess.Popen[bytes] | None = None
+    try:
+        # The worker loses its IPv4: address and default route.
+        sh("ip", "addr", "del", f"{WORKER4}/24", "dev", "up0", ns=w.worker)
+        # The site's NAT64 (PLAT).
+        conf = tmp / "plat.conf"
+        conf.write_text(
+            "tun-device lktnat64\n"
+            "ipv4-addr 198.18.100.1\n"
+            f"prefix {NAT64}\n"
+            f"dynamic-pool {PLAT_POOL}\n"
+            f"data-dir {tmp}\n"
+        )
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=w.site)
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=w.site)
+        plat = subprocess.Popen(
+            ["ip", "netns", "exec", w.site, "tayga", "--nodetach", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            if "lktnat64" in sh("ip", "-o", "link", ns=w.site).stdout:
+                break
+            subprocess.run(["sleep", "0.02"], check=True)
+        sh("ip", "link", "set", "lktnat64", "up", ns=w.site)
+        sh("ip", "route", "add", PLAT_POOL, "dev", "lktnat64", ns=w.site)
+        sh("ip", "-6", "route", "add", NAT64, "dev", "lktnat64", ns=w.site)
+        yield w
+    finally:
+        if plat is not None:
+            plat.kill()
+            plat.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        w.close()
+
+
+@pytest.fixture()
+def site(v6only: World) -> Iterator[World]:
+    yield v6only
+    left = v6only.wait_no_leftovers()
+    if left:
+        v6only.larkns("gc", knobs=KNOBS)
+        pytest.fail(f"leaked: {left}")
+
+
+def test_on_an_ipv6_only_worker_a_job_reaches_an_ipv4_server_through_clat_and_nat64(
+    site: World, tmp_path: Path
+) -> None:
+    script = (
+        f"{sys.executable} {PEER} udp {SITE4} {PORT} 3 100 50 && "
+        f"{sys.executable} {PEER} tcp {SITE4} {PORT}"
+    )
+    proc, report = run_job(site, tmp_path, "sh", "-c", script, extra=(), **KNOBS)
+    assert proc.returncode == 0, proc.stderr
+    udp, tcp = (json.loads(line) for line in proc.stdout.splitlines())
+    # The job has IPv4 (the CLAT's), the server sees the site's NAT64.
+    assert udp["local"] == "192.0.0.1" and report["addresses"]["ipv4"] == "192.0.0.1"  # type: ignore[index]
+    assert udp["seen_as"].startswith("198.18.100.") and tcp["seen_as"].startswith("198.18.100.")
+    fam = report["families"]
+    # Counted once, as what left the job's link: IPv6 (20 bytes more per
+    # packet than the IPv4 the job sent).
+    assert fam["ipv4"]["bytes"] == {"incoming": 0, "outgoing": 0}  # type: ignore[index]
+    udp_out = 3 * (48 + 100)
+    assert fam["ipv6"]["bytes"]["outgoing"] >= udp_out  # type: ignore[index]
+    assert report["dropped"] == {"packets": 0, "bytes": 0}
+
+
+def test_a_worker_without_ipv4_and_without_clat_gives_jobs_no_ipv4(
+    site: World, tmp_path: Path
+) -> None:
+    proc, _ = run_job(
+        site,
+        tmp_path,
+        "sh",
+        "-c",
+        "ip -4 -o addr show",
+        LARKNS_NAT64_PREFIX=NAT64,
+        LARKNS_CLAT="off",
+    )
+    assert proc.returncode == 0, proc.stderr
+    # The nat pool's address is there, but goes nowhere: no IPv4 uplink.
+    assert "198.19." in proc.stdout
+
+
+def test_a_routed_job_on_an_ipv6_only_worker_gets_ipv4_through_clat_too(
+    site: World, tmp_path: Path
+) -> None:
+    routed = "2001:db8:100::/56"
+    sh("ip", "-6", "route", "add", routed, "via", "2001:db8:0:1::2", ns=site.site)
+    try:
+        proc, report = run_job(
+            site,
+            tmp_path,
+            sys.executable,
+            PEER,
+            "udp",
+            SITE4,
+            str(PORT),
+            "2",
+            "10",
+            "50",
+            extra=("--mode", "routed"),
+            LARKNS_NAT64_PREFIX=NAT64,
+            LARKNS_ROUTED_IPV6_PREFIX=routed,
+        )
+    finally:
+        sh("ip", "-6", "route", "del", routed, ns=site.site, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["seen_as"].startswith("198.18.100.")
+    assert report["mode"] == "routed"
