@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,119 +19,25 @@ from typing import Any
 
 import pytest
 
+from tests.sites import BRIDGE, BRIDGE_POOL, DHCP_RANGE, bridged_site, missing, required
 from tests.test_run import run_job
-from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
+from tests.world import PEER, PORT, SITE4, SITE6, World, sh
 
-BRIDGE = "lktbr0"
-POOL = "198.18.0.128/26"
+POOL = BRIDGE_POOL
 KNOBS = {"LARKNS_BRIDGE": BRIDGE, "LARKNS_BRIDGE_IPV4_POOL": POOL, "LARKNS_SLAAC_TIMEOUT": "5"}
-DHCP_RANGE = ("198.18.0.192", "198.18.0.223")
-RADVD = """
-interface down0 {
-    AdvSendAdvert on;
-    MinRtrAdvInterval 3;
-    MaxRtrAdvInterval 10;
-    prefix 2001:db8:0:1::/64 { AdvOnLink on; AdvAutonomous on; };
-};
-"""
 
 
 @pytest.fixture(scope="module")
 def bridged() -> Iterator[World]:
     """A world whose worker reaches the site through a bridge, and whose
-    site has a router (radvd)."""
-    missing = [t for t in ("radvd", "dnsmasq") if shutil.which(t) is None]
-    if missing:
-        why = f"{' and '.join(missing)} not installed (setup.sh installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {why}")
-        pytest.skip(why)
+    site has a router (radvd) and a DHCP server (dnsmasq)."""
+    required(missing("radvd", "dnsmasq"))
     w = World()
-    tmp = Path(tempfile.mkdtemp(prefix="lktradvd-"))
-    radvd: subprocess.Popen[bytes] | None = None
-    started: list[subprocess.Popen[bytes]] = []
     try:
-        ns = w.worker
-        sh(
-            "ip",
-            "link",
-            "add",
-            BRIDGE,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-            ns=ns,
-        )
-        # Set by hand: a bridge otherwise takes the lowest of its ports' MACs.
-        sh("ip", "link", "set", BRIDGE, "address", "02:6c:6b:ff:00:01", ns=ns)
-        sh("sysctl", "-qw", f"net.ipv6.conf.{BRIDGE}.accept_dad=0", ns=ns)
-        sh("ip", "addr", "flush", "dev", "up0", ns=ns)
-        sh("ip", "link", "set", "up0", "master", BRIDGE, ns=ns)
-        sh("ip", "addr", "add", f"{WORKER4}/24", "dev", BRIDGE, ns=ns)
-        sh("ip", "addr", "add", f"{WORKER6}/64", "dev", BRIDGE, "nodad", ns=ns)
-        sh("ip", "link", "set", BRIDGE, "up", ns=ns)
-        sh("ip", "route", "replace", "default", "via", SITE4, "dev", BRIDGE, ns=ns)
-        sh("ip", "-6", "route", "replace", "default", "via", SITE6, "dev", BRIDGE, ns=ns)
-        conf = tmp / "radvd.conf"
-        conf.write_text(RADVD)
-        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=w.site)
-        dnsmasq = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                w.site,
-                "dnsmasq",
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--port=0",
-                "--user=root",
-                "--interface=down0",
-                "--bind-interfaces",
-                "--no-ping",
-                f"--dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,120s",
-                f"--dhcp-leasefile={tmp / 'leases'}",
-                f"--pid-file={tmp / 'dnsmasq.pid'}",
-                f"--dhcp-option=option:router,{SITE4}",
-                # Renewals every 2 s, so a test sees them (the lease is 2 min,
-                # dnsmasq's shortest).
-                "--dhcp-option=option:T1,2",
-                "--dhcp-option=option:T2,3",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        started.append(dnsmasq)
-        radvd = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                w.site,
-                "radvd",
-                "-n",
-                "-C",
-                str(conf),
-                "-p",
-                str(tmp / "radvd.pid"),
-                "-m",
-                "stderr",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        w.leases = tmp / "leases"  # type: ignore[attr-defined]
-        yield w
+        with bridged_site(w) as leases:
+            w.leases = leases  # type: ignore[attr-defined]
+            yield w
     finally:
-        if radvd is not None:
-            started.append(radvd)
-        for p in started:
-            p.kill()
-            p.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
         w.close()
 
 

@@ -9,66 +9,27 @@ well-known 64:ff9b::/96 toward benchmark-range IPv4) and an IPv4 server.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.sites import NAT64, missing, required, v6only_site
 from tests.test_run import run_job
-from tests.world import PEER, PORT, SITE4, WORKER4, World, sh
+from tests.world import PEER, PORT, SITE4, World, sh
 
-NAT64 = "2001:db8:64::/96"
-PLAT_POOL = "198.18.100.0/24"  # the IPv4 addresses the site's NAT64 sends from
 KNOBS = {"LARKNS_NAT64_PREFIX": NAT64}
 
 
 @pytest.fixture(scope="module")
 def v6only() -> Iterator[World]:
-    if shutil.which("tayga") is None:
-        why = "tayga is not installed (setup.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {why}")
-        pytest.skip(why)
+    required(missing("tayga"))
     w = World()
-    tmp = Path(tempfile.mkdtemp(prefix="lkttayga-"))
-    plat: subprocess.Popen[bytes] | None = None
     try:
-        # The worker loses its IPv4: address and default route.
-        sh("ip", "addr", "del", f"{WORKER4}/24", "dev", "up0", ns=w.worker)
-        # The site's NAT64 (PLAT).
-        conf = tmp / "plat.conf"
-        conf.write_text(
-            "tun-device lktnat64\n"
-            "ipv4-addr 198.18.100.1\n"
-            f"prefix {NAT64}\n"
-            f"dynamic-pool {PLAT_POOL}\n"
-            f"data-dir {tmp}\n"
-        )
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=w.site)
-        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=w.site)
-        plat = subprocess.Popen(
-            ["ip", "netns", "exec", w.site, "tayga", "--nodetach", "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            if "lktnat64" in sh("ip", "-o", "link", ns=w.site).stdout:
-                break
-            subprocess.run(["sleep", "0.02"], check=True)
-        sh("ip", "link", "set", "lktnat64", "up", ns=w.site)
-        sh("ip", "route", "add", PLAT_POOL, "dev", "lktnat64", ns=w.site)
-        sh("ip", "-6", "route", "add", NAT64, "dev", "lktnat64", ns=w.site)
-        yield w
+        with v6only_site(w):
+            yield w
     finally:
-        if plat is not None:
-            plat.kill()
-            plat.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
         w.close()
 
 
