@@ -135,16 +135,24 @@ s.sendto(struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0), ("ff02::1", 0, 
 # a neighbour advertisement for the site's router's address (override)
 na = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, socket.inet_pton(socket.AF_INET6, "SITE6"))
 s.sendto(na, ("ff02::1", 0, 0, idx))
+# a DHCP server's reply (BOOTREPLY), from port 67 to the whole link
+d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+d.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+d.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+d.bind(("0.0.0.0", 67))
+d.sendto(b"\x02" + bytes(299), ("255.255.255.255", 68))
 print("sent")
 """.replace("SITE6", SITE6)
 
 
-def test_a_bridged_job_cannot_act_as_the_site_s_router(site: World, tmp_path: Path) -> None:
+def test_a_bridged_job_cannot_act_as_the_site_s_router_or_dhcp_server(
+    site: World, tmp_path: Path
+) -> None:
     proc, report = run_job(
         site, tmp_path, "/usr/bin/python3", "-c", ROGUE, extra=("--mode", "bridge"), **KNOBS
     )
     assert proc.returncode == 0 and "sent" in proc.stdout, proc.stderr
-    assert _dropped(report) == 2  # the RA and the forged NA
+    assert _dropped(report) == 3  # the RA, the forged NA, the DHCP reply
 
 
 @pytest.mark.parametrize(
@@ -228,3 +236,29 @@ def test_a_bridged_job_keeps_its_lease_for_as_long_as_it_runs(site: World) -> No
         err,
     )
     assert _lease_expiry(site, mac) is None
+
+
+def test_when_the_node_s_range_is_used_up_the_next_bridged_job_is_refused(
+    site: World, tmp_path: Path
+) -> None:
+    one = KNOBS | {"LARKNS_BRIDGE_IPV4_POOL": "198.18.0.130/32"}
+    p = subprocess.Popen(
+        site.worker_cmd(
+            str(Path(sys.executable).parent / "larkns"), "run", "--mode", "bridge", "--name",
+            "lktone", "--", "sh", "-c", "echo up; exec sleep 30",
+        ),
+        env=site.env() | one,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "up"
+        proc, _ = run_job(site, tmp_path, "true", extra=("--mode", "bridge"), **one)
+        assert proc.returncode == 125
+        assert "exhausted" in proc.stderr and "LARKNS_BRIDGE_IPV4_POOL" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    finally:
+        p.terminate()
+        p.communicate(timeout=10)

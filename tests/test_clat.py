@@ -9,6 +9,7 @@ well-known 64:ff9b::/96 toward benchmark-range IPv4) and an IPv4 server.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,14 @@ def test_a_routed_job_on_an_ipv6_only_worker_gets_ipv4_through_clat_too(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["seen_as"].startswith("198.18.100.")
     assert report["mode"] == "routed"
+
+
+def test_doctor_says_jobs_get_ipv4_through_a_clat(site: World) -> None:
+    out = subprocess.run(
+        site.worker_cmd(str(Path(sys.executable).parent / "larkns"), "doctor"),
+        env=site.env() | KNOBS,
+        capture_output=True,
+        text=True,
+    ).stdout
+    (nat,) = [line for line in out.splitlines() if "mode nat" in line]
+    assert nat.startswith("ok") and f"through a CLAT toward NAT64 {NAT64}" in nat, out
