@@ -329,7 +329,11 @@ class Engine:
             sysctl.enable_forwarding()
             self._forwarding = True
         self.ruleset.add_job(
-            plan.name, plan.host_link, masquerade=plan.mode == "nat", inbound=_inbound(plan)
+            plan.name,
+            plan.host_link,
+            masquerade=plan.mode == "nat",
+            inbound=_inbound(plan),
+            sources=_sources(plan),
         )
         args = (
             plan.host_link,
@@ -562,7 +566,19 @@ class Engine:
         if not plan.linked or plan.ipv6_prefix is None or plan.job_index is None:
             return 0.0
         with self._job_socket(plan) as job:
-            return addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout, cancel)
+            waited = addrs.wait_slaac(job, plan.job_index, plan.ipv6_prefix, timeout, cancel)
+            got = addrs.ipv6_global(job, plan.job_index)
+        # An address other than the one foreseen (a host whose new namespaces
+        # inherit stable-privacy addressing): the guard lets it through, and
+        # the journal keeps it for teardown.
+        extra = [a for a in got if a not in _sources(plan) and a in plan.ipv6_prefix]
+        if extra and plan.host_link:
+            self.ruleset.allow(plan.host_link, extra)
+            record = self.journal.read(plan.name)
+            if record is not None:
+                record.extra["sources"] = [str(a) for a in extra]
+                self.journal.write(record)
+        return waited
 
     def _wait_bridge(
         self, plan: JobNetwork, timeout: float, cancel: Callable[[], bool]
@@ -733,12 +749,17 @@ class Engine:
             ruleset = self.ruleset
         except Exception:
             return
+        record = self.journal.read(name)
+        taken = record.extra.get("sources", []) if record is not None else []
         ruleset.remove_job(
             name,
             host_link,
             self._classes(plan),
             masquerade=plan is None or plan.mode == "nat",
             inbound=None if plan is None else _inbound(plan),
+            sources=[]
+            if plan is None
+            else [*_sources(plan), *(ipaddress.ip_address(a) for a in taken)],
         )
 
     def _classes(self, plan: JobNetwork | None) -> Sequence[str]:
@@ -829,7 +850,7 @@ class Engine:
         try:
             table = self.ruleset.job_objects()
         except Exception:
-            table = TableJobs(set(), set(), ())
+            table = TableJobs(set(), set(), (), {})
         # An orphan has no record to say which classes it has: every class
         # in the table, whichever configuration added it.
         for job in sorted(table.jobs - live):
@@ -837,7 +858,12 @@ class Engine:
             removed.append(f"nft counters of {job}")
         for link in sorted(table.links):
             if link[len(HOST_LINK_PREFIX) :] not in live:
-                self.ruleset.remove_job(link[len(HOST_LINK_PREFIX) :], link, table.classes)
+                self.ruleset.remove_job(
+                    link[len(HOST_LINK_PREFIX) :],
+                    link,
+                    table.classes,
+                    sources=table.sources.get(link, []),
+                )
                 removed.append(f"nft map entries of {link}")
         try:
             bridged_jobs = self.bridge_rules.jobs()
@@ -872,3 +898,17 @@ CLAT_TUN = "clat"
 def plan_eui64_ll(mac: str) -> ipaddress.IPv6Address:
     """The link-local address a link with `mac` forms (EUI-64)."""
     return eui64(ipaddress.IPv6Network("fe80::/64"), mac)
+
+
+def _sources(plan: JobNetwork) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses a job (nat, routed) may send from: its IPv4, its
+    link-local, its SLAAC address, its CLAT's."""
+    out: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    if plan.ipv4_job is not None:
+        out.append(plan.ipv4_job.ip)
+    if plan.job_mac is not None:
+        out.append(plan_eui64_ll(plan.job_mac))
+    for a in (plan.ipv6_job, plan.ipv6_clat):
+        if a is not None:
+            out.append(a)
+    return out
