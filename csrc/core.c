@@ -177,7 +177,7 @@ static void cloexec_from_3_slow(void)
 }
 
 __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
-                                                  int errfd, pid_t parent)
+                                                  int errfd, pid_t parent, int parent_fd)
 {
     int tmp[3];
     int i;
@@ -215,11 +215,21 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
         if (prctl(PR_SET_PDEATHSIG, (unsigned long)a->pdeathsig, 0UL, 0UL, 0UL) < 0)
             child_fail(errfd, LK_STAGE_PDEATHSIG);
         /* The parent may have died before the prctl: no signal will come.
-         * (A parent outside the child's pid namespace shows as 0; an orphan
-         * would have been adopted by a reaper inside it, never 0.) */
-        pid_t pp = getppid();
+         * Its pidfd says so whatever pid namespace the child is in (where
+         * getppid() can say 0, or name a reaper it cannot tell apart). */
+        int gone;
 
-        if (pp != parent && pp != 0) {
+        if (parent_fd >= 0) {
+            struct pollfd pp;
+
+            pp.fd = parent_fd;
+            pp.events = POLLIN;
+            pp.revents = 0;
+            gone = poll(&pp, 1, 0) > 0;
+        } else {
+            gone = getppid() != parent;
+        }
+        if (gone) {
             errno = ESRCH;
             child_fail(errfd, LK_STAGE_PDEATHSIG);
         }
@@ -311,6 +321,7 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
     int e;
     pid_t pid;
     pid_t parent = getpid();
+    int parent_fd = -1;
     sigset_t all, old;
 
     *pidfd_out = -1;
@@ -319,6 +330,12 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
 
     if (pipe2(p, O_CLOEXEC) < 0)
         goto fail_clone;
+    if (a->pdeathsig > 0) {
+        /* Not fatal if missing (< 5.3): the child then compares getppid(). */
+        parent_fd = (int)syscall(SYS_pidfd_open, parent, 0U);
+        if (parent_fd >= 0)
+            parent_fd = fd_above_stdio(parent_fd);
+    }
     p[0] = fd_above_stdio(p[0]);
     p[1] = fd_above_stdio(p[1]);
     if (p[0] < 0 || p[1] < 0) {
@@ -339,10 +356,12 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
     pid = lk_raw_clone3(0, a->cgroup_fd, &pidfd);
     if (pid == 0) {
         close(p[0]);
-        spawn_child(a, p[1], parent);
+        spawn_child(a, p[1], parent, parent_fd);
     }
     e = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (parent_fd >= 0)
+        close(parent_fd);
     close(p[1]);
     if (pid < 0) {
         close(p[0]);
@@ -451,7 +470,7 @@ static size_t put_uint(char *buf, unsigned int v)
 
 /* "code N\n" or "signal N\n", written whole under a temporary name and
  * renamed, so a reader sees the whole line or no file. */
-static void write_status(const struct lk_keep_attr *k, const siginfo_t *info)
+static void write_status(const struct lk_keep_attr *k, int dirfd, const siginfo_t *info)
 {
     char line[32];
     size_t n;
@@ -462,17 +481,17 @@ static void write_status(const struct lk_keep_attr *k, const siginfo_t *info)
     memcpy(line, word, n);
     n += put_uint(line + n, (unsigned int)info->si_status);
     line[n++] = '\n';
-    fd = openat(k->status_dirfd, k->status_tmp,
+    fd = openat(dirfd, k->status_tmp,
                 O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return;
     if (write(fd, line, n) != (ssize_t)n) {
         close(fd);
-        (void)unlinkat(k->status_dirfd, k->status_tmp, 0);
+        (void)unlinkat(dirfd, k->status_tmp, 0);
         return;
     }
     close(fd);
-    (void)renameat(k->status_dirfd, k->status_tmp, k->status_dirfd, k->status_name);
+    (void)renameat(dirfd, k->status_tmp, dirfd, k->status_name);
 }
 
 static void send_report(int chan, const struct keeper_msg *m, int fd)
@@ -516,6 +535,7 @@ __attribute__((noreturn)) static void keeper(const struct lk_spawn_attr *a,
     siginfo_t info;
     int jpidfd = -1;
     int watch = k->watch_pidfd;
+    int dirfd = k->status_dirfd;
     int keep[4];
     int n = 0;
     int sig;
@@ -555,12 +575,26 @@ __attribute__((noreturn)) static void keeper(const struct lk_spawn_attr *a,
         _exit(1);
     }
 
+    /* Above stdio, which keep_only puts /dev/null on (a daemon started
+     * with 0-2 closed would have handed out those numbers). */
+    jpidfd = fd_above_stdio(jpidfd);
+    chan = fd_above_stdio(chan);
+    if (watch >= 0)
+        watch = fd_above_stdio(watch);
+    if (dirfd >= 0)
+        dirfd = fd_above_stdio(dirfd);
+    if (jpidfd < 0 || chan < 0) {
+        if (jpidfd >= 0)
+            (void)syscall(SYS_pidfd_send_signal, jpidfd, SIGKILL, NULL, 0U);
+        _exit(4);
+    }
+
     /* Closed before the report: once the caller has its answer, the keeper
      * holds none of its fds. */
     keep[n++] = jpidfd;
     keep[n++] = chan;
-    if (k->status_dirfd >= 0)
-        keep[n++] = k->status_dirfd;
+    if (dirfd >= 0)
+        keep[n++] = dirfd;
     if (watch >= 0)
         keep[n++] = watch;
     /* ascending, as keep_only wants (four items at most) */
@@ -610,8 +644,8 @@ __attribute__((noreturn)) static void keeper(const struct lk_spawn_attr *a,
         if (errno != EINTR)
             _exit(3);
     }
-    if (k->status_dirfd >= 0)
-        write_status(k, &info);
+    if (dirfd >= 0)
+        write_status(k, dirfd, &info);
     _exit(0);
 }
 

@@ -19,6 +19,7 @@ import os
 import select
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -80,6 +81,11 @@ class Engine:
         self._proxying: set[str] = set()  # uplinks with proxy_ndp on
         self._dhcp: dict[str, dhcp.Renewer] = {}  # bridge-mode jobs' leases kept here
         self._tayga: dict[str, int] = {}  # CLATs this process started: pidfds
+        self._bridge_extra6: dict[str, list[ipaddress.IPv6Address]] = {}
+        # For the engine's shared netlink and nft handles when more than one
+        # thread works with it (larknsd takes it around every verb; the DHCP
+        # renewers and wait_ready's late guard updates take it themselves).
+        self.lock = threading.RLock()
         self._v4_uplink: tuple[float, bool] | None = None
 
     # -- resources ---------------------------------------------------------
@@ -168,7 +174,7 @@ class Engine:
                 self._build(plan)
                 record.state = "ready"
                 renewer = self._dhcp.get(name)
-                if renewer is not None:
+                if renewer is not None and renewer.lease is not None:
                     record.extra["dhcp"] = renewer.lease.to_dict()
                 self.journal.write(record)
                 return plan
@@ -468,38 +474,63 @@ class Engine:
         except BaseException:
             client.close()
             raise
-        name = plan.name
-        self._dhcp[name] = dhcp.Renewer(client, lease, lambda new: self._dhcp_renewed(plan, new))
+        self._dhcp[plan.name] = dhcp.Renewer(
+            client, lease, lambda old, new: self._dhcp_changed(plan, old, new)
+        )
 
     def _dhcp_apply(
-        self, plan: JobNetwork, job: Rtnl, old: dhcp.Lease | None, new: dhcp.Lease
+        self, plan: JobNetwork, job: Rtnl, old: dhcp.Lease | None, new: dhcp.Lease | None
     ) -> None:
+        """The job's link goes from lease `old` to lease `new` (None: none)."""
         assert plan.job_index and plan.job_mac
-        if old is not None:
+        if old is not None and (new is None or old.address != new.address):
             job.run(
                 rtnl.address(plan.job_index, old.address, delete=True), ignore=rtnl.ignore_missing()
             )
-        requests = [rtnl.address(plan.job_index, new.address)]
-        if new.router is not None:
-            requests.append(
-                rtnl.route(ipaddress.IPv4Network("0.0.0.0/0"), plan.job_index, new.router)
-            )
-        job.run(*requests)
+        if new is not None and (old is None or old.address != new.address):
+            requests = [rtnl.address(plan.job_index, new.address)]
+            if new.router is not None:
+                requests.append(
+                    rtnl.route(ipaddress.IPv4Network("0.0.0.0/0"), plan.job_index, new.router)
+                )
+            job.run(*requests)
         # The guard lets the job send from the leased address, and no other.
-        self.bridge_rules.allow(plan.name, plan.job_mac, new.address.ip, plan.allowed_ipv6())
+        self._bridge_guard(plan, None if new is None else new.address.ip)
 
-    def _dhcp_renewed(self, plan: JobNetwork, new: dhcp.Lease) -> None:
-        """A renewal: journal the lease; a new address (rare) replaces the old."""
+    def _bridge_guard(self, plan: JobNetwork, ipv4: ipaddress.IPv4Address | None) -> None:
+        """What a bridge-mode job may send from, all of it: its MAC, `ipv4`,
+        its foreseen IPv6 addresses and the ones it took besides."""
+        assert plan.job_mac
+        v6 = plan.allowed_ipv6() + self._bridge_extra6.get(plan.name, [])
+        self.bridge_rules.allow(plan.name, plan.job_mac, ipv4, v6)
+
+    def _bridge_ipv4(self, plan: JobNetwork) -> ipaddress.IPv4Address | None:
         renewer = self._dhcp.get(plan.name)
-        old = renewer.lease if renewer is not None else None
-        if old is not None and old.address != new.address:
-            with contextlib.suppress(Exception), self._job_socket(plan) as job:
-                self._dhcp_apply(plan, job, old, new)
-        record = self.journal.read(plan.name)
-        if record is not None:
-            record.extra["dhcp"] = new.to_dict()
-            with contextlib.suppress(OSError):
-                self.journal.write(record)
+        if renewer is not None:
+            return None if renewer.lease is None else renewer.lease.address.ip
+        return plan.ipv4_job.ip if plan.ipv4_job else None
+
+    def _dhcp_changed(
+        self, plan: JobNetwork, old: dhcp.Lease | None, new: dhcp.Lease | None
+    ) -> None:
+        """From the renewer's thread: a renewed, changed, lost or new lease."""
+        # Shared netlink and nft handles: under the engine's lock (a
+        # teardown holding it stops this renewer: give way then).
+        if not self.lock.acquire(timeout=2):
+            return
+        try:
+            if (old is None) != (new is None) or (
+                old is not None and new is not None and old.address != new.address
+            ):
+                with contextlib.suppress(Exception), self._job_socket(plan) as job:
+                    self._dhcp_apply(plan, job, old, new)
+            record = self.journal.read(plan.name)
+            if record is not None:
+                record.extra["dhcp"] = None if new is None else new.to_dict()
+                with contextlib.suppress(OSError):
+                    self.journal.write(record)
+        finally:
+            self.lock.release()
 
     def adopt(self, plan: JobNetwork) -> None:
         """Serve a running job's network again after a restart: what lives in
@@ -540,8 +571,9 @@ class Engine:
             sysctl.write(f"ipv6/conf/{uplink}/proxy_ndp", 1)
             self._proxying.add(uplink)
         targets: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-        if plan.ipv6_job is not None:
-            targets.append(plan.ipv6_job)
+        for a6 in (plan.ipv6_job, plan.ipv6_clat):
+            if a6 is not None:
+                targets.append(a6)
         if plan.ipv4_job is not None:
             targets.append(plan.ipv4_job.ip)
         self.rtnl.run(
@@ -573,11 +605,12 @@ class Engine:
         # the journal keeps it for teardown.
         extra = [a for a in got if a not in _sources(plan) and a in plan.ipv6_prefix]
         if extra and plan.host_link:
-            self.ruleset.allow(plan.host_link, extra)
-            record = self.journal.read(plan.name)
-            if record is not None:
-                record.extra["sources"] = [str(a) for a in extra]
-                self.journal.write(record)
+            with self.lock:
+                self.ruleset.allow(plan.host_link, extra)
+                record = self.journal.read(plan.name)
+                if record is not None:
+                    record.extra["sources"] = [str(a) for a in extra]
+                    self.journal.write(record)
         return waited
 
     def _wait_bridge(
@@ -593,8 +626,9 @@ class Engine:
         allowed = plan.allowed_ipv6()
         extra = [a for a in got if a not in allowed]
         if extra:
-            ipv4 = plan.ipv4_job.ip if plan.ipv4_job else None
-            self.bridge_rules.allow(plan.name, plan.job_mac, ipv4, allowed + extra)
+            with self.lock:
+                self._bridge_extra6[plan.name] = extra
+                self._bridge_guard(plan, self._bridge_ipv4(plan))
         return waited
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
@@ -603,9 +637,9 @@ class Engine:
             return (None, [])
         with self._job_socket(plan) as job:
             v6 = [str(a) for a in addrs.ipv6_global(job, plan.job_index)]
-        renewer = self._dhcp.get(plan.name)
-        if renewer is not None:
-            return (str(renewer.lease.address.ip), v6)
+        if plan.mode == "bridge":
+            ipv4 = self._bridge_ipv4(plan)
+            return (None if ipv4 is None else str(ipv4), v6)
         if plan.clat:
             return (str(CLAT_JOB4.ip), v6)
         return (str(plan.ipv4_job.ip) if plan.ipv4_job else None, v6)
@@ -701,6 +735,7 @@ class Engine:
         if plan is not None and plan.dhcp and record is not None:
             # The lease goes back to the site's server before the link goes.
             self._dhcp_release(plan, record)
+        self._bridge_extra6.pop(name, None)
         idx = self._advertised.pop(name, None)
         if idx is not None and self.advertiser is not None:
             self.advertiser.remove(idx)

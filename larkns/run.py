@@ -219,6 +219,7 @@ def _spawn_and_wait(
     ns_fd = os.open(netns.path(plan.netns), os.O_RDONLY | os.O_CLOEXEC)
     me = os.pidfd_open(os.getpid())
     status_dir = os.open(engine.journal.jobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    engine.journal.exit_path(req.name).unlink(missing_ok=True)  # an earlier job's
     try:
         spec = core.SpawnSpec(
             path=path,

@@ -146,8 +146,9 @@ class Daemon:
         # a job's namespace (netns is per thread) when it first needs them.
         _ = (self.engine.rtnl, self.engine.ipr, self.engine.ruleset)
         self.me = Process.of(os.getpid())
-        # The engine's netlink sockets are not for two threads at once.
-        self.lock = threading.Lock()
+        # The engine's netlink sockets are not for two threads at once; its
+        # own lock, which its DHCP renewers take too.
+        self.lock = self.engine.lock
         # Jobs taken over from a larknsd that is gone, with their relays,
         # until their wrappers attach again.
         self._adopted: dict[str, list[Relay | UdpRelay]] = {}
@@ -305,6 +306,8 @@ class Daemon:
             "update_interval": self.settings.update_interval,
             "reattach_timeout": self.settings.reattach_timeout,
         }
+        with self.lock:
+            self._attached.add(name)  # served here: no second attach
         # A wrapper killed meanwhile cannot take it: the job's keeper then
         # kills the job, and _watch cleans up.
         with contextlib.suppress(OSError):
@@ -392,7 +395,12 @@ class Daemon:
                     continue
                 record.owner = self.me
                 self.engine.journal.write(record)
-                self.engine.adopt(record.plan)
+                try:
+                    self.engine.adopt(record.plan)
+                except Exception as e:
+                    # One job's trouble must not keep larknsd from serving
+                    # the others: its wrapper attaches all the same.
+                    print(f"larknsd: job {record.name}: not all taken over: {e}", file=sys.stderr)
                 relays = record.extra.get("relays") or {}
                 try:
                     self._adopted[record.name] = _relays(
@@ -482,6 +490,9 @@ class Daemon:
                 os.open(self.engine.journal.jobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             )
             status_dir = opened[-1]
+            # An earlier job of this name may have left its end here (its
+            # keeper wrote it after gc had removed the rest).
+            self.engine.journal.exit_path(name).unlink(missing_ok=True)
             for ns in _JOINED:
                 opened.append(os.open(f"/proc/{caller.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
             # The wrapper's pid namespace too (HTCondor's USE_PID_NAMESPACES

@@ -44,7 +44,9 @@ _BROADCAST = 0x8000
 
 
 class DhcpError(Exception):
-    pass
+    def __init__(self, message: str, nak: bool = False) -> None:
+        super().__init__(message)
+        self.nak = nak  # the server refused: the lease is gone
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class Client:
                     continue
                 msg_type = got[3].get(OPT_TYPE, b"\0")[0]
                 if msg_type == NAK:
-                    raise DhcpError("the server refused (DHCPNAK)")
+                    raise DhcpError("the server refused (DHCPNAK)", nak=True)
                 if msg_type in want:
                     return got[1], got[3]
         raise DhcpError(f"no answer from a DHCP server within {timeout:g} s")
@@ -269,39 +271,56 @@ def _lease(
 
 class Renewer:
     """Keeps a job's lease for as long as the job runs: renews at T1, rebinds
-    at T2; `on_lease` hears of each new lease (to journal it)."""
+    at T2; when the lease is refused (NAK) or runs out, asks anew (DISCOVER)
+    every few seconds.  `on_change(old, new)` hears of every change (new None:
+    the address is lost) before the renewer takes it as its own."""
 
-    def __init__(self, client: Client, lease: Lease, on_lease: Callable[[Lease], None]) -> None:
+    RETRY = 5.0
+
+    def __init__(
+        self,
+        client: Client,
+        lease: Lease,
+        on_change: Callable[[Lease | None, Lease | None], None],
+    ) -> None:
         self.client = client
-        self.lease = lease
-        self.on_lease = on_lease
+        self.lease: Lease | None = lease
+        self.on_change = on_change
         self.renewals = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dhcp", daemon=True)
         self._thread.start()
 
+    def _change(self, new: Lease | None) -> None:
+        self.on_change(self.lease, new)
+        self.lease = new
+
     def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             lease = self.lease
-            now = time.time()
-            at = lease.obtained + lease.t1
-            if self._stop.wait(max(0.0, at - now)):
+            if lease is None:
+                try:
+                    self._change(self.client.obtain(self.RETRY))
+                except (DhcpError, OSError):
+                    self._stop.wait(self.RETRY)
+                continue
+            if self._stop.wait(max(0.0, lease.obtained + lease.t1 - time.time())):
                 return
             rebind = time.time() >= lease.obtained + lease.t2
             try:
                 new = self.client.renew(lease, rebind=rebind, timeout=min(10.0, lease.t1 / 2 + 1))
-            except (DhcpError, OSError):
-                # Try again shortly, until the lease is over.
-                if time.time() >= lease.obtained + lease.seconds or self._stop.wait(1.0):
+            except (DhcpError, OSError) as e:
+                if getattr(e, "nak", False) or time.time() >= lease.obtained + lease.seconds:
+                    self._change(None)  # refused, or over: the address must go
+                elif self._stop.wait(1.0):
                     return
                 continue
-            self.lease = new
             self.renewals += 1
-            self.on_lease(new)
+            self._change(new)
 
     def stop(self, release: bool = True) -> None:
         self._stop.set()
-        self._thread.join(timeout=15)
-        if release:
+        self._thread.join(timeout=10)
+        if release and self.lease is not None:
             self.client.release(self.lease)
         self.client.close()

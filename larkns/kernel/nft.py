@@ -607,7 +607,7 @@ class Ruleset:
             if e.errno == errno.EEXIST:
                 # A killed job of the same name left its objects (its record,
                 # and so its name, is ours now): remove them, start at zero.
-                self.remove_job(job, link, self.table_classes())
+                self.remove_job(job, link, self.table_classes(), inbound=inbound, sources=sources)
             elif e.errno == errno.ENOENT:
                 # The table went since our last look (the last job out
                 # removed it, or someone flushed the ruleset).
