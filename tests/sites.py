@@ -58,11 +58,44 @@ def _wait_link(ns: str, name: str) -> None:
         time.sleep(0.02)
 
 
+class Dhcp:
+    """The site's DHCP server (dnsmasq), which a test may restart."""
+
+    def __init__(self, w: World, tmp: Path, t1: int) -> None:
+        self.w = w
+        self.tmp = tmp
+        self.t1 = t1
+        self.leases = tmp / "leases"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, first: str = DHCP_RANGE[0], last: str = DHCP_RANGE[1]) -> None:
+        self.stop()
+        self.proc = _ns_exec(
+            self.w.site, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+            "--user=root", "--interface=down0", "--bind-interfaces", "--no-ping",
+            # Refuses (NAK) a lease it does not know, as a site's server does.
+            "--dhcp-authoritative",
+            f"--dhcp-range={first},{last},255.255.255.0,120s",
+            f"--dhcp-leasefile={self.leases}", f"--pid-file={self.tmp / 'dnsmasq.pid'}",
+            f"--dhcp-option=option:router,{SITE4}",
+            # Renewals every t1 s, so a test sees them (the lease is 2 min,
+            # dnsmasq's shortest).
+            f"--dhcp-option=option:T1,{self.t1}", f"--dhcp-option=option:T2,{self.t1 + 1}",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 @contextlib.contextmanager
-def bridged_site(w: World, t1: int = 2) -> Iterator[Path]:
-    """Make `w` a bridged site; yields the DHCP server's lease file."""
+def bridged_site(w: World, t1: int = 2) -> Iterator[Dhcp]:
+    """Make `w` a bridged site; yields its DHCP server."""
     tmp = Path(tempfile.mkdtemp(prefix="lktsite-"))
-    started: list[subprocess.Popen[bytes]] = []
+    dhcp = Dhcp(w, tmp, t1)
+    radvd: subprocess.Popen[bytes] | None = None
     try:
         ns = w.worker
         sh("ip", "link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay",
@@ -78,29 +111,16 @@ def bridged_site(w: World, t1: int = 2) -> Iterator[Path]:
         sh("ip", "route", "replace", "default", "via", SITE4, "dev", BRIDGE, ns=ns)
         sh("ip", "-6", "route", "replace", "default", "via", SITE6, "dev", BRIDGE, ns=ns)
         sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=w.site)
-        leases = tmp / "leases"
-        started.append(
-            _ns_exec(
-                w.site, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
-                "--user=root", "--interface=down0", "--bind-interfaces", "--no-ping",
-                f"--dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,120s",
-                f"--dhcp-leasefile={leases}", f"--pid-file={tmp / 'dnsmasq.pid'}",
-                f"--dhcp-option=option:router,{SITE4}",
-                # Renewals every t1 s, so a test sees them (the lease is 2
-                # min, dnsmasq's shortest).
-                f"--dhcp-option=option:T1,{t1}", f"--dhcp-option=option:T2,{t1 + 1}",
-            )
-        )  # fmt: skip
+        dhcp.start()
         conf = tmp / "radvd.conf"
         conf.write_text(RADVD)
-        started.append(
-            _ns_exec(w.site, "radvd", "-n", "-C", str(conf), "-p", str(tmp / "radvd.pid"))
-        )
-        yield leases
+        radvd = _ns_exec(w.site, "radvd", "-n", "-C", str(conf), "-p", str(tmp / "radvd.pid"))
+        yield dhcp
     finally:
-        for p in started:
-            p.kill()
-            p.wait()
+        dhcp.stop()
+        if radvd is not None:
+            radvd.kill()
+            radvd.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,8 +35,9 @@ def bridged() -> Iterator[World]:
     required(missing("radvd", "dnsmasq"))
     w = World()
     try:
-        with bridged_site(w) as leases:
-            w.leases = leases  # type: ignore[attr-defined]
+        with bridged_site(w) as dhcp:
+            w.leases = dhcp.leases  # type: ignore[attr-defined]
+            w.dhcp = dhcp  # type: ignore[attr-defined]
             yield w
     finally:
         w.close()
@@ -262,3 +264,48 @@ def test_when_the_node_s_range_is_used_up_the_next_bridged_job_is_refused(
     finally:
         p.terminate()
         p.communicate(timeout=10)
+
+
+def test_a_lease_the_server_refuses_is_dropped_and_a_new_one_taken(site: World) -> None:
+    """The site's server restarts with another range: it refuses (NAK) the
+    job's renewal; the job loses that address and gets one of the new range."""
+    dhcp = site.dhcp  # type: ignore[attr-defined]
+    p = subprocess.Popen(
+        site.worker_cmd(
+            str(Path(sys.executable).parent / "larkns"), "run", "--mode", "bridge", "--",
+            "sh", "-c",
+            "ip -4 -o addr show dev eth0; read go; ip -4 -o addr show dev eth0",
+        ),
+        env=site.env() | DHCP,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert p.stdout is not None and p.stdin is not None
+    try:
+        before = p.stdout.readline()
+        assert f" {DHCP_RANGE[0].rsplit('.', 1)[0]}." in before, before
+        dhcp.start("198.18.0.240", "198.18.0.250")
+        # T1 is 2 s: the renewal is refused, a new lease is taken at once.
+        deadline = time.monotonic() + 15
+        while True:
+            out = sh("ip", "netns", "exec", _job_ns(site), "ip", "-4", "-o", "addr", "show",
+                     "dev", "eth0", check=False).stdout  # fmt: skip
+            if "198.18.0.24" in out or "198.18.0.250" in out:
+                break
+            assert time.monotonic() < deadline, out
+            time.sleep(0.2)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        after = p.stdout.readline()
+        assert "198.18.0.2" in after and before.split()[3] not in after, (before, after)
+    finally:
+        dhcp.start()
+        p.communicate(timeout=20)
+    assert p.returncode == 0
+
+
+def _job_ns(world: World) -> str:
+    (ns,) = [n for n in os.listdir("/run/netns") if n.startswith(world.netns_prefix)]
+    return str(ns)
