@@ -108,7 +108,7 @@ class Engine:
     def bridge_rules(self) -> BridgeRuleset:
         """The `bridge larkns` table (bridge mode)."""
         if self._bridge_rules is None:
-            self._bridge_rules = BridgeRuleset()
+            self._bridge_rules = BridgeRuleset(self.settings.classes)
         return self._bridge_rules
 
     @property
@@ -200,13 +200,18 @@ class Engine:
         without letting go of it, hence the loop: look again once back under
         the shared lock.
         """
+        rules: Ruleset | BridgeRuleset | None = None
+        if mode in ROUTED_MODES:
+            rules = self.ruleset
+        elif mode == "bridge":
+            rules = self.bridge_rules
         for _ in range(3):
             with self.journal.lock(exclusive=False):
-                if mode not in ROUTED_MODES or self.ruleset.serves_classes():
+                if rules is None or rules.serves_classes():
                     yield
                     return
             with self.journal.lock(exclusive=True):
-                self.ruleset.update_classes()
+                rules.update_classes()
         raise SetupError(
             f"the nft table inet larkns does not keep LARKNS_CLASSES "
             f"({', '.join(n for n, _ in self.settings.classes)}): something else changes it"
@@ -676,7 +681,8 @@ class Engine:
         if record is None or record.plan is None or not record.plan.linked:
             return Traffic()
         if record.plan.mode == "bridge":
-            b = self.bridge_rules.counters(name)
+            names = self._classes(record.plan)
+            b = self.bridge_rules.counters(name, names)
             return Traffic(
                 ipv4_in=b["in4"],
                 ipv4_out=b["out4"],
@@ -685,6 +691,7 @@ class Engine:
                 control_in=b["ctl-in"],
                 control_out=b["ctl-out"],
                 dropped=b["drop"],
+                classes={n: (b[f"cin-{n}"], b[f"cout-{n}"]) for n in names},
             )
         # The classes the job was set up with: this process's may differ.
         # (For a record of an older larkns, this process's: stats are read
@@ -758,7 +765,10 @@ class Engine:
         if plan is None or plan.mode == "bridge":
             with contextlib.suppress(Exception):
                 if plan is not None or self.bridge_rules.has_table():
-                    self.bridge_rules.remove_job(name, host_link)
+                    classes = plan.classes if plan is not None else None
+                    if classes is None:
+                        classes = self.bridge_rules.table_classes()
+                    self.bridge_rules.remove_job(name, host_link, classes)
         for slot in slots:
             leases.release(self.journal, slot, name)
         self.journal.remove(name)
@@ -904,8 +914,9 @@ class Engine:
             bridged_jobs = self.bridge_rules.jobs()
         except Exception:
             bridged_jobs = set()
+        bridge_classes = self.bridge_rules.table_classes() if bridged_jobs - live else ()
         for job in sorted(bridged_jobs - live):
-            self.bridge_rules.remove_job(job, HOST_LINK_PREFIX + job)
+            self.bridge_rules.remove_job(job, HOST_LINK_PREFIX + job, bridge_classes)
             removed.append(f"bridge guard and counters of {job}")
         for slot, lease in sorted(leases.leased(self.journal).items()):
             # A lease is taken just before its job's record is claimed: one

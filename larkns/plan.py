@@ -388,7 +388,7 @@ def bridged(
         bridge=settings.bridge,
         gateway4=facts.gateway if ipv4_job else None,
         site_prefixes=facts.prefixes,
-        classes=(),
+        classes=tuple(name for name, _ in settings.classes),
         dhcp=how == "dhcp",
     )
 

@@ -309,3 +309,23 @@ def test_a_lease_the_server_refuses_is_dropped_and_a_new_one_taken(site: World) 
 def _job_ns(world: World) -> str:
     (ns,) = [n for n in os.listdir("/run/netns") if n.startswith(world.netns_prefix)]
     return str(ns)
+
+
+def test_a_bridged_job_s_traffic_classes_are_counted(site: World, tmp_path: Path) -> None:
+    script = (
+        f"{sys.executable} {PEER} udp {SITE4} {PORT} 3 100 50 && "
+        f"{sys.executable} {PEER} udp {SITE6} {PORT} 2 200 60"
+    )
+    proc, report = run_job(
+        site,
+        tmp_path,
+        "sh",
+        "-c",
+        script,
+        extra=("--mode", "bridge"),
+        **(KNOBS | {"LARKNS_CLASSES": "Site = 198.18.0.1/32; Far = 2001:db8:0:1::1/128"}),
+    )
+    assert proc.returncode == 0, proc.stderr
+    classes: dict[str, Any] = report["classes"]  # type: ignore[assignment]
+    assert classes["Site"]["bytes"] == {"outgoing": 3 * 128, "incoming": 3 * 78}
+    assert classes["Far"]["bytes"] == {"outgoing": 2 * 248, "incoming": 2 * 108}

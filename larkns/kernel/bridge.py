@@ -45,9 +45,17 @@ from larkns.kernel.nft import (
     LINK_CONTROL_ICMPV6,
     ROGUE_ICMPV6,
     ROGUE_UDP_SPORTS,
+    Classes,
     NftError,
     _load,
     _parse,
+    as_family,
+    class_declaration,
+    class_maps,
+    class_marker,
+    class_names,
+    class_update,
+    classes_in,
     counter_name,
 )
 from larkns.kernel.nftnl import Nftnl, NftnlError
@@ -176,9 +184,38 @@ def guard_rules(
 class BridgeRuleset:
     """The `bridge larkns` table in the calling thread's network namespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: Classes = ()) -> None:
+        # The admin's traffic classes, counted as in inet larkns (the same
+        # sets, maps, rules and markers, in this table).
+        self.classes = classes
+        self._markers = [class_marker(name, nets) for name, nets in classes]
         self._nft = _load()
         self._nl = Nftnl(nftnl.NFPROTO_BRIDGE)
+
+    def _maps(self, classes: Sequence[str] | None) -> dict[str, str]:
+        names = class_names(self.classes) if classes is None else classes
+        return {**COUNTER_MAPS, **class_maps(names)}
+
+    def serves_classes(self) -> bool:
+        """Whether the table counts this process's classes as configured."""
+        if not self._markers:
+            return True
+        try:
+            found = self._nl.counters(TABLE, self._markers)
+        except NftnlError:
+            return False
+        return len(found) == len(self._markers)
+
+    def update_classes(self) -> None:
+        """Bring the table in line with this process's classes (under the
+        journal's exclusive lock, as for inet larkns)."""
+        if not self.has_table():
+            self.ensure_table()
+            return
+        listing = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
+        cmds = class_update(self.classes, as_family(listing, "inet"))
+        if cmds:
+            self._run(as_family(cmds, FAMILY))
 
     def close(self) -> None:
         self._nl.close()
@@ -200,8 +237,9 @@ class BridgeRuleset:
         if self.has_table():
             return
         create = [{"create": {"table": {"family": FAMILY, "name": TABLE}}}]
+        classes = as_family(class_declaration(self.classes), FAMILY)
         try:
-            self._run(create + declaration()[1:])
+            self._run(create + declaration()[1:] + classes)
         except NftError:
             if not self.has_table():
                 raise
@@ -223,12 +261,13 @@ class BridgeRuleset:
         """The job's counters, map entries and guard chain, in one transaction."""
         self.ensure_table()
         chain = guard_chain(job)
+        maps = self._maps(None)
         cmds: list[dict[str, Any]] = [
-            {"add": {"counter": {**_T, "name": counter_name(job, k)}}} for k in COUNTER_MAPS
+            {"add": {"counter": {**_T, "name": counter_name(job, k)}}} for k in maps
         ]
         cmds += [
             {"add": {"element": {**_T, "name": m, "elem": [[port, counter_name(job, k)]]}}}
-            for k, m in COUNTER_MAPS.items()
+            for k, m in maps.items()
         ]
         cmds.append({"add": {"chain": {**_T, "name": chain}}})
         cmds += [{"add": r} for r in guard_rules(job, mac, ipv4, ipv6)]
@@ -255,21 +294,20 @@ class BridgeRuleset:
         cmds += [{"add": r} for r in guard_rules(job, mac, ipv4, ipv6)]
         self._run(cmds)
 
-    def remove_job(self, job: str, port: str | None) -> bool:
-        """Remove everything of `job`; True if anything was there.  One
-        transaction, or object by object when part of it is gone."""
+    def remove_job(self, job: str, port: str | None, classes: Sequence[str] | None = None) -> bool:
+        """Remove everything of `job` (counted in `classes`: by default this
+        process's); True if anything was there.  One transaction, or object
+        by object when part of it is gone."""
+        maps = self._maps(classes)
         cmds: list[dict[str, Any]] = []
         if port is not None:
             cmds.append({"delete": {"element": {**_T, "name": "guards", "elem": [port]}}})
             cmds.append({"delete": {"element": {**_T, "name": "ports", "elem": [port]}}})
             cmds += [
-                {"delete": {"element": {**_T, "name": m, "elem": [port]}}}
-                for m in COUNTER_MAPS.values()
+                {"delete": {"element": {**_T, "name": m, "elem": [port]}}} for m in maps.values()
             ]
         cmds.append({"delete": {"chain": {**_T, "name": guard_chain(job)}}})
-        cmds += [
-            {"delete": {"counter": {**_T, "name": counter_name(job, k)}}} for k in COUNTER_MAPS
-        ]
+        cmds += [{"delete": {"counter": {**_T, "name": counter_name(job, k)}}} for k in maps]
         try:
             self._run(cmds)
             return True
@@ -282,15 +320,24 @@ class BridgeRuleset:
                 removed = True
         return removed
 
-    def counters(self, job: str) -> dict[str, Count]:
+    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
+        maps = self._maps(classes)
         try:
-            got = self._nl.counters(TABLE, [counter_name(job, k) for k in COUNTER_MAPS])
+            got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
         except NftnlError:
             got = {}
         return {
             k: Count(*got.get(counter_name(job, k), (0, 0)))  # packets, bytes
-            for k in COUNTER_MAPS
+            for k in maps
         }
+
+    def table_classes(self) -> tuple[str, ...]:
+        """Every class the table has maps for (for orphans, whose records
+        are gone)."""
+        if not self.has_table():
+            return ()
+        listing = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
+        return classes_in(as_family(listing, "inet"))
 
     def jobs(self) -> set[str]:
         """Jobs with a guard chain here (for gc)."""

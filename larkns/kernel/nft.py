@@ -736,6 +736,27 @@ class Ruleset:
         return TableJobs(jobs, links, classes, sources)
 
 
+def as_family(cmds: Any, family: str) -> Any:
+    """Commands for the inet table, made for the same-named table of another
+    family (the bridge table counts classes with the same objects)."""
+    if isinstance(cmds, dict):
+        return {
+            k: (family if k == "family" and v == FAMILY else as_family(v, family))
+            for k, v in cmds.items()
+        }
+    if isinstance(cmds, list):
+        return [as_family(c, family) for c in cmds]
+    return cmds
+
+
+def class_declaration(classes: Classes) -> list[dict[str, Any]]:
+    return _class_declaration(classes)
+
+
+def classes_in(table: list[dict[str, Any]]) -> tuple[str, ...]:
+    return _classes_in(table)
+
+
 def _classes_in(table: list[dict[str, Any]]) -> tuple[str, ...]:
     """The classes a listed table has maps for."""
     return tuple(
