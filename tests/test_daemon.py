@@ -372,3 +372,28 @@ def test_the_job_joins_its_wrapper_s_pid_namespace(larknsd: Larknsd) -> None:
     finally:
         p.kill()
         p.communicate(timeout=10)
+
+
+def test_the_job_s_end_reaches_a_wrapper_that_asks_for_counters_all_the_time(
+    clean_world: World,
+) -> None:
+    """The wrapper asks for counters every millisecond (as with chirp): the
+    job's end, sent as larknsd closes the connection, must not be lost to a
+    request that fails on the closed connection."""
+    d = Larknsd(clean_world, LARKNS_UPDATE_INTERVAL="0.001")
+    try:
+        wrapper = wrapper_script(
+            d.copy, d.socket, _CONDOR_CHIRP_CONFIG="/nonexistent", LARKNS_CONDOR_CHIRP="/bin/true"
+        )
+        for _ in range(15):
+            proc = subprocess.run(
+                [*clean_world.worker_cmd(), str(wrapper), "/bin/sh", "-c", "sleep 0.05; exit 3"],
+                capture_output=True,
+                text=True,
+                cwd="/",
+                timeout=30,
+            )
+            assert proc.returncode == 3, proc.stderr
+    finally:
+        err = d.stop()
+        assert "Traceback" not in err, err

@@ -286,14 +286,39 @@ def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dic
                         publisher.set(counters(msg["traffic"]))
                 if time.monotonic() >= next_update:
                     if publisher.chirp is not None:
-                        protocol.send(sock, {"op": "stats"})
+                        # larknsd may have sent the job's end and closed
+                        # since we looked: that message is still to be read,
+                        # so a failed request is no reason to give up on it.
+                        with contextlib.suppress(OSError):
+                            protocol.send(sock, {"op": "stats"})
                     next_update = time.monotonic() + interval
             except OSError:
+                # The job's end may still be queued behind the error.
+                end = _leftover_end(sock)
+                if end is not None:
+                    return end
                 if not link.name or not link.reattach(forward):
                     return None
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         os.close(pidfd)
+
+
+def _leftover_end(sock: socket.socket) -> dict[str, Any] | None:
+    """The job's end, if larknsd sent it before the connection failed."""
+    sock.setblocking(False)
+    try:
+        while True:
+            msg, _ = protocol.receive(sock, max_fds=0)
+            if msg is None:
+                return None
+            if "exit" in msg:
+                return msg
+    except (OSError, protocol.ProtocolError):
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setblocking(True)
 
 
 def _end_like(end: dict[str, Any]) -> int:

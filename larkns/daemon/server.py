@@ -379,6 +379,7 @@ class Daemon:
                 self._attached.discard(name)
         with contextlib.suppress(OSError):
             protocol.send(conn, {"exit": outcome, "traffic": _traffic(traffic)})
+        _drain(conn)
 
     def _adopt(self) -> list[str]:
         """Take over the jobs of a larknsd that is gone (a restart): their
@@ -577,6 +578,16 @@ class Daemon:
             print(f"larknsd: job {name}: its keeper died; the job was killed", file=sys.stderr)
             return {"signal": 9}
         return end
+
+
+def _drain(conn: socket.socket, timeout: float = 5.0) -> None:
+    """Read what the wrapper still sends (counter requests) until it closes.
+    A unix socket closed with unread messages resets its peer, which could
+    then lose the job's end sent just before."""
+    conn.settimeout(timeout)
+    with contextlib.suppress(OSError, protocol.ProtocolError):
+        while protocol.receive(conn, max_fds=0)[0] is not None:
+            pass
 
 
 def _start(pid: int) -> int:
