@@ -227,7 +227,10 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
             pp.revents = 0;
             gone = poll(&pp, 1, 0) > 0;
         } else {
-            gone = getppid() != parent;
+            /* 0: a parent outside the child's pid namespace (the keeper). */
+            pid_t pp = getppid();
+
+            gone = pp != parent && pp != 0;
         }
         if (gone) {
             errno = ESRCH;
@@ -330,12 +333,6 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
 
     if (pipe2(p, O_CLOEXEC) < 0)
         goto fail_clone;
-    if (a->pdeathsig > 0) {
-        /* Not fatal if missing (< 5.3): the child then compares getppid(). */
-        parent_fd = (int)syscall(SYS_pidfd_open, parent, 0U);
-        if (parent_fd >= 0)
-            parent_fd = fd_above_stdio(parent_fd);
-    }
     p[0] = fd_above_stdio(p[0]);
     p[1] = fd_above_stdio(p[1]);
     if (p[0] < 0 || p[1] < 0) {
@@ -346,6 +343,13 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
             close(p[1]);
         errno = e;
         goto fail_clone;
+    }
+    /* After the pipe: no failure below leaves it open. */
+    if (a->pdeathsig > 0) {
+        /* Not fatal if missing (< 5.3): the child then compares getppid(). */
+        parent_fd = (int)syscall(SYS_pidfd_open, parent, 0U);
+        if (parent_fd >= 0)
+            parent_fd = fd_above_stdio(parent_fd);
     }
 
     /* Blocked until the child has put its signal handlers back to default:

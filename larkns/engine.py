@@ -19,6 +19,7 @@ import os
 import select
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -517,29 +518,39 @@ class Engine:
 
     def _dhcp_changed(
         self, plan: JobNetwork, old: dhcp.Lease | None, new: dhcp.Lease | None
-    ) -> None:
-        """From the renewer's thread: a renewed, changed, lost or new lease."""
-        # Shared netlink and nft handles: under the engine's lock (a
-        # teardown holding it stops this renewer: give way then).
+    ) -> bool:
+        """From the renewer's thread: a renewed, changed, lost or new lease;
+        whether it is applied (the renewer tries again if not)."""
+        # Shared netlink and nft handles: under the engine's lock.
         if not self.lock.acquire(timeout=2):
-            return
+            return False
         try:
             if (old is None) != (new is None) or (
                 old is not None and new is not None and old.address != new.address
             ):
-                with contextlib.suppress(Exception), self._job_socket(plan) as job:
-                    self._dhcp_apply(plan, job, old, new)
+                try:
+                    with self._job_socket(plan) as job:
+                        self._dhcp_apply(plan, job, old, new)
+                except Exception as e:
+                    print(f"larkns: job {plan.name}: DHCP change not applied: {e}", file=sys.stderr)
+                    return False
             record = self.journal.read(plan.name)
             if record is not None:
                 record.extra["dhcp"] = None if new is None else new.to_dict()
                 with contextlib.suppress(OSError):
                     self.journal.write(record)
+            return True
         finally:
             self.lock.release()
 
     def adopt(self, plan: JobNetwork) -> None:
         """Serve a running job's network again after a restart: what lives in
         the process (router advertisements) rather than in the kernel."""
+        if plan.mode == "bridge":
+            record = self.journal.read(plan.name)
+            taken = record.extra.get("sources", []) if record is not None else []
+            if taken:
+                self._bridge_extra6[plan.name] = [ipaddress.IPv6Address(a) for a in taken]
         if plan.dhcp and plan.name not in self._dhcp:
             # Keep renewing the lease the last larkns process got.
             record = self.journal.read(plan.name)
@@ -634,6 +645,10 @@ class Engine:
             with self.lock:
                 self._bridge_extra6[plan.name] = extra
                 self._bridge_guard(plan, self._bridge_ipv4(plan))
+                record = self.journal.read(plan.name)
+                if record is not None:
+                    record.extra["sources"] = [str(a) for a in extra]
+                    self.journal.write(record)
         return waited
 
     def job_addresses(self, plan: JobNetwork) -> tuple[str | None, list[str]]:
@@ -927,6 +942,9 @@ class Engine:
         for tmp in self.journal.stale_temp_files():
             tmp.unlink(missing_ok=True)
             removed.append(f"journal temp file {tmp.name}")
+        for note in self.journal.stale_exit_files():
+            note.unlink(missing_ok=True)
+            removed.append(f"exit note {note.name}")
         return removed
 
 

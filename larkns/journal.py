@@ -84,8 +84,16 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def alive(self) -> bool:
-        """Whether the job still has its owner (and its client, if it has one)."""
-        return self.owner.alive() and (self.client is None or self.client.alive())
+        """Whether the job still has its owner (and its client, if it has
+        one).  A job whose client is gone but whose keeper is not is still
+        ending: the keeper kills it and writes down how it ended, and the
+        owner removes it then (gc must not, or the keeper's note would
+        outlive the job's record)."""
+        if not self.owner.alive():
+            return False
+        if self.client is None or self.client.alive():
+            return True
+        return self.keeper is not None and self.keeper.alive()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -207,6 +215,15 @@ class Journal:
             pass
         return None
 
+    def stale_exit_files(self) -> list[Path]:
+        """Keepers' notes of jobs that have no record any more."""
+        live = set(self.names())
+        return [
+            self.jobs / e
+            for e in _listdir(self.jobs)
+            if e.endswith(".exit") and not e.startswith(".") and e[: -len(".exit")] not in live
+        ]
+
     def stale_temp_files(self) -> list[Path]:
         """Temp files (".NAME.PID.tmp") whose writer died before renaming them."""
         out = []
@@ -250,6 +267,8 @@ class Journal:
         if self.names() or any(e.isdigit() for e in _listdir(self.slots)):
             return False
         (self.slots / "next").unlink(missing_ok=True)
+        for note in self.stale_exit_files():
+            note.unlink(missing_ok=True)
         for d in (self.jobs, self.slots):
             with contextlib.suppress(FileNotFoundError, OSError):
                 d.rmdir()

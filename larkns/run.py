@@ -244,25 +244,35 @@ def _spawn_and_wait(
         for fd in (ns_fd, me, status_dir):
             os.close(fd)
     try:
-        record = engine.journal.read(req.name)
-        if record is not None:
-            # The job's pid lets `larkns show` and gc tell it apart; a command
-            # that has already exited has no start time left to record.
-            with contextlib.suppress(ProcessLookupError):
-                record.job = Process.of(kept.job_pid)
-            with contextlib.suppress(ProcessLookupError):
-                record.keeper = Process.of(kept.keeper_pid)
-            record.state = "running"
-            engine.journal.write(record)
+        with engine.lock:  # a DHCP renewer may write the record too
+            _record_started(engine, req.name, kept)
         _wait(kept.keeper_pidfd, kept.job_pidfd)
     finally:
         os.close(kept.job_pidfd)
         os.close(kept.keeper_pidfd)
-    end = engine.journal.exit_status(req.name)
+    return _outcome(engine, req.name)
+
+
+def _record_started(engine: Engine, name: str, kept: core.Kept) -> None:
+    record = engine.journal.read(name)
+    if record is not None:
+        # The job's pid lets `larkns show` and gc tell it apart; a command
+        # that has already exited has no start time left to record.
+        with contextlib.suppress(ProcessLookupError):
+            record.job = Process.of(kept.job_pid)
+        with contextlib.suppress(ProcessLookupError):
+            record.keeper = Process.of(kept.keeper_pid)
+        record.state = "running"
+        engine.journal.write(record)
+
+
+def _outcome(engine: Engine, name: str) -> report.Outcome:
+    """How the command ended, as its keeper wrote it down."""
+    end = engine.journal.exit_status(name)
     if end is None:
         # Killed with its keeper (parent-death signal), or by gc/teardown.
         print(
-            f"larkns: the keeper of job {req.name} was killed, and the command with it",
+            f"larkns: the keeper of job {name} was killed, and the command with it",
             file=sys.stderr,
         )
         return report.Outcome(signal=signal.SIGKILL)

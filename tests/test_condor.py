@@ -9,6 +9,7 @@ except under CI (CI set), where they are required.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -26,6 +27,8 @@ from tests.jobside import hook_script, wrapper_script
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
+ROUTED6 = "2001:db8:100::/56"
+
 
 @pytest.fixture(scope="module")
 def daemon(world: World) -> Iterator[Larknsd]:
@@ -34,7 +37,9 @@ def daemon(world: World) -> Iterator[Larknsd]:
     # The site's prefixes are a traffic class of their own.
     d = Larknsd(
         world,
-        LARKNS_ALLOWED_NETWORK_TYPES="nat,none",
+        LARKNS_ALLOWED_NETWORK_TYPES="nat,none,routed",
+        # The site routes this prefix to the worker (a test adds the route).
+        LARKNS_ROUTED_IPV6_PREFIX=ROUTED6,
         LARKNS_CLASSES="Site = 198.18.0.0/24, 2001:db8:0:1::/64",
         # Updates every 2 s (not 60) so a test sees one.
         LARKNS_UPDATE_INTERVAL="2",
@@ -257,7 +262,7 @@ def test_the_machine_ad_says_what_the_node_offers(pool: Pool) -> None:
             break
         time.sleep(1)
     assert ad.get("LarkAvailable") == "true", ad
-    assert ad.get("LarkNetworkTypes") == '"nat,none"'
+    assert ad.get("LarkNetworkTypes") == '"nat,routed,none"'
     assert ad.get("LarkHasIPv4") == "true" and ad.get("LarkHasIPv6") == "true"
     # and a job can require it
     cluster = pool.submit(
@@ -332,6 +337,25 @@ def test_a_job_may_ask_for_no_network_when_the_site_allows_it(pool: Pool) -> Non
     assert ad["ExitCode"] == "0", (ad, (pool.home / "none.err").read_text())
     assert (pool.home / "none.out").read_text().split() == ["lo"]
     assert ad["LarkNetworkType"] == "none"
+
+
+def test_a_job_may_ask_for_a_routed_network_and_the_site_sees_it_as_itself(
+    pool: Pool, world: World
+) -> None:
+    sh("ip", "-6", "route", "add", ROUTED6, "via", WORKER6, ns=world.site)
+    try:
+        job = JOB.replace("queue", '+LarkNetworkType = "routed"\n    queue')
+        script = f"/usr/bin/python3 peer.py udp {SITE6} {PORT} 2 10 60"
+        cluster = pool.submit(job.format(script=script, tag="routed"))
+        ad = pool.wait_done(cluster)
+    finally:
+        sh("ip", "-6", "route", "del", ROUTED6, ns=world.site, check=False)
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "routed.err").read_text())
+    assert ad["LarkNetworkType"] == "routed"
+    seen = json.loads((pool.home / "routed.out").read_text())["seen_as"]
+    # No NAT: the site sees the job's own address, of the routed prefix.
+    assert ipaddress.IPv6Address(seen) in ipaddress.IPv6Network(ROUTED6)
+    assert seen in ad["LarkIPv6Addresses"]
 
 
 def test_a_job_asking_for_a_type_the_site_does_not_allow_is_held(pool: Pool) -> None:

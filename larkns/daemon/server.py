@@ -17,6 +17,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -430,9 +431,37 @@ class Daemon:
         plan = self._prepared(name, caller)
         if plan is None:
             mode = self._mode(caller)
+            starter = Process.of(caller.starter)
             with self.lock:
-                plan = self.engine.setup(name, mode, self.me, client=Process.of(caller.starter))
+                plan = self.engine.setup(name, mode, self.me, client=starter)
+            threading.Thread(
+                target=self._until_launched, args=(name, starter), name="prepared", daemon=True
+            ).start()
         protocol.send(conn, {"ok": True, "name": name, "mode": plan.mode})
+
+    def _until_launched(self, name: str, starter: Process) -> None:
+        """A prepared network whose starter ends before its job is launched
+        (the job removed or held meanwhile) goes at once, not at the next gc."""
+        try:
+            fd = os.pidfd_open(starter.pid)
+        except OSError:
+            fd = None
+        try:
+            while True:
+                if fd is not None:
+                    select.select([fd], [], [], 1.0)
+                else:
+                    time.sleep(1.0)
+                with self.lock:
+                    record = self.engine.journal.read(name)
+                    if record is None or record.client != starter or record.owner != self.me:
+                        return  # launched (the job's keeper and wrapper rule it now), or gone
+                    if not starter.alive():
+                        self.engine.teardown(name)
+                        return
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _mode(self, caller: Caller) -> str:
         """The job's network type: the site's LARKNS_NETWORK_TYPE evaluated

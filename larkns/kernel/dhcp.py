@@ -159,9 +159,17 @@ class Client:
             s.close()
             raise
         self.sock = s
+        # Written to cut an exchange short (the job is being torn down).
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
 
     def close(self) -> None:
         self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _exchange(
         self,
@@ -181,7 +189,10 @@ class Client:
             resend = min(deadline, time.monotonic() + wait)
             wait = min(wait * 2, 4.0)
             while (left := resend - time.monotonic()) > 0:
-                ready, _, _ = select.select([self.sock], [], [], left)
+                watched: list[int] = [self.sock.fileno(), self._wake_r]
+                ready, _, _ = select.select(watched, [], [], left)
+                if self._wake_r in ready:
+                    raise DhcpError("interrupted")
                 if not ready:
                     break
                 got = parse(self.sock.recv(4096))
@@ -272,16 +283,18 @@ def _lease(
 class Renewer:
     """Keeps a job's lease for as long as the job runs: renews at T1, rebinds
     at T2; when the lease is refused (NAK) or runs out, asks anew (DISCOVER)
-    every few seconds.  `on_change(old, new)` hears of every change (new None:
-    the address is lost) before the renewer takes it as its own."""
+    every few seconds.  `on_change(old, new)` applies every change (new None:
+    the address is lost) and says whether it could; the renewer takes a
+    change as its own only then, and tries again otherwise."""
 
     RETRY = 5.0
+    MIN_T1 = 1.0  # whatever a server says: no renewal storm
 
     def __init__(
         self,
         client: Client,
         lease: Lease,
-        on_change: Callable[[Lease | None, Lease | None], None],
+        on_change: Callable[[Lease | None, Lease | None], bool],
     ) -> None:
         self.client = client
         self.lease: Lease | None = lease
@@ -292,24 +305,32 @@ class Renewer:
         self._thread.start()
 
     def _change(self, new: Lease | None) -> None:
-        self.on_change(self.lease, new)
-        self.lease = new
+        while not self._stop.is_set():
+            if self.on_change(self.lease, new):
+                self.lease = new
+                return
+            self._stop.wait(0.5)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             lease = self.lease
             if lease is None:
                 try:
-                    self._change(self.client.obtain(self.RETRY))
-                except (DhcpError, OSError):
+                    new = self.client.obtain(self.RETRY)
+                except Exception:  # no server, a malformed answer, interrupted
                     self._stop.wait(self.RETRY)
+                    continue
+                self._change(new)
                 continue
-            if self._stop.wait(max(0.0, lease.obtained + lease.t1 - time.time())):
+            t1 = max(lease.t1, self.MIN_T1)
+            if self._stop.wait(max(0.0, lease.obtained + t1 - time.time())):
                 return
             rebind = time.time() >= lease.obtained + lease.t2
             try:
-                new = self.client.renew(lease, rebind=rebind, timeout=min(10.0, lease.t1 / 2 + 1))
-            except (DhcpError, OSError) as e:
+                new = self.client.renew(lease, rebind=rebind, timeout=min(10.0, t1 / 2 + 1))
+            except Exception as e:
+                if self._stop.is_set():
+                    return
                 if getattr(e, "nak", False) or time.time() >= lease.obtained + lease.seconds:
                     self._change(None)  # refused, or over: the address must go
                 elif self._stop.wait(1.0):
@@ -320,7 +341,8 @@ class Renewer:
 
     def stop(self, release: bool = True) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self.client.interrupt()
+        self._thread.join(timeout=5)
         if release and self.lease is not None:
             self.client.release(self.lease)
         self.client.close()
