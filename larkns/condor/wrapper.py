@@ -27,19 +27,21 @@ runs as an unprivileged user, possibly with the system's python3.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from typing import Any
 
 from larkns import signals
 from larkns.daemon import protocol
+
+# typing costs a few ms at every job's start, and is wanted for checking only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 # What a wrapper cannot do without larknsd: the job must not run without the
 # network it was meant to have (the hold path is the PREPARE_JOB hook).
@@ -48,6 +50,20 @@ FORWARDED = signals.FORWARDED
 DEFAULT_UPDATE_INTERVAL = 60.0
 DEFAULT_REATTACH_TIMEOUT = 300.0
 _CHIRP_PLACES = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
+
+
+# Every import here costs the start of every job (HTCondor starts the
+# wrapper anew for each): the standard library's heavier modules (shutil,
+# subprocess, contextlib) are left out or imported when needed.
+
+
+def which(cmd: str) -> str | None:
+    """shutil.which, for an executable file on PATH."""
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", cmd)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def _fail(msg: str) -> int:
@@ -67,7 +83,7 @@ class Publisher:
         explicit = os.environ.get("LARKNS_CONDOR_CHIRP")
         if explicit:
             return explicit
-        found = shutil.which("condor_chirp")
+        found = which("condor_chirp")
         if found:
             return found
         # The starter says where its bin/ is; condor_chirp is in libexec/.
@@ -81,6 +97,8 @@ class Publisher:
     def set(self, attrs: dict[str, str]) -> None:
         if self.chirp is None:
             return
+        import subprocess
+
         for name, expr in attrs.items():
             try:
                 done = subprocess.run(
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         return _fail("no job to run (usage: larkns-wrapper EXECUTABLE [ARG...])")
-    path = args[0] if "/" in args[0] else shutil.which(args[0])
+    path = args[0] if "/" in args[0] else which(args[0])
     if path is None:
         return _fail(f"{args[0]}: command not found")
     path = os.path.abspath(path)
@@ -263,8 +281,10 @@ def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dic
         ready, _, _ = select.select(watched, [], [], timeout)
         if rfd in ready:
             for signum in os.read(rfd, 256):
-                with contextlib.suppress(ProcessLookupError):
+                try:  # noqa: SIM105 (contextlib: a slower start)
                     signal.pidfd_send_signal(pidfd, signum)
+                except ProcessLookupError:
+                    pass  # the job has ended: its end is on its way
         return sock is not None and sock.fileno() in ready
 
     next_update = time.monotonic() + interval
@@ -289,8 +309,10 @@ def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dic
                         # larknsd may have sent the job's end and closed
                         # since we looked: that message is still to be read,
                         # so a failed request is no reason to give up on it.
-                        with contextlib.suppress(OSError):
+                        try:  # noqa: SIM105
                             protocol.send(sock, {"op": "stats"})
+                        except OSError:
+                            pass
                     next_update = time.monotonic() + interval
             except OSError:
                 # The job's end may still be queued behind the error.
@@ -317,8 +339,10 @@ def _leftover_end(sock: socket.socket) -> dict[str, Any] | None:
     except (OSError, protocol.ProtocolError):
         return None
     finally:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105
             sock.setblocking(True)
+        except OSError:
+            pass
 
 
 def _end_like(end: dict[str, Any]) -> int:

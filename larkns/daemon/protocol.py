@@ -29,7 +29,11 @@ import array
 import json
 import os
 import socket
-from typing import Any
+
+# typing costs a few ms at every job's start, and is wanted for checking only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # a job's environment can be large; this is plenty
