@@ -695,26 +695,17 @@ class Engine:
         record = self.journal.read(name)
         if record is None or record.plan is None or not record.plan.linked:
             return Traffic()
-        if record.plan.mode == "bridge":
-            names = self._classes(record.plan)
-            b = self.bridge_rules.counters(name, names)
-            return Traffic(
-                ipv4_in=b["in4"],
-                ipv4_out=b["out4"],
-                ipv6_in=b["in6"],
-                ipv6_out=b["out6"],
-                control_in=b["ctl-in"],
-                control_out=b["ctl-out"],
-                dropped=b["drop"],
-                classes={n: (b[f"cin-{n}"], b[f"cout-{n}"]) for n in names},
-            )
+        plan = record.plan
         # The classes the job was set up with: this process's may differ.
         # (For a record of an older larkns, this process's: stats are read
         # often, and should not list the table.)
-        classes = record.plan.classes
+        classes = plan.classes
         if classes is None:
             classes = tuple(n for n, _ in self.settings.classes)
-        c = self.ruleset.counters(name, classes)
+        if plan.mode == "bridge":
+            c = self.bridge_rules.counters(name, classes)
+        else:
+            c = self.ruleset.counters(name, classes)
         return Traffic(
             ipv4_in=c["in4"],
             ipv4_out=c["out4"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -205,21 +204,8 @@ def test_a_bridged_job_gets_its_ipv4_address_from_the_site_s_dhcp_server(
 
 
 def test_a_bridged_job_keeps_its_lease_for_as_long_as_it_runs(site: World) -> None:
-    p = subprocess.Popen(
-        site.worker_cmd(
-            str(Path(sys.executable).parent / "larkns"),
-            "run",
-            "--mode",
-            "bridge",
-            "--",
-            "sh",
-            "-c",
-            f"{MAC_OF_ETH0}; exec sleep 6",
-        ),
-        env=site.env() | DHCP,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    p = site.larkns_popen(
+        "run", "--mode", "bridge", "--", "sh", "-c", f"{MAC_OF_ETH0}; exec sleep 6", knobs=DHCP
     )
     assert p.stdout is not None
     mac = p.stdout.readline().strip()
@@ -244,15 +230,9 @@ def test_when_the_node_s_range_is_used_up_the_next_bridged_job_is_refused(
     site: World, tmp_path: Path
 ) -> None:
     one = KNOBS | {"LARKNS_BRIDGE_IPV4_POOL": "198.18.0.130/32"}
-    p = subprocess.Popen(
-        site.worker_cmd(
-            str(Path(sys.executable).parent / "larkns"), "run", "--mode", "bridge", "--name",
-            "lktone", "--", "sh", "-c", "echo up; exec sleep 30",
-        ),
-        env=site.env() | one,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    p = site.larkns_popen(
+        "run", "--mode", "bridge", "--name", "lktone", "--", "sh", "-c", "echo up; exec sleep 30",
+        knobs=one,
     )  # fmt: skip
     assert p.stdout is not None
     try:
@@ -270,17 +250,10 @@ def test_a_lease_the_server_refuses_is_dropped_and_a_new_one_taken(site: World) 
     """The site's server restarts with another range: it refuses (NAK) the
     job's renewal; the job loses that address and gets one of the new range."""
     dhcp = site.dhcp  # type: ignore[attr-defined]
-    p = subprocess.Popen(
-        site.worker_cmd(
-            str(Path(sys.executable).parent / "larkns"), "run", "--mode", "bridge", "--",
-            "sh", "-c",
-            "ip -4 -o addr show dev eth0; read go; ip -4 -o addr show dev eth0",
-        ),
-        env=site.env() | DHCP,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    show = "ip -4 -o addr show dev eth0"
+    p = site.larkns_popen(
+        "run", "--mode", "bridge", "--", "sh", "-c", f"{show}; read go; {show}",
+        knobs=DHCP, stdin=True,
     )  # fmt: skip
     assert p.stdout is not None and p.stdin is not None
     try:

@@ -17,27 +17,8 @@ PORTS = {"LARKNS_INBOUND_PORTS": "41000-41099", "LARKNS_INBOUND_PORTS_PER_JOB": 
 
 def _serve(world: World, name: str, knobs: dict[str, str]) -> subprocess.Popen[str]:
     # The job learns its ports from LARKNS_JOB_PORTS, and serves on the first.
-    p = subprocess.Popen(
-        world.worker_cmd(
-            str(Path(sys.executable).parent / "larkns"),
-            "run",
-            "--name",
-            name,
-            "--",
-            "sh",
-            "-c",
-            f'exec {sys.executable} {PEER} serve "${{LARKNS_JOB_PORTS%-*}}"',
-        ),
-        env=world.env() | knobs,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None
-    if p.stdout.readline().strip() != "ready":
-        p.kill()
-        raise AssertionError(f"the job's server did not start: {p.communicate()[1]}")
-    return p
+    serve = f'exec {sys.executable} {PEER} serve "${{LARKNS_JOB_PORTS%-*}}"'
+    return world.serving("run", "--name", name, "--", "sh", "-c", serve, knobs=knobs)
 
 
 def _from_site(world: World, verb: str, host: str, port: int) -> dict[str, str]:

@@ -73,30 +73,10 @@ def test_a_routed_job_reaches_the_site_with_its_own_addresses(
 
 
 def _serve_in_job(world: World, name: str, knobs: dict[str, str]) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        world.worker_cmd(
-            str(Path(sys.executable).parent / "larkns"),
-            "run",
-            "--mode",
-            "routed",
-            "--name",
-            name,
-            "--",
-            sys.executable,
-            PEER,
-            "serve",
-            str(PORT),
-        ),
-        env=world.env() | knobs,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None
-    if p.stdout.readline().strip() != "ready":
-        p.kill()
-        raise AssertionError(f"the job's server did not start: {p.communicate()[1]}")
-    return p
+    return world.serving(
+        "run", "--mode", "routed", "--name", name, "--", sys.executable, PEER, "serve", str(PORT),
+        knobs=knobs,
+    )  # fmt: skip
 
 
 def _job_addresses(world: World, name: str) -> tuple[str, str]:

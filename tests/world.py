@@ -137,14 +137,27 @@ class World:
             cwd=cwd,
         )
 
-    def larkns_popen(self, *args: str) -> subprocess.Popen[str]:
+    def larkns_popen(
+        self, *args: str, knobs: dict[str, str] | None = None, stdin: bool = False
+    ) -> subprocess.Popen[str]:
         return subprocess.Popen(
             self.worker_cmd(larkns_bin(), *args),
-            env=self.env(),
+            env=self.env() | (knobs or {}),
+            stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    def serving(self, *args: str, knobs: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """`larkns run ARGS` whose command prints "ready" (tests/peer.py serve)
+        once it listens; returned then."""
+        p = self.larkns_popen(*args, knobs=knobs)
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            p.kill()
+            raise AssertionError(f"the job's server did not start: {p.communicate()[1]}")
+        return p
 
     def leftovers(self) -> list[str]:
         """Objects of larkns's jobs still present in this world."""
