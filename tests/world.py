@@ -178,8 +178,10 @@ class World:
             left.append(f"state dir {self.state_dir}")
         return left
 
-    def wait_no_leftovers(self, timeout: float = 3.0) -> list[str]:
-        # A deleted namespace takes its veth with it asynchronously.
+    def wait_no_leftovers(self, timeout: float = 10.0) -> list[str]:
+        # A deleted namespace takes its veth with it asynchronously: in the
+        # kernel's netns cleanup work, which lags by seconds when many
+        # namespaces go at once (a whole test run's worth).
         deadline = time.monotonic() + timeout
         while True:
             left = self.leftovers()
