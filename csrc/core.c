@@ -313,12 +313,33 @@ static void reap(pid_t pid)
         ;
 }
 
+/* A child that reported a failure (`told`: at `stage` with `err`), or that
+ * could not be heard (then `unheard` is the error): in the second case its
+ * state is unknown, so it must not run on unsupervised.  It is reaped
+ * either way; returns -1 with errno set. */
+static int child_failed(pid_t pid, int pidfd, int told, int stage, int err, int unheard,
+                        int *err_stage, int *err_errno)
+{
+    if (told) {
+        *err_stage = stage;
+        *err_errno = err;
+    } else {
+        *err_stage = LK_STAGE_CLONE;
+        *err_errno = unheard;
+        (void)syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0U);
+    }
+    reap(pid);
+    close(pidfd);
+    errno = *err_errno;
+    return -1;
+}
+
 int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
              int *err_errno)
 {
     int p[2];
     int pidfd = -1;
-    int msg[2];
+    int msg[2] = {0, 0};
     size_t got = 0;
     int rerr = 0;
     int e;
@@ -392,20 +413,8 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
         return pid;
     }
 
-    if (got == sizeof msg) {
-        *err_stage = msg[0];
-        *err_errno = msg[1];
-    } else {
-        /* Unreadable status: the child's state is unknown, so it must not
-         * run on unsupervised. */
-        *err_stage = LK_STAGE_CLONE;
-        *err_errno = rerr ? rerr : EPIPE;
-        (void)syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0U);
-    }
-    reap(pid);
-    close(pidfd);
-    errno = *err_errno;
-    return -1;
+    return child_failed(pid, pidfd, got == sizeof msg, msg[0], msg[1], rerr ? rerr : EPIPE,
+                        err_stage, err_errno);
 
 fail_clone:
     *err_stage = LK_STAGE_CLONE;
@@ -672,6 +681,7 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
     ssize_t got;
     int fd = -1;
 
+    memset(&m, 0, sizeof m);
     *keeper_pidfd = -1;
     *job_pid = -1;
     *job_pidfd = -1;
@@ -729,21 +739,10 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
     }
     if (fd >= 0)
         close(fd);
-    if (got == (ssize_t)sizeof m && m.pid < 0) {
-        *err_stage = m.stage;
-        *err_errno = m.err;
-    } else {
-        /* The keeper died or said nothing sensible: it and whatever it
-         * started must not run on unsupervised (the job dies with it, by
-         * its parent-death signal). */
-        *err_stage = LK_STAGE_CLONE;
-        *err_errno = got < 0 ? e : EPIPE;
-        (void)syscall(SYS_pidfd_send_signal, kpidfd, SIGKILL, NULL, 0U);
-    }
-    reap(kpid);
-    close(kpidfd);
-    errno = *err_errno;
-    return -1;
+    /* A keeper that said nothing sensible is killed, and its job with it
+     * (by its parent-death signal). */
+    return child_failed(kpid, kpidfd, got == (ssize_t)sizeof m && m.pid < 0, m.stage, m.err,
+                        got < 0 ? e : EPIPE, err_stage, err_errno);
 
 fail_clone:
     *err_stage = LK_STAGE_CLONE;

@@ -245,16 +245,31 @@ def _parse_routed_ipv6(knob: str, raw: str) -> tuple[str, object]:
     return "routed_ipv6_prefix", net
 
 
-def _parse_routed_ipv4(knob: str, raw: str) -> tuple[str, object]:
-    if not raw:
-        return "routed_ipv4_pool", None
-    try:
-        net = ipaddress.IPv4Network(raw, strict=True)
-    except ValueError as e:
-        raise ConfigError(
-            f"{knob}: expected an IPv4 network routed to this worker, got {raw!r} ({e})"
-        ) from None
-    return "routed_ipv4_pool", net
+def _parse_ipv4_range(attr: str, what: str) -> Parser:
+    """An optional IPv4 network ("" for none)."""
+
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        if not raw:
+            return attr, None
+        try:
+            net = ipaddress.IPv4Network(raw, strict=True)
+        except ValueError as e:
+            raise ConfigError(f"{knob}: expected {what}, got {raw!r} ({e})") from None
+        return attr, net
+
+    return parse
+
+
+def _parse_choice(attr: str, choices: tuple[str, ...]) -> Parser:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        value = raw.lower()
+        if value not in choices:
+            raise ConfigError(
+                f"{knob}: expected {', '.join(choices[:-1])} or {choices[-1]}, got {raw!r}"
+            )
+        return attr, value
+
+    return parse
 
 
 def _parse_ifname(attr: str, what: str) -> Parser:
@@ -266,20 +281,6 @@ def _parse_ifname(attr: str, what: str) -> Parser:
         return attr, raw
 
     return parse
-
-
-def _parse_bridge_ipv4(knob: str, raw: str) -> tuple[str, object]:
-    value = raw.lower()
-    if value not in ("static", "dhcp", "none"):
-        raise ConfigError(f"{knob}: expected static, dhcp or none, got {raw!r}")
-    return "bridge_ipv4", value
-
-
-def _parse_clat(knob: str, raw: str) -> tuple[str, object]:
-    value = raw.lower()
-    if value not in ("auto", "on", "off"):
-        raise ConfigError(f"{knob}: expected auto, on or off, got {raw!r}")
-    return "clat", value
 
 
 def _parse_nat64(knob: str, raw: str) -> tuple[str, object]:
@@ -294,18 +295,6 @@ def _parse_nat64(knob: str, raw: str) -> tuple[str, object]:
             f"{knob}: {raw} is not a /96 (a NAT64 prefix embeds IPv4 in its last 32 bits)"
         )
     return "nat64_prefix", net
-
-
-def _parse_bridge_pool(knob: str, raw: str) -> tuple[str, object]:
-    if not raw:
-        return "bridge_ipv4_pool", None
-    try:
-        net = ipaddress.IPv4Network(raw, strict=True)
-    except ValueError as e:
-        raise ConfigError(
-            f"{knob}: expected this node's range of the site's IPv4 subnet, got {raw!r} ({e})"
-        ) from None
-    return "bridge_ipv4_pool", net
 
 
 def _parse_port_range(knob: str, raw: str) -> tuple[str, object]:
@@ -372,12 +361,16 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_UPDATE_INTERVAL": _parse_seconds("update_interval", 0, 86400, low_included=False),
     "LARKNS_REATTACH_TIMEOUT": _parse_seconds("reattach_timeout", 0, 86400, low_included=False),
     "LARKNS_ROUTED_IPV6_PREFIX": _parse_routed_ipv6,
-    "LARKNS_ROUTED_IPV4_POOL": _parse_routed_ipv4,
+    "LARKNS_ROUTED_IPV4_POOL": _parse_ipv4_range(
+        "routed_ipv4_pool", "an IPv4 network routed to this worker"
+    ),
     "LARKNS_PROXY_ND": _parse_ifname("proxy_nd", "the uplink"),
     "LARKNS_BRIDGE": _parse_ifname("bridge", "the site network's bridge"),
-    "LARKNS_BRIDGE_IPV4_POOL": _parse_bridge_pool,
-    "LARKNS_BRIDGE_IPV4": _parse_bridge_ipv4,
-    "LARKNS_CLAT": _parse_clat,
+    "LARKNS_BRIDGE_IPV4_POOL": _parse_ipv4_range(
+        "bridge_ipv4_pool", "this node's range of the site's IPv4 subnet"
+    ),
+    "LARKNS_BRIDGE_IPV4": _parse_choice("bridge_ipv4", ("static", "dhcp", "none")),
+    "LARKNS_CLAT": _parse_choice("clat", ("auto", "on", "off")),
     "LARKNS_NAT64_PREFIX": _parse_nat64,
     "LARKNS_DHCP_TIMEOUT": _parse_seconds("dhcp_timeout", 0, 120, low_included=False),
     "LARKNS_INBOUND_PORTS": _parse_port_range,

@@ -347,28 +347,7 @@ class Engine:
             inbound=_inbound(plan),
             sources=_sources(plan),
         )
-        args = (
-            plan.host_link,
-            plan.host_index,
-            plan.host_mac,
-            plan.job_link,
-            plan.job_index,
-            plan.job_mac,
-            netns.path(plan.netns),
-        )
-        try:
-            idx = links.create_veth(self.rtnl, *args)
-        except RtnlError as e:
-            if e.errno != errno.EEXIST:
-                raise
-            if not links.is_veth(self.ipr, plan.host_link):
-                raise SetupError(
-                    f"link {plan.host_link} exists and is not larkns's; rename it or the job"
-                ) from None
-            # A previous job of this name whose namespace the kernel is still
-            # dismantling (that is asynchronous): remove its link now.
-            links.delete(self.ipr, plan.host_link)
-            idx = links.create_veth(self.rtnl, *args)
+        idx = self._create_veth(plan)
         addrs.host_side(
             self.rtnl,
             idx,
@@ -433,6 +412,33 @@ class Engine:
             rtnl.route(ipaddress.IPv6Network(plan.ipv6_clat), tun),
         )
 
+    def _create_veth(self, plan: JobNetwork) -> int:
+        """The job's veth pair; the host end's index."""
+        assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
+        assert plan.host_index and plan.job_index
+        args = (
+            plan.host_link,
+            plan.host_index,
+            plan.host_mac,
+            plan.job_link,
+            plan.job_index,
+            plan.job_mac,
+            netns.path(plan.netns),
+        )
+        try:
+            return links.create_veth(self.rtnl, *args)
+        except RtnlError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            if not links.is_veth(self.ipr, plan.host_link):
+                raise SetupError(
+                    f"link {plan.host_link} exists and is not larkns's; rename it or the job"
+                ) from None
+            # A previous job of this name whose namespace the kernel is still
+            # dismantling (that is asynchronous): remove its link now.
+            links.delete(self.ipr, plan.host_link)
+            return links.create_veth(self.rtnl, *args)
+
     def _build_bridge(self, plan: JobNetwork, job: Rtnl) -> None:
         """The job's veth, a port of the site's bridge, guarded before it is up."""
         assert plan.host_link and plan.job_link and plan.host_mac and plan.job_mac
@@ -444,16 +450,7 @@ class Engine:
         self.bridge_rules.add_job(
             plan.name, plan.host_link, plan.job_mac, ipv4, plan.allowed_ipv6()
         )
-        idx = links.create_veth(
-            self.rtnl,
-            plan.host_link,
-            plan.host_index,
-            plan.host_mac,
-            plan.job_link,
-            plan.job_index,
-            plan.job_mac,
-            netns.path(plan.netns),
-        )
+        idx = self._create_veth(plan)
         # A port has no addresses of its own; it joins the bridge, then comes up.
         self.rtnl.run(
             rtnl.no_link_local(idx, plan.host_link),

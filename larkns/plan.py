@@ -263,27 +263,47 @@ def build(
     if slot is None or ipv6_prefix is None:
         raise ValueError(f"{mode} mode needs a slot and an IPv6 prefix")
     if mode == "routed":
-        return _routed(settings, name, netns, slot, ipv6_prefix)
+        return _routed(settings, name, slot, ipv6_prefix)
     if not 0 <= slot < slot_count(settings, ipv6_prefix):
         raise ConfigError(f"slot {slot} is outside the address pools")
     base4 = int(settings.ipv4_pool.network_address) + 2 * slot
     prefix6 = _slash64(ipv6_prefix, slot)
+    return _linked(
+        settings,
+        name,
+        mode,
+        slot,
+        ipv4_host=ipaddress.IPv4Interface((base4, 31)),
+        ipv4_job=ipaddress.IPv4Interface((base4 + 1, 31)),
+        ipv6_prefix=prefix6,
+        inbound_ports=_inbound(settings, slot),
+    )
+
+
+def _linked(
+    settings: Settings,
+    name: str,
+    mode: str,
+    slot: int,
+    host_mac: str | None = None,
+    job_mac: str | None = None,
+    **addressing: Any,
+) -> JobNetwork:
+    """A job with a link to the host: what every linked mode names alike
+    (links, indexes, MACs, classes), and its own addressing."""
     return JobNetwork(
         name=name,
         mode=mode,
-        netns=netns,
+        netns=settings.netns_prefix + name,
         slot=slot,
         host_link=HOST_LINK_PREFIX + name,
         job_link=JOB_LINK,
         host_index=HOST_INDEX_BASE + slot,
         job_index=JOB_INDEX,
-        host_mac=_mac(0x02, slot),
-        job_mac=_mac(0x06, slot),
-        ipv4_host=ipaddress.IPv4Interface((base4, 31)),
-        ipv4_job=ipaddress.IPv4Interface((base4 + 1, 31)),
-        ipv6_prefix=prefix6,
-        classes=tuple(name for name, _ in settings.classes),
-        inbound_ports=_inbound(settings, slot),
+        host_mac=host_mac or _mac(0x02, slot),
+        job_mac=job_mac or _mac(0x06, slot),
+        classes=tuple(n for n, _ in settings.classes),
+        **addressing,
     )
 
 
@@ -292,7 +312,7 @@ def _slash64(prefix: ipaddress.IPv6Network, slot: int) -> ipaddress.IPv6Network:
 
 
 def _routed(
-    settings: Settings, name: str, netns: str, slot: int, nat_prefix: ipaddress.IPv6Network
+    settings: Settings, name: str, slot: int, nat_prefix: ipaddress.IPv6Network
 ) -> JobNetwork:
     """A routed job: a /64 of the routed IPv6 prefix, a /32 of the routed
     IPv4 pool (either may be absent), no NAT."""
@@ -308,21 +328,14 @@ def _routed(
     if v4 is not None:
         first, _ = _routed_ipv4(v4)
         ipv4_job = ipaddress.IPv4Interface((first + slot, 32))
-    return JobNetwork(
-        name=name,
-        mode="routed",
-        netns=netns,
-        slot=slot,
-        host_link=HOST_LINK_PREFIX + name,
-        job_link=JOB_LINK,
-        host_index=HOST_INDEX_BASE + slot,
-        job_index=JOB_INDEX,
-        host_mac=_mac(0x02, slot),
-        job_mac=_mac(0x06, slot),
+    return _linked(
+        settings,
+        name,
+        "routed",
+        slot,
         ipv4_host=ROUTED_GATEWAY4 if ipv4_job else None,
         ipv4_job=ipv4_job,
         ipv6_prefix=None if v6 is None else _slash64(v6, slot),
-        classes=tuple(name for name, _ in settings.classes),
     )
 
 
@@ -371,15 +384,11 @@ def bridged(
         if not 0 <= slot < count:
             raise ConfigError(f"slot {slot} is outside LARKNS_BRIDGE_IPV4_POOL")
         ipv4_job = ipaddress.IPv4Interface((first + slot, facts.subnet.prefixlen))
-    return JobNetwork(
-        name=name,
-        mode="bridge",
-        netns=settings.netns_prefix + name,
-        slot=slot,
-        host_link=HOST_LINK_PREFIX + name,
-        job_link=JOB_LINK,
-        host_index=HOST_INDEX_BASE + slot,
-        job_index=JOB_INDEX,
+    return _linked(
+        settings,
+        name,
+        "bridge",
+        slot,
         # High, so that the bridge never takes a port's address as its own
         # (it takes the lowest of its ports' unless set by hand).
         host_mac=_mac(0xFE, slot),
@@ -388,7 +397,6 @@ def bridged(
         bridge=settings.bridge,
         gateway4=facts.gateway if ipv4_job else None,
         site_prefixes=facts.prefixes,
-        classes=tuple(name for name, _ in settings.classes),
         dhcp=how == "dhcp",
     )
 

@@ -50,6 +50,7 @@ from larkns.kernel.nft import (
     _load,
     _parse,
     as_family,
+    base_chain,
     class_declaration,
     class_maps,
     class_marker,
@@ -99,18 +100,6 @@ def _set(values: Sequence[str]) -> Any:
 def declaration() -> list[dict[str, Any]]:
     """The table without any job, as `add` commands."""
 
-    def base(name: str, hook: str, prio: int) -> dict[str, Any]:
-        return {
-            "chain": {
-                **_T,
-                "name": name,
-                "type": "filter",
-                "hook": hook,
-                "prio": prio,
-                "policy": "accept",
-            }
-        }
-
     objs: list[dict[str, Any]] = [
         {"table": {"family": FAMILY, "name": TABLE}},
         {"set": {**_T, "name": "ports", "type": "ifname"}},
@@ -126,11 +115,11 @@ def declaration() -> list[dict[str, Any]]:
         {"chain": {**_T, "name": "spoofed"}},
         _rule("spoofed", _count_into("iifname", "dropped")),
         _rule("spoofed", {"drop": None}),
-        base("guard", "prerouting", GUARD_PRIORITY),
+        base_chain(_T, "guard", "prerouting", GUARD_PRIORITY),
         _rule("guard", {"vmap": {"key": _meta("iifname"), "data": "@guards"}}),
-        base("forward", "forward", ACCOUNT_PRIORITY),
-        base("input", "input", ACCOUNT_PRIORITY),
-        base("output", "output", ACCOUNT_PRIORITY),
+        base_chain(_T, "forward", "forward", ACCOUNT_PRIORITY),
+        base_chain(_T, "input", "input", ACCOUNT_PRIORITY),
+        base_chain(_T, "output", "output", ACCOUNT_PRIORITY),
     ]
     # Link control: ND, RA/RS and MLD as in inet larkns, and IGMP, which a
     # job on the site's L2 hears from every multicast listener there.

@@ -147,6 +147,22 @@ def counter_name(job: str, key: str) -> str:
     return f"{job}-{key}"
 
 
+def base_chain(
+    table: dict[str, str], name: str, hook: str, prio: int, ctype: str = "filter"
+) -> dict[str, Any]:
+    """A base chain of `table` (family and name), accepting by default."""
+    return {
+        "chain": {
+            **table,
+            "name": name,
+            "type": ctype,
+            "hook": hook,
+            "prio": prio,
+            "policy": "accept",
+        }
+    }
+
+
 def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
     return {"rule": {**_T, "chain": chain, "expr": list(expr)}}
 
@@ -312,16 +328,7 @@ def _guard() -> list[dict[str, Any]]:
         {"map": {**_T, "name": "dropped", "type": "ifname", "map": "counter"}},
         {"set": {**_T, "name": "job_src4", "type": ["ifname", "ipv4_addr"]}},
         {"set": {**_T, "name": "job_src6", "type": ["ifname", "ipv6_addr"]}},
-        {
-            "chain": {
-                **_T,
-                "name": "guard",
-                "type": "filter",
-                "hook": "prerouting",
-                "prio": GUARD_PRIORITY,
-                "policy": "accept",
-            }
-        },
+        base_chain(_T, "guard", "prerouting", GUARD_PRIORITY),
         {"chain": {**_T, "name": "spoofed"}},
         _rule(
             "guard",
@@ -372,16 +379,7 @@ def _inbound() -> list[dict[str, Any]]:
     objs: list[dict[str, Any]] = [
         {"map": {**_T, "name": "inbound4", "type": "inet_service", "map": "ipv4_addr"}},
         {"map": {**_T, "name": "inbound6", "type": "inet_service", "map": "ipv6_addr"}},
-        {
-            "chain": {
-                **_T,
-                "name": "prerouting",
-                "type": "nat",
-                "hook": "prerouting",
-                "prio": INBOUND_PRIORITY,
-                "policy": "accept",
-            }
-        },
+        base_chain(_T, "prerouting", "prerouting", INBOUND_PRIORITY, "nat"),
     ]
     for fam, m in (("ip", "inbound4"), ("ip6", "inbound6")):
         nfproto = _match(_meta("nfproto"), "ipv4" if fam == "ip" else "ipv6")
@@ -410,20 +408,6 @@ def feature_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
     """The whole table as `add` commands, for one transaction."""
 
-    def base(
-        name: str, hook: str, ctype: str = "filter", prio: int = ACCOUNT_PRIORITY
-    ) -> dict[str, Any]:
-        return {
-            "chain": {
-                **_T,
-                "name": name,
-                "type": ctype,
-                "hook": hook,
-                "prio": prio,
-                "policy": "accept",
-            }
-        }
-
     objs: list[dict[str, Any]] = [
         {"table": {"family": FAMILY, "name": TABLE}},
         {"set": {**_T, "name": "link_control", "type": "icmpv6_type"}},
@@ -436,10 +420,10 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
         for m in COUNTER_MAPS.values()
     ]
     objs += [
-        base("forward", "forward"),
-        base("input", "input"),
-        base("output", "output"),
-        base("postrouting", "postrouting", "nat", 100),
+        base_chain(_T, "forward", "forward", ACCOUNT_PRIORITY),
+        base_chain(_T, "input", "input", ACCOUNT_PRIORITY),
+        base_chain(_T, "output", "output", ACCOUNT_PRIORITY),
+        base_chain(_T, "postrouting", "postrouting", 100, "nat"),
     ]
     ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
     for chain, keys in _HALVES.items():
