@@ -45,12 +45,28 @@ class Larknsd:
             raise RuntimeError(f"larknsd did not start: {line} {err}")
         return proc
 
-    def restart(self, sig: int = signal.SIGKILL) -> str:
-        """Stop larknsd with `sig` and start it anew; what the old one said."""
+    def down(self, sig: int = signal.SIGKILL) -> str:
+        """Stop larknsd with `sig`, its jobs running on; what it said."""
         self.proc.send_signal(sig)
         _out, err = self.proc.communicate(timeout=20)
-        self.proc = self._start()
         return err
+
+    def up(self) -> None:
+        """A new larknsd on the same socket (it takes the jobs over)."""
+        self.proc = self._start()
+
+    def restart(self, sig: int = signal.SIGKILL) -> str:
+        """Stop larknsd with `sig` and start it anew; what the old one said."""
+        err = self.down(sig)
+        self.up()
+        return err
+
+    def close(self) -> str:
+        """Stop larknsd if it runs (a test may have left it down); what it said."""
+        if self.proc.poll() is None:
+            return self.stop()
+        shutil.rmtree(self.copy, ignore_errors=True)
+        return ""
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
@@ -222,10 +238,9 @@ def test_a_restarted_larknsd_takes_over_a_running_job(
     network and counters; signals still reach it; the wrapper attaches to
     the new larknsd and ends as the job does."""
     go = tmp_path / "go"
-    first = Larknsd(clean_world)
-    second: Larknsd | None = None
+    d = Larknsd(clean_world)
     try:
-        p = first.job_popen(
+        p = d.job_popen(
             "/bin/sh",
             "-c",
             f"trap 'echo usr1' USR1; ping -q -c 2 -i 0.2 {SITE4} >/dev/null; echo $$;"
@@ -238,14 +253,13 @@ def test_a_restarted_larknsd_takes_over_a_running_job(
         (name,) = [n[: -len(".json")] for n in json_jobs(clean_world) if n.endswith(".json")]
         before = _show(clean_world, name)
         assert before["counters"]["ipv4"]["out"]["bytes"] >= 2 * 84
-        first.proc.send_signal(stop)
-        first.proc.communicate(timeout=20)
+        d.down(stop)
         assert "went away; the job runs on" in p.stderr.readline()
         # No larknsd now: the job lives on, and the wrapper passes signals on.
         assert Path(f"/proc/{job_pid}").exists()
         p.send_signal(signal.SIGUSR1)
         assert p.stdout.readline().strip() == "usr1"
-        second = Larknsd(clean_world)
+        d.up()
         assert "attached to larknsd again" in p.stderr.readline()
         during = _show(clean_world, name)
         # The job's own counters go on from where they were (the link's
@@ -253,68 +267,55 @@ def test_a_restarted_larknsd_takes_over_a_running_job(
         for fam in ("ipv4", "ipv6"):
             assert during["counters"][fam] == before["counters"][fam]
         assert during["plan"] == before["plan"]
-        assert during["owner"]["pid"] == second.proc.pid
+        assert during["owner"]["pid"] == d.proc.pid
         go.touch()
         _out, err = p.communicate(timeout=20)
         assert p.returncode == 7, err
     finally:
-        for d in (first, second):
-            if d is not None and d.proc.poll() is None:
-                err = d.stop()
-                assert "Traceback" not in err, err
-        shutil.rmtree(first.copy, ignore_errors=True)
+        err = d.close()
+        assert "Traceback" not in err, err
 
 
 def test_a_job_that_ends_while_no_larknsd_runs_is_reported_by_the_next(
     clean_world: World,
 ) -> None:
-    first = Larknsd(clean_world)
-    second: Larknsd | None = None
+    d = Larknsd(clean_world)
     try:
-        p = first.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
+        p = d.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
         assert p.stdout is not None
         job_pid = int(p.stdout.readline())
         _launched(p)
-        first.proc.kill()
-        first.proc.communicate(timeout=20)
+        d.down()
         os.kill(job_pid, signal.SIGTERM)  # ends the job while no larknsd runs
         _wait_for("the job is gone", lambda: not Path(f"/proc/{job_pid}").exists())
-        second = Larknsd(clean_world)
+        d.up()
         _out, err = p.communicate(timeout=20)
         assert p.returncode == -signal.SIGTERM, err
     finally:
-        for d in (first, second):
-            if d is not None and d.proc.poll() is None:
-                err = d.stop()
-                assert "Traceback" not in err, err
-        shutil.rmtree(first.copy, ignore_errors=True)
+        err = d.close()
+        assert "Traceback" not in err, err
 
 
 def test_a_wrapper_killed_while_no_larknsd_runs_takes_its_job_along(
     clean_world: World,
 ) -> None:
-    first = Larknsd(clean_world)
-    second: Larknsd | None = None
+    d = Larknsd(clean_world)
     try:
-        p = first.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
+        p = d.job_popen("/bin/sh", "-c", "echo $$; exec sleep 300")
         assert p.stdout is not None
         job_pid = int(p.stdout.readline())
         _launched(p)
-        first.proc.kill()
-        first.proc.communicate(timeout=20)
+        d.down()
         p.kill()
         p.communicate(timeout=10)
         # Its keeper kills the job, though no larknsd runs.
         _wait_for("the job is gone", lambda: not Path(f"/proc/{job_pid}").exists())
         # The next larknsd removes its network at start.
-        second = Larknsd(clean_world)
+        d.up()
         _wait_for("the job's network is gone", lambda: not json_jobs(clean_world))
     finally:
-        for d in (first, second):
-            if d is not None and d.proc.poll() is None:
-                err = d.stop()
-                assert "Traceback" not in err, err
-        shutil.rmtree(first.copy, ignore_errors=True)
+        err = d.close()
+        assert "Traceback" not in err, err
 
 
 def test_only_its_own_wrapper_may_attach_to_a_job(larknsd: Larknsd, clean_world: World) -> None:
