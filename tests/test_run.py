@@ -283,9 +283,11 @@ def test_a_command_that_execs_a_file_capability_program_dies_with_larkns(
     the keeper's watch on larkns can kill it."""
     if not os.path.exists("/usr/bin/ping"):
         pytest.skip("no /usr/bin/ping")
+    # cwd "/": nobody may not enter the checkout (a clone in a 0700 directory).
     p = clean_world.larkns_popen(
-        "run", "--name", "lktcap", "--user", "nobody", "--", "ping", "-q", "-i", "0.2", SITE4
-    )
+        "run", "--name", "lktcap", "--user", "nobody", "--", "ping", "-q", "-i", "0.2", SITE4,
+        cwd="/",
+    )  # fmt: skip
     _wait_state(clean_world, "lktcap", "running")
     show = json.loads(clean_world.larkns("show", "lktcap").stdout)
     job = show["job"]["pid"]

@@ -138,10 +138,15 @@ class World:
         )
 
     def larkns_popen(
-        self, *args: str, knobs: dict[str, str] | None = None, stdin: bool = False
+        self,
+        *args: str,
+        knobs: dict[str, str] | None = None,
+        stdin: bool = False,
+        cwd: str | None = None,
     ) -> subprocess.Popen[str]:
         return subprocess.Popen(
             self.worker_cmd(larkns_bin(), *args),
+            cwd=cwd,
             env=self.env() | (knobs or {}),
             stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
