@@ -1,4 +1,4 @@
-"""larkns command line: run, list, show, check, teardown, gc, doctor."""
+"""larkns command line: run, list, show, check, teardown, gc, doctor, verify."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("name")
     sub.add_parser("gc", help="remove whatever jobs that are gone left behind")
     sub.add_parser("doctor", help="which kernel features larkns can use here")
+    v = sub.add_parser(
+        "verify",
+        help="whether a job ad's counts are those this node's larknsd sealed "
+        "(condor_history -l JOB | larkns verify)",
+    )
+    v.add_argument("ad", nargs="?", default="-", help="the ad in long form (default: stdin)")
     return p
 
 
@@ -199,6 +205,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(_settings(args))
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """0: sealed and intact; 1: changed after larknsd published them; 2: no seal."""
+    from larkns import seal
+
+    _require_root("verify")
+    text = sys.stdin.read() if args.ad == "-" else open(args.ad).read()  # noqa: SIM115
+    ad: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            ad[name.strip()] = value
+    try:
+        secret = seal.key(_settings(args).lib_dir, create=False)
+    except FileNotFoundError:
+        raise ConfigError("this node has no seal key: its larknsd has sealed nothing") from None
+    why = seal.verify(secret, ad)
+    job = ad.get("GlobalJobId", "the job")
+    if why is None:
+        print(f"{job}: sealed by this node's larknsd; the counts are intact")
+        return 0
+    print(f"{job}: {why}")
+    return 2 if why.startswith("no ") else 1
+
+
 VERBS = {
     "run": cmd_run,
     "list": cmd_list,
@@ -207,6 +240,7 @@ VERBS = {
     "teardown": cmd_teardown,
     "gc": cmd_gc,
     "doctor": cmd_doctor,
+    "verify": cmd_verify,
 }
 
 

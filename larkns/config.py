@@ -30,6 +30,10 @@ DEFAULT_NETNS_PREFIX = "larkns-"
 DEFAULT_SLAAC_TIMEOUT = 2.0
 DEFAULT_UPDATE_INTERVAL = 60.0
 DEFAULT_REATTACH_TIMEOUT = 300.0
+DEFAULT_SOCKET = "/run/larknsd.sock"
+# A node's slots bound how many jobs one user has starting at once; more
+# networks prepared and not launched than this are an attack on the pools.
+DEFAULT_MAX_PREPARED_PER_USER = 64
 
 # A job name becomes part of the host veth name "lk-NAME" (IFNAMSIZ: 15 chars),
 # of nft object names and of file names: keep it to a safe alphabet.
@@ -92,6 +96,10 @@ class Settings:
     nat64_prefix: ipaddress.IPv6Network = field(
         default_factory=lambda: ipaddress.IPv6Network("64:ff9b::/96")
     )
+    # larknsd's unix socket (the job-side programs have it from their
+    # larkns-job.conf, written by larkns-condor-config from the same knob).
+    socket: Path = Path(DEFAULT_SOCKET)
+    max_prepared_per_user: int = DEFAULT_MAX_PREPARED_PER_USER
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -328,6 +336,15 @@ def _parse_dir(attr: str) -> Parser:
     return parse
 
 
+def _parse_count(attr: str, low: int, high: int) -> Parser:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise ConfigError(f"{knob}: expected a whole number from {low} to {high}, got {raw!r}")
+        return attr, int(raw)
+
+    return parse
+
+
 def _parse_netns_prefix(knob: str, raw: str) -> tuple[str, object]:
     if not NETNS_PREFIX_RE.fullmatch(raw):
         raise ConfigError(f"{knob}: expected 3-32 characters of A-Z a-z 0-9 _ . -, got {raw!r}")
@@ -355,6 +372,8 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_IPV4_POOL": _parse_ipv4_pool,
     "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,
     "LARKNS_STATE_DIR": _parse_dir("state_dir"),
+    "LARKNS_SOCKET": _parse_dir("socket"),
+    "LARKNS_MAX_PREPARED_PER_USER": _parse_count("max_prepared_per_user", 1, 100000),
     "LARKNS_LIB_DIR": _parse_dir("lib_dir"),
     "LARKNS_NETNS_PREFIX": _parse_netns_prefix,
     "LARKNS_SLAAC_TIMEOUT": _parse_seconds("slaac_timeout", 0, 60),
@@ -379,8 +398,8 @@ _PARSERS: dict[str, Parser] = {
 KNOBS = tuple(_PARSERS)
 
 
-def condor_knobs() -> dict[str, str]:
-    """LARKNS_* knobs of the HTCondor configuration ($CONDOR_CONFIG or
+def condor_params(names: tuple[str, ...]) -> dict[str, str]:
+    """These knobs of the HTCondor configuration ($CONDOR_CONFIG or
     /etc/condor/condor_config), read with the htcondor bindings; none if
     either is missing."""
     if not (os.environ.get("CONDOR_CONFIG") or os.path.exists("/etc/condor/condor_config")):
@@ -390,10 +409,15 @@ def condor_knobs() -> dict[str, str]:
     except ImportError:
         return {}
     try:
-        found = {k: htcondor2.param.get(k) for k in _PARSERS}
+        found = {k: htcondor2.param.get(k) for k in names}
         return {k: str(v) for k, v in found.items() if v is not None}
     except Exception as e:
         raise ConfigError(f"cannot read the HTCondor configuration: {e}") from None
+
+
+def condor_knobs() -> dict[str, str]:
+    """The LARKNS_* knobs of the HTCondor configuration."""
+    return condor_params(KNOBS)
 
 
 def load(

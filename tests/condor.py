@@ -66,7 +66,10 @@ def require_htcondor() -> None:
 
 
 class Pool:
-    def __init__(self, world: World, extra_config: str = "") -> None:
+    """A one-node pool, configured and started; with start=False, configured
+    only (start() then), so that larknsd can read its configuration first."""
+
+    def __init__(self, world: World, extra_config: str = "", start: bool = True) -> None:
         source = release_source()
         if source is None:
             raise RuntimeError(
@@ -82,6 +85,14 @@ class Pool:
             self.release = self._release(source)
             self._users()
             self.config = self._config(extra_config)
+            if start:
+                self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        try:
             self._start()
         except BaseException:
             self.close()
@@ -144,6 +155,7 @@ class Pool:
             SEC_DEFAULT_AUTHENTICATION_METHODS = FS, IDTOKENS
             ALLOW_READ = *
             ALLOW_WRITE = *
+            ALLOW_ADMINISTRATOR = *
             START = TRUE
             SUSPEND = FALSE
             PREEMPT = FALSE

@@ -1,10 +1,11 @@
-"""The job-side half of larkns (the wrapper) as the job's owner sees it.
+"""The job-side half of larkns (the wrapper, the hook, the machine ad) as
+HTCondor runs it: copies of larkns-entry with their larkns-job.conf, as
+larkns-condor-config installs them.
 
-The wrapper runs as an unprivileged user, with whatever python3 the system
-has; it must need nothing but the standard library and its own two modules.
-Tests run it from a copy in a world-readable directory, with the system's
-/usr/bin/python3 and no virtualenv: as a site would, and independent of
-whether the checkout itself is readable by other users.
+The Python they run is the system's /usr/bin/python3 with a copy of the
+job-side modules in a world-readable directory (no virtualenv): they need
+nothing but the standard library, and this holds whether or not the checkout
+itself is readable by other users.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from larkns.condor.site_config import install_entries
 from tests.world import ROOT
 
 MODULES = (
     "signals.py",
     "condor/hook.py",
     "condor/machine_ad.py",
+    "condor/entry.py",
     "__init__.py",
     "daemon/__init__.py",
     "daemon/protocol.py",
@@ -28,7 +31,8 @@ MODULES = (
 
 
 def wrapper_copy() -> Path:
-    """A directory to put on PYTHONPATH for `python3 -m larkns.condor.wrapper`."""
+    """A directory holding a copy of the job-side modules (the `larkns`
+    package, those modules only)."""
     top = Path(tempfile.mkdtemp(prefix="lktwrap-", dir="/tmp"))
     top.chmod(0o755)
     for rel in MODULES:
@@ -40,27 +44,23 @@ def wrapper_copy() -> Path:
     return top
 
 
+def entries(top: Path, socket_path: str, name: str = "bin") -> Path:
+    """The job-side programs in TOP/NAME, running the copy in `top` against
+    larknsd at `socket_path`."""
+    d = top / name
+    d.mkdir(mode=0o755, exist_ok=True)
+    d.chmod(0o755)
+    install_entries(d, "/usr/bin/python3", str(top), socket_path)
+    return d
+
+
+def wrapper_script(top: Path, socket_path: str) -> Path:
+    """The USER_JOB_WRAPPER against `socket_path`."""
+    return entries(top, socket_path) / "larkns-wrapper"
+
+
 def hook_script(top: Path, socket_path: str, module: str = "hook") -> Path:
-    """An executable running the copy's larkns.condor.MODULE against `socket_path`
-    (the PREPARE_JOB hook by default; "machine_ad" for the startd cron job)."""
-    script = top / f"larkns-{module}"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"LARKNS_SOCKET={socket_path} PYTHONPATH={top} "
-        f'exec /usr/bin/python3 -m larkns.condor.{module} "$@"\n'
-    )
-    script.chmod(0o755)
-    return script
-
-
-def wrapper_script(top: Path, socket_path: str, **env: str) -> Path:
-    """An executable USER_JOB_WRAPPER running the copy against `socket_path`."""
-    script = top / "larkns-wrapper"
-    extra = "".join(f"{k}={v} " for k, v in env.items())
-    script.write_text(
-        "#!/bin/sh\n"
-        f"LARKNS_SOCKET={socket_path} PYTHONPATH={top} {extra}"
-        'exec /usr/bin/python3 -m larkns.condor.wrapper "$@"\n'
-    )
-    script.chmod(0o755)
-    return script
+    """The PREPARE_JOB hook against `socket_path` ("machine_ad": the startd
+    cron job)."""
+    name = {"hook": "larkns-prepare-job", "machine_ad": "larkns-machine-ad"}[module]
+    return entries(top, socket_path) / name

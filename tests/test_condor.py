@@ -23,61 +23,81 @@ from pathlib import Path
 import pytest
 
 from tests.condor import RESOLVER, USER_UID, Pool, larkns_config, require_htcondor
-from tests.jobside import hook_script, wrapper_script
+from tests.jobside import hook_script, wrapper_copy
 from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
 ROUTED6 = "2001:db8:100::/56"
 
 
+def node_config(world: World, copy: Path, *args: str, **knobs: str) -> str:
+    """What a site installs on a node (larkns-condor-config): the job-side
+    programs into `copy`/bin, running the copy of the modules there, and the
+    configuration, with every larkns knob in it (the world's and `knobs`):
+    larknsd reads them from there alone."""
+    sock = f"/tmp/{world.prefix}-larknsd.sock"
+    settings = {k: v for k, v in world.env().items() if k.startswith("LARKNS_")}
+    settings |= knobs | {"LARKNS_SOCKET": sock}
+    return larkns_config(
+        f"--entry-dir={copy / 'bin'}",
+        "--python=/usr/bin/python3",
+        f"--pythonpath={copy}",
+        *args,
+        *(f"--set={k}={v}" for k, v in settings.items()),
+    )
+
+
 @pytest.fixture(scope="module")
-def daemon(world: World) -> Iterator[Larknsd]:
+def node(world: World) -> Iterator[tuple[Pool, Larknsd]]:
     require_htcondor()
-    # Jobs may ask for "none" themselves (+LarkNetworkType).
-    # The site's prefixes are a traffic class of their own.
-    d = Larknsd(
+    copy = wrapper_copy()
+    # What a site adds: the wrapper, the hook, the machine ad's cron job and
+    # WantIOProxy for every job, so that larknsd can publish through chirp.
+    config = node_config(
         world,
+        copy,
+        "--cron-period=5s",
+        # Jobs may ask for "none" themselves (+LarkNetworkType).
         LARKNS_ALLOWED_NETWORK_TYPES="nat,none,routed",
         # The site routes this prefix to the worker (a test adds the route).
         LARKNS_ROUTED_IPV6_PREFIX=ROUTED6,
+        # The site's prefixes are a traffic class of their own.
         LARKNS_CLASSES="Site = 198.18.0.0/24, 2001:db8:0:1::/64",
         # Updates every 2 s (not 60) so a test sees one.
         LARKNS_UPDATE_INTERVAL="2",
     )
+    p = Pool(world, extra_config=config, start=False)
     try:
-        yield d
+        # larknsd knows the node's starter and startd from the pool's
+        # configuration, and takes its knobs from there alone.
+        d = Larknsd(world, condor_config=p.config, copy=copy)
+    except BaseException:
+        p.close()
+        raise
+    try:
+        p.start()
+        # The job's own files, readable by its user whatever the checkout's modes.
+        shutil.copy(PEER, p.home / "peer.py")
+        os.chown(p.home / "peer.py", USER_UID, USER_UID)
+        yield p, d
     finally:
+        p.close()
         err = d.stop()
-        assert d.proc.returncode == 0, err
+    assert p.pids() == [], "the pool left processes behind"
+    assert d.proc.returncode == 0, err
     # With the pool and the daemon stopped, nothing of larkns is left.
     assert world.wait_no_leftovers() == []
     assert not Path("/tmp/hsperfdata_lktcondor").exists(), "the pool left a JVM probe's files"
 
 
 @pytest.fixture(scope="module")
-def pool(world: World, daemon: Larknsd) -> Iterator[Pool]:
-    hook = hook_script(daemon.copy, daemon.socket)
-    machine_ad = hook_script(daemon.copy, daemon.socket, "machine_ad")
-    # What a site adds: the wrapper, the hook, the machine ad's cron job and
-    # WantIOProxy for every job, so that the wrapper can publish through chirp.
-    config = larkns_config(
-        f"--wrapper={daemon.wrapper}",
-        f"--prepare-hook={hook}",
-        f"--machine-ad={machine_ad}",
-        "--cron-period=5s",
-    )
-    p = Pool(world, extra_config=config)
-    try:
-        # condor_chirp is found as a site's wrapper finds it, beside the
-        # starter's bin/.
-        wrapper_script(daemon.copy, daemon.socket)
-        # The job's own files, readable by its user whatever the checkout's modes.
-        shutil.copy(PEER, p.home / "peer.py")
-        os.chown(p.home / "peer.py", USER_UID, USER_UID)
-        yield p
-    finally:
-        p.close()
-    assert p.pids() == [], "the pool left processes behind"
+def pool(node: tuple[Pool, Larknsd]) -> Pool:
+    return node[0]
+
+
+@pytest.fixture(scope="module")
+def daemon(node: tuple[Pool, Larknsd]) -> Larknsd:
+    return node[1]
 
 
 JOB = """\
@@ -138,7 +158,7 @@ def test_the_jobs_bytes_show_in_the_queue_while_it_runs_and_in_history_after(poo
     assert int(ad["NetworkOutgoingSite"]) == n * (28 + size)
     assert int(ad["NetworkIncomingSite"]) == n * (28 + reply)
     assert int(ad["LarkNetworkOutgoingIPv6"]) == 0
-    assert ad["LarkNetworkType"] == "nat"
+    assert ad["LarkAssignedNetworkType"] == "nat"
     assert ad["LarkIPv4Address"].startswith("198.19.")
     assert ad["WantIOProxy"] == "true"
 
@@ -336,7 +356,7 @@ def test_a_job_may_ask_for_no_network_when_the_site_allows_it(pool: Pool) -> Non
     ad = pool.wait_done(cluster)
     assert ad["ExitCode"] == "0", (ad, (pool.home / "none.err").read_text())
     assert (pool.home / "none.out").read_text().split() == ["lo"]
-    assert ad["LarkNetworkType"] == "none"
+    assert ad["LarkAssignedNetworkType"] == "none"
 
 
 def test_a_job_may_ask_for_a_routed_network_and_the_site_sees_it_as_itself(
@@ -351,7 +371,7 @@ def test_a_job_may_ask_for_a_routed_network_and_the_site_sees_it_as_itself(
     finally:
         sh("ip", "-6", "route", "del", ROUTED6, ns=world.site, check=False)
     assert ad["ExitCode"] == "0", (ad, (pool.home / "routed.err").read_text())
-    assert ad["LarkNetworkType"] == "routed"
+    assert ad["LarkAssignedNetworkType"] == "routed"
     seen = json.loads((pool.home / "routed.out").read_text())["seen_as"]
     # No NAT: the site sees the job's own address, of the routed prefix.
     assert ipaddress.IPv6Address(seen) in ipaddress.IPv6Network(ROUTED6)

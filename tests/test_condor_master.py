@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.condor import Pool, larkns_config, require_htcondor
-from tests.jobside import hook_script, wrapper_copy, wrapper_script
+from tests.condor import Pool, require_htcondor
+from tests.jobside import wrapper_copy
+from tests.test_condor import node_config
 from tests.world import World
 
 
@@ -24,22 +25,11 @@ def _comm(pid: int) -> str:
 def test_larknsd_under_condor_master_serves_jobs_and_goes_with_its_master(world: World) -> None:
     require_htcondor()
     copy = wrapper_copy()
-    sock = f"/tmp/{world.prefix}-master-larknsd.sock"
-    env = " ".join(f"{k}={v}" for k, v in world.env().items() if k.startswith("LARKNS_"))
-    launcher = copy / "larknsd-under-master"
-    launcher.write_text(
-        f"#!/bin/sh\nexport {env} LARKNS_SOCKET={sock}\n"
-        f"exec {Path(sys.executable).parent / 'larknsd'}\n"
-    )
-    launcher.chmod(0o755)
-    wrapper = wrapper_script(copy, sock)
-    hook = hook_script(copy, sock)
-    config = larkns_config(
-        "--under-master",
-        f"--larknsd={launcher}",
-        f"--wrapper={wrapper}",
-        f"--prepare-hook={hook}",
-        f"--machine-ad={hook_script(copy, sock, 'machine_ad')}",
+    sock = f"/tmp/{world.prefix}-larknsd.sock"
+    # The master gives larknsd CONDOR_CONFIG and nothing else: every knob,
+    # the socket among them, comes from the configuration.
+    config = node_config(
+        world, copy, "--under-master", f"--larknsd={Path(sys.executable).parent / 'larknsd'}"
     )
     pool = Pool(world, extra_config=config)
     try:

@@ -16,18 +16,33 @@ from typing import Any
 
 import pytest
 
-from tests.jobside import wrapper_copy, wrapper_script
+from tests.jobside import entries, wrapper_copy, wrapper_script
 from tests.world import SITE4, World, sh
 
 
 class Larknsd:
-    def __init__(self, world: World, **knobs: str) -> None:
+    """larknsd in the world's worker namespace, with the job-side programs
+    (`wrapper`) against it.  Its knobs come from the environment, or, given
+    `condor_config`, from that HTCondor configuration alone (with the
+    job-side programs in `copy`, as larkns-condor-config installed them)."""
+
+    def __init__(
+        self,
+        world: World,
+        condor_config: Path | None = None,
+        copy: Path | None = None,
+        **knobs: str,
+    ) -> None:
         self.world = world
         self.socket = f"/tmp/{world.prefix}-larknsd.sock"
-        self.env = world.env() | {"LARKNS_SOCKET": self.socket} | knobs
-        self.proc = self._start()
-        self.copy = wrapper_copy()
+        if condor_config is None:
+            self.env = world.env() | {"LARKNS_SOCKET": self.socket} | knobs
+        else:
+            clean = {k: v for k, v in world.env().items() if not k.startswith("LARKNS_")}
+            self.env = clean | {"CONDOR_CONFIG": str(condor_config)}
+        self.copy = copy or wrapper_copy()
         self.wrapper = wrapper_script(self.copy, self.socket)
+        self.proc = self._start()
 
     def _start(self) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
@@ -165,7 +180,7 @@ def test_a_caller_that_is_no_htcondor_job_is_refused(larknsd: Larknsd) -> None:
 
 def test_without_the_daemon_the_job_does_not_run(larknsd: Larknsd, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    script = wrapper_script(larknsd.copy, "/tmp/lkt-no-such.sock")
+    script = entries(larknsd.copy, "/tmp/lkt-no-such.sock", "nosock") / "larkns-wrapper"
     proc = subprocess.run(
         [*larknsd.world.worker_cmd(), str(script), "/bin/touch", str(marker)],
         capture_output=True,
@@ -383,9 +398,7 @@ def test_the_job_s_end_reaches_a_wrapper_that_asks_for_counters_all_the_time(
     request that fails on the closed connection."""
     d = Larknsd(clean_world, LARKNS_UPDATE_INTERVAL="0.001")
     try:
-        wrapper = wrapper_script(
-            d.copy, d.socket, _CONDOR_CHIRP_CONFIG="/nonexistent", LARKNS_CONDOR_CHIRP="/bin/true"
-        )
+        wrapper = d.wrapper
         for _ in range(15):
             proc = subprocess.run(
                 [*clean_world.worker_cmd(), str(wrapper), "/bin/sh", "-c", "sleep 0.05; exit 3"],

@@ -53,6 +53,9 @@ class World:
         self.site = f"{self.prefix}-site"
         self.worker = f"{self.prefix}-worker"
         self.state_dir = Path(f"/run/{self.prefix}-state")
+        # What larkns keeps across reboots (the seal key, a host's ULA
+        # prefix): the world's own, never the host's /var/lib/larkns.
+        self.lib_dir = Path(f"/run/{self.prefix}-lib")
         self.netns_prefix = f"{self.prefix}-job-"
         self.ipv4_pool = "198.19.0.0/24"
         self.ipv6_prefix = "fd00:6c6b:7400::/48"
@@ -106,6 +109,7 @@ class World:
         env = dict(os.environ)
         env.update(
             LARKNS_STATE_DIR=str(self.state_dir),
+            LARKNS_LIB_DIR=str(self.lib_dir),
             LARKNS_NETNS_PREFIX=self.netns_prefix,
             LARKNS_IPV4_POOL=self.ipv4_pool,
             LARKNS_IPV6_PREFIX=self.ipv6_prefix,
@@ -207,8 +211,9 @@ class World:
         for ns in (self.worker, self.site):
             _kill_netns_pids(ns)
             sh("ip", "netns", "del", ns, check=False)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.state_dir)
+        for d in (self.state_dir, self.lib_dir):
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(d)
 
 
 def _netns_names() -> list[str]:

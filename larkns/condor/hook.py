@@ -7,7 +7,9 @@ HookStatusCode = 190 and a HookStatusMessage holds the job with that reason
 requeue the job again and again).  A job must never run without the network
 it was meant to have.
 
-Standard library only (it runs as the job's owner).
+HTCondor starts it through larkns-entry (csrc/entry.c), which takes nothing
+from the job's environment.  Standard library only (it runs as the job's
+owner).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ def hold(reason: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(sock_path: str) -> int:
+    """Build the job's network through larknsd at `sock_path` (as root
+    configured it: larkns-entry hands it over)."""
     sys.stdin.read()  # the job ad: the starter expects it read
-    sock_path = protocol.socket_path()
     try:
         reply = protocol.ask(sock_path, {"op": "prepare"})
     except OSError as e:
@@ -43,7 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     if not reply.get("ok"):
         return hold(f"cannot build the job's network: {reply.get('error', 'refused')}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

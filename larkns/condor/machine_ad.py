@@ -12,8 +12,6 @@ condor user: standard library only.
 
 from __future__ import annotations
 
-import sys
-
 from larkns.daemon import protocol
 
 
@@ -21,8 +19,7 @@ def _bool(v: object) -> str:
     return "true" if v else "false"
 
 
-def main(argv: list[str] | None = None) -> int:
-    sock_path = protocol.socket_path()
+def main(sock_path: str) -> int:
     try:
         info = protocol.ask(sock_path, {"op": "info"}, timeout=30)
     except (OSError, protocol.ProtocolError):
@@ -36,7 +33,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LarkHasIPv4 = {_bool(info.get('ipv4'))}")
     print(f"LarkHasIPv6 = {_bool(info.get('ipv6'))}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """The USER_JOB_WRAPPER: asks larknsd to start the job in a network of its own,
-then stands in for it and reports its traffic into the job ad.
+then stands in for it.
 
 HTCondor runs the wrapper as the job's owner, in the job's cgroup and mount
 namespace, and watches and signals the wrapper's pid as the job.  So the
@@ -13,13 +13,13 @@ attaches again to the new larknsd (trying for LARKNS_REATTACH_TIMEOUT
 seconds, default 300, as larknsd said), passing signals on meanwhile.  If no larknsd comes
 back, the wrapper gives up with exit code 125, and the job is killed.
 
-The wrapper stays in the host's network namespace, where the starter's chirp
-port is: it publishes the job's counters with condor_chirp while the job
-runs (every LARKNS_UPDATE_INTERVAL seconds of the node's configuration,
-default 60, which larknsd passes on) and once at its end,
-under Lark's attribute names (NetworkIncoming, NetworkOutgoing) and larkns's
-(LarkNetworkType, LarkIPv4Address, LarkIPv6Addresses, ...).  The job needs
-WantIOProxy = true (see the README for the schedd transform that sets it).
+The job's counters reach its ad through larknsd, not the wrapper: the
+wrapper runs as the job's owner, whose processes could stop or trace it, and
+the counts must come by a path the job cannot write.
+
+HTCondor starts the wrapper through larkns-entry (csrc/entry.c), which hands
+it larknsd's socket as root configured it and the job's environment, to pass
+on to the job: nothing of the job's environment steers the wrapper itself.
 
 Standard library only, and no import of larkns's C core or kernel layer: it
 runs as an unprivileged user, possibly with the system's python3.
@@ -47,9 +47,7 @@ if TYPE_CHECKING:
 # network it was meant to have (the hold path is the PREPARE_JOB hook).
 EXIT_NO_NETWORK = 125
 FORWARDED = signals.FORWARDED
-DEFAULT_UPDATE_INTERVAL = 60.0
 DEFAULT_REATTACH_TIMEOUT = 300.0
-_CHIRP_PLACES = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 
 
 # Every import here costs the start of every job (HTCondor starts the
@@ -57,12 +55,12 @@ _CHIRP_PLACES = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/co
 # subprocess, contextlib) are left out or imported when needed.
 
 
-def which(cmd: str) -> str | None:
-    """shutil.which, for an executable file on PATH."""
-    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        path = os.path.join(d or ".", cmd)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return path
+def which(cmd: str, path: str) -> str | None:
+    """shutil.which, for an executable file on `path` (the job's PATH)."""
+    for d in path.split(os.pathsep):
+        found = os.path.join(d or ".", cmd)
+        if os.access(found, os.X_OK) and not os.path.isdir(found):
+            return found
     return None
 
 
@@ -71,94 +69,21 @@ def _fail(msg: str) -> int:
     return EXIT_NO_NETWORK
 
 
-class Publisher:
-    """Job ad attributes through condor_chirp (quietly absent outside HTCondor)."""
-
-    def __init__(self) -> None:
-        self.chirp = self._find() if os.environ.get("_CONDOR_CHIRP_CONFIG") else None
-        self._warned = False
-
-    @staticmethod
-    def _find() -> str | None:
-        explicit = os.environ.get("LARKNS_CONDOR_CHIRP")
-        if explicit:
-            return explicit
-        found = which("condor_chirp")
-        if found:
-            return found
-        # The starter says where its bin/ is; condor_chirp is in libexec/.
-        bindir = os.environ.get("_CONDOR_BIN")
-        if bindir:
-            beside = os.path.join(os.path.dirname(bindir.rstrip("/")), "libexec", "condor_chirp")
-            if os.access(beside, os.X_OK):
-                return beside
-        return next((p for p in _CHIRP_PLACES if os.access(p, os.X_OK)), None)
-
-    def set(self, attrs: dict[str, str]) -> None:
-        if self.chirp is None:
-            return
-        import subprocess
-
-        for name, expr in attrs.items():
-            try:
-                done = subprocess.run(
-                    [self.chirp, "set_job_attr", name, expr],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    stdin=subprocess.DEVNULL,
-                )
-                ok, why = done.returncode == 0, (done.stderr.strip() or f"exit {done.returncode}")
-            except (OSError, subprocess.TimeoutExpired) as e:
-                ok, why = False, str(e)
-            if not ok and not self._warned:
-                # The job's stderr is ours too: say it once, not per update.
-                print(
-                    f"larkns-wrapper: cannot publish {name} through chirp: {why}", file=sys.stderr
-                )
-                self._warned = True
-
-
-def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def counters(traffic: dict[str, Any]) -> dict[str, str]:
-    out = {
-        "NetworkIncoming": str(traffic["bytes"]["incoming"]),
-        "NetworkOutgoing": str(traffic["bytes"]["outgoing"]),
-    }
-    for fam, label in (("ipv4", "IPv4"), ("ipv6", "IPv6")):
-        f = traffic["families"][fam]["bytes"]
-        out[f"LarkNetworkIncoming{label}"] = str(f["incoming"])
-        out[f"LarkNetworkOutgoing{label}"] = str(f["outgoing"])
-    dropped = traffic.get("dropped")
-    if dropped is not None:
-        # Packets the job sent that larkns dropped (spoofed sources, rogue
-        # router advertisements or DHCP replies).
-        out["LarkNetworkDroppedPackets"] = str(dropped["packets"])
-    # Lark's per-class attributes: NetworkIncoming<Class>, NetworkOutgoing<Class>
-    for name, c in traffic.get("classes", {}).items():
-        out[f"NetworkIncoming{name}"] = str(c["bytes"]["incoming"])
-        out[f"NetworkOutgoing{name}"] = str(c["bytes"]["outgoing"])
-    return out
-
-
 def _seconds(reply: dict[str, Any], key: str, default: float) -> float:
     """A knob larknsd passed on (checked there), or the default."""
     value = reply.get(key)
     return float(value) if isinstance(value, (int, float)) and value > 0 else default
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+def main(args: list[str], sock_path: str, environ: dict[str, str]) -> int:
+    """Run the job `args` through larknsd at `sock_path`, with the job's
+    environment `environ`."""
     if not args:
         return _fail("no job to run (usage: larkns-wrapper EXECUTABLE [ARG...])")
-    path = args[0] if "/" in args[0] else which(args[0])
+    path = args[0] if "/" in args[0] else which(args[0], environ.get("PATH", os.defpath))
     if path is None:
         return _fail(f"{args[0]}: command not found")
     path = os.path.abspath(path)
-    sock_path = protocol.socket_path()
     # Signals wait (blocked) until the job exists, then are passed on.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
@@ -172,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "argv": args,
             "path": path,
             "cwd": os.getcwd(),
-            "env": [f"{k}={v}" for k, v in os.environ.items()],
+            "env": [f"{k}={v}" for k, v in environ.items()],
         }
         try:
             protocol.send(sock, request, [0, 1, 2])
@@ -182,38 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         if reply is None:
             return _fail("larknsd closed the connection without an answer")
         if not reply.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
             return _fail(f"larknsd: {reply.get('error', 'refused')}")
-        started = time.monotonic()
-        publisher = Publisher()
-        addresses = reply.get("addresses", {})
-        publisher.set(
-            {
-                "LarkNetworkType": _quote(str(reply.get("mode", ""))),
-                "LarkIPv4Address": _quote(addresses.get("ipv4") or ""),
-                "LarkIPv6Addresses": _quote(",".join(addresses.get("ipv6") or [])),
-            }
-        )
-        ports = reply.get("inbound_ports")
-        if isinstance(ports, list) and len(ports) == 2:
-            # The worker's ports that reach the job (TCP and UDP), for its
-            # clients: "FIRST-LAST".
-            publisher.set({"LarkInboundPorts": _quote(f"{ports[0]}-{ports[1]}")})
         reattach = _seconds(reply, "reattach_timeout", DEFAULT_REATTACH_TIMEOUT)
-        interval = _seconds(reply, "update_interval", DEFAULT_UPDATE_INTERVAL)
         link = Link(sock_path, sock, str(reply.get("name", "")), reattach)
         try:
-            end = _relay(link, fds[0], publisher, interval)
+            end = _relay(link, fds[0])
         finally:
             link.close()
     if end is None:
         return _fail("larknsd went away before the job ended")
-    traffic = end.get("traffic")
-    if traffic:
-        final = counters(traffic)
-        seconds = max(time.monotonic() - started, 1e-3)
-        final["LarkNetworkBandwidthIncoming"] = str(round(traffic["bytes"]["incoming"] / seconds))
-        final["LarkNetworkBandwidthOutgoing"] = str(round(traffic["bytes"]["outgoing"] / seconds))
-        publisher.set(final)
     return _end_like(end["exit"])
 
 
@@ -265,16 +169,16 @@ class Link:
         return False
 
 
-def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dict[str, Any] | None:
-    """Pass signals on to the job and publish its counters until larknsd says
-    how it ended; the final message (with "exit"), or None."""
+def _relay(link: Link, pidfd: int) -> dict[str, Any] | None:
+    """Pass signals on to the job until larknsd says how it ended; the final
+    message (with "exit"), or None."""
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     for s in FORWARDED:
         signal.signal(s, lambda *_: None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
-    def forward(timeout: float, sock: socket.socket | None = None) -> bool:
+    def forward(timeout: float | None, sock: socket.socket | None = None) -> bool:
         """Pass on the signals that come within `timeout`; True if `sock`
         became readable meanwhile."""
         watched = [rfd] if sock is None else [sock.fileno(), rfd]
@@ -287,14 +191,12 @@ def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dic
                     pass  # the job has ended: its end is on its way
         return sock is not None and sock.fileno() in ready
 
-    next_update = time.monotonic() + interval
     try:
         while True:
             sock = link.sock
             assert sock is not None
-            timeout = max(0.0, next_update - time.monotonic())
             try:
-                if forward(timeout, sock):
+                if forward(None, sock):
                     # Not EOF: the end is an explicit message (a job's own
                     # processes could otherwise hold the wrapper forever).
                     msg, _ = protocol.receive(sock, max_fds=0)
@@ -302,18 +204,6 @@ def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dic
                         raise ConnectionResetError("larknsd closed the connection")
                     if "exit" in msg:
                         return msg
-                    if "traffic" in msg:
-                        publisher.set(counters(msg["traffic"]))
-                if time.monotonic() >= next_update:
-                    if publisher.chirp is not None:
-                        # larknsd may have sent the job's end and closed
-                        # since we looked: that message is still to be read,
-                        # so a failed request is no reason to give up on it.
-                        try:  # noqa: SIM105
-                            protocol.send(sock, {"op": "stats"})
-                        except OSError:
-                            pass
-                    next_update = time.monotonic() + interval
             except OSError:
                 # The job's end may still be queued behind the error.
                 end = _leftover_end(sock)
@@ -324,6 +214,9 @@ def _relay(link: Link, pidfd: int, publisher: Publisher, interval: float) -> dic
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         os.close(pidfd)
+        signal.set_wakeup_fd(-1)
+        os.close(rfd)
+        os.close(wfd)
 
 
 def _leftover_end(sock: socket.socket) -> dict[str, Any] | None:
@@ -356,7 +249,3 @@ def _end_like(end: dict[str, Any]) -> int:
         # A signal whose default is to continue or be ignored: say so by code.
         return 128 + sig
     return int(end.get("code", EXIT_NO_NETWORK))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

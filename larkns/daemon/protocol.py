@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import array
 import json
-import os
 import socket
 
 # typing costs a few ms at every job's start, and is wanted for checking only.
@@ -37,12 +36,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # a job's environment can be large; this is plenty
-DEFAULT_SOCKET = "/run/larknsd.sock"
-
-
-def socket_path() -> str:
-    """Where larknsd listens: $LARKNS_SOCKET, or the default."""
-    return os.environ.get("LARKNS_SOCKET", DEFAULT_SOCKET)
 
 
 class ProtocolError(Exception):

@@ -1,14 +1,19 @@
-"""TCP relays from a job's loopback to the worker's.
+"""Relays from a job's loopback to the worker's.
 
 A job in its own network namespace cannot reach services that listen on the
 worker's 127.0.0.1, the starter's chirp port first among them.  A relay
 listens on the same address and port inside the job's namespace and carries
 each connection over to the worker's.
 
-Only ports the job's own condor_starter listens on are relayed: the port
-comes from the job's .chirp.config, which the job owner can rewrite, so it is
-checked against the starter's sockets (kernel facts) before anything is
-opened.  Nothing else on the worker's loopback becomes reachable.
+Only the chirp port of the job's own condor_starter (identified by kernel
+facts, see identity.py) is relayed, and only if that starter listens on it
+in the worker's network namespace; and the loopback nameservers of the
+node's resolv.conf.  Nothing else on the worker's loopback becomes reachable.
+
+A relay counts the bytes it carries (they are the job's traffic: larknsd adds
+them to the job's totals as "relayed"), and carries at most
+MAX_CONNECTIONS at once, so that a job cannot spend larknsd's file
+descriptors: each relayed connection holds two.
 """
 
 from __future__ import annotations
@@ -20,25 +25,34 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from larkns.daemon.chirp import ChirpError, RequestFilter
+from larkns.daemon.identity import Process
 from larkns.kernel import netns
 
 LOCALHOST = "127.0.0.1"
 _LISTEN = "0A"
+#: Connections (TCP) or clients (UDP) a relay carries at once.
+MAX_CONNECTIONS = 32
 
 
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports process `pid` listens on, on 127.0.0.1 or any address."""
+def listening_ports(process: Process) -> set[int]:
+    """TCP ports `process` listens on, on 127.0.0.1 or any address, in this
+    thread's network namespace (larknsd's, where the node's starter is)."""
     inodes = set()
+    fd_dir = f"/proc/{process.pid}/fd"
     with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
+        for fd in os.listdir(fd_dir):
             with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                link = os.readlink(f"{fd_dir}/{fd}")
                 if link.startswith("socket:["):
                     inodes.add(link[8:-1])
+    if not process.alive():
+        return set()  # those fds were a later process's
     ports = set()
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/net/tcp") as f:
+    with contextlib.suppress(OSError), open("/proc/thread-self/net/tcp") as f:
         next(f)
         for line in f:
             fields = line.split()
@@ -49,34 +63,29 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def chirp_port(env: dict[str, str], starter: int) -> int | None:
-    """The chirp port of the job, if its starter really listens on it."""
-    path = env.get("_CONDOR_CHIRP_CONFIG")
-    if not path:
-        return None
+def loopback_nameservers(process: Process) -> list[str]:
+    """Nameservers on the loopback in the resolv.conf that `process` (the
+    node's starter: root, so its root directory is the node's) sees (a local
+    resolver such as systemd-resolved's 127.0.0.53)."""
+    out: list[str] = []
     try:
-        # Read as the starter sees it: the file lives in the job's mount
-        # namespace, which /proc/PID/root reaches.
-        with open(f"/proc/{starter}/root{path}") as f:
-            host, port, *_ = f.read().split()
-    except (OSError, ValueError):
-        return None
-    if host != LOCALHOST or not port.isdigit():
-        return None
-    return int(port) if int(port) in listening_ports(starter) else None
-
-
-def loopback_nameservers(pid: int) -> list[str]:
-    """Nameservers on the loopback in the resolv.conf that process `pid` sees
-    (a local resolver such as systemd-resolved's 127.0.0.53)."""
-    out = []
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/root/etc/resolv.conf") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[0] == "nameserver":
-                with contextlib.suppress(ValueError):
-                    if ipaddress.ip_address(fields[1]).is_loopback and fields[1] not in out:
-                        out.append(fields[1])
+        root = process.open_dir("root")
+    except OSError:
+        return out
+    try:
+        fd = os.open("etc/resolv.conf", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=root)
+    except OSError:
+        return out
+    finally:
+        os.close(root)
+    with open(fd, "rb") as f:
+        text = f.read(1 << 16).decode(errors="replace")
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(fields[1]).is_loopback and fields[1] not in out:
+                    out.append(fields[1])
     return out
 
 
@@ -91,6 +100,9 @@ class _Relay:
         self.port = port
         self.address = address
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        # Bytes carried: to the worker (the job's outgoing) and back.
+        self.outgoing = 0
+        self.incoming = 0
         with netns.entered(ns_name):
             self._inner = socket.socket(self.family, self.kind | socket.SOCK_CLOEXEC)
             try:
@@ -108,7 +120,7 @@ class _Relay:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=15)
         self._wake_w.close()
 
     def _run(self) -> None:
@@ -118,9 +130,13 @@ class _Relay:
 class Relay(_Relay):
     """Listens on address:port (default 127.0.0.1) in netns `ns_name`; carries
     TCP connections to the same address and port in the netns of the thread
-    that made it."""
+    that made it.  With `chirp`, what the job sends is filtered: it may not
+    set the attributes larknsd publishes (chirp.RequestFilter)."""
 
-    def __init__(self, ns_name: str, port: int, address: str = LOCALHOST) -> None:
+    def __init__(
+        self, ns_name: str, port: int, address: str = LOCALHOST, chirp: bool = False
+    ) -> None:
+        self._new_filter: Callable[[], RequestFilter] | None = RequestFilter if chirp else None
         super().__init__(ns_name, port, address)
 
     def _run(self) -> None:
@@ -128,28 +144,20 @@ class Relay(_Relay):
         sel.register(self._inner, selectors.EVENT_READ, "listen")
         sel.register(self._wake_r, selectors.EVENT_READ, "stop")
         peers: dict[socket.socket, socket.socket] = {}
+        # The job's end of each connection, with its filter (if any).
+        jobside: dict[socket.socket, RequestFilter | None] = {}
         try:
             while True:
                 for key, _ in sel.select():
                     if key.data == "stop":
                         return
                     if key.data == "listen":
-                        self._accept(sel, peers)
+                        self._accept(sel, peers, jobside)
                         continue
                     src = key.fileobj
                     assert isinstance(src, socket.socket)
-                    dst = peers.get(src)
-                    try:
-                        data = src.recv(1 << 16)
-                    except OSError:
-                        data = b""
-                    if data and dst is not None:
-                        try:
-                            dst.sendall(data)
-                            continue
-                        except OSError:
-                            pass
-                    self._drop(sel, peers, src)
+                    if not self._carry(src, peers, jobside):
+                        self._drop(sel, peers, jobside, src)
         finally:
             for s in list(peers):
                 with contextlib.suppress(Exception):
@@ -159,12 +167,49 @@ class Relay(_Relay):
             self._inner.close()
             self._wake_r.close()
 
+    def _carry(
+        self,
+        src: socket.socket,
+        peers: dict[socket.socket, socket.socket],
+        jobside: dict[socket.socket, RequestFilter | None],
+    ) -> bool:
+        """Carry what `src` has to its peer; False when the pair is done."""
+        dst = peers.get(src)
+        try:
+            data = src.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data or dst is None:
+            return False
+        try:
+            if src in jobside:
+                filt = jobside[src]
+                answer = b""
+                if filt is not None:
+                    data, answer = filt.feed(data)
+                self.outgoing += len(data)
+                dst.sendall(data)
+                if answer:
+                    src.sendall(answer)
+            else:
+                self.incoming += len(data)
+                dst.sendall(data)
+        except (OSError, ChirpError):
+            return False
+        return True
+
     def _accept(
-        self, sel: selectors.BaseSelector, peers: dict[socket.socket, socket.socket]
+        self,
+        sel: selectors.BaseSelector,
+        peers: dict[socket.socket, socket.socket],
+        jobside: dict[socket.socket, RequestFilter | None],
     ) -> None:
         try:
             inner, _ = self._inner.accept()
         except OSError:
+            return
+        if len(jobside) >= MAX_CONNECTIONS:
+            inner.close()  # the job has enough open: it gets a reset
             return
         try:
             # Made in this thread's netns: the worker's, where the starter is.
@@ -174,6 +219,7 @@ class Relay(_Relay):
             inner.close()
             return
         peers[inner], peers[outer] = outer, inner
+        jobside[inner] = self._new_filter() if self._new_filter else None
         sel.register(inner, selectors.EVENT_READ, "conn")
         sel.register(outer, selectors.EVENT_READ, "conn")
 
@@ -181,6 +227,7 @@ class Relay(_Relay):
         self,
         sel: selectors.BaseSelector,
         peers: dict[socket.socket, socket.socket],
+        jobside: dict[socket.socket, RequestFilter | None],
         s: socket.socket,
     ) -> None:
         other = peers.pop(s, None)
@@ -190,6 +237,7 @@ class Relay(_Relay):
             with contextlib.suppress(Exception):
                 sel.unregister(x)
             peers.pop(x, None)
+            jobside.pop(x, None)
             x.close()
 
 
@@ -215,21 +263,30 @@ class UdpRelay(_Relay):
                         with contextlib.suppress(OSError):
                             data, client = self._inner.recvfrom(1 << 16)
                             up = upstream.get(client)
+                            if up is None and len(upstream) >= MAX_CONNECTIONS:
+                                continue  # a job's flood of clients: dropped
                             if up is None:
                                 # Made in this thread's netns: the worker's.
                                 s = socket.socket(
                                     self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                                 )
-                                s.connect((self.address, self.port))
-                                sel.register(s, selectors.EVENT_READ, client)
+                                try:
+                                    s.connect((self.address, self.port))
+                                    sel.register(s, selectors.EVENT_READ, client)
+                                except OSError:
+                                    s.close()
+                                    raise
                                 up = (s, 0.0)
                             upstream[client] = (up[0], time.monotonic())
                             up[0].send(data)
+                            self.outgoing += len(data)
                         continue
                     answer = key.fileobj
                     assert isinstance(answer, socket.socket)
                     with contextlib.suppress(OSError):
-                        self._inner.sendto(answer.recv(1 << 16), key.data)
+                        reply = answer.recv(1 << 16)
+                        self._inner.sendto(reply, key.data)
+                        self.incoming += len(reply)
                 now = time.monotonic()
                 for client, (s, used) in list(upstream.items()):
                     if now - used > self.IDLE:

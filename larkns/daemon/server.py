@@ -1,10 +1,11 @@
 """larknsd: serves job wrappers on a unix socket, builds each job's network and
 starts the job in it.
 
-Identity comes from kernel facts only: the caller's pid and uids
-(SO_PEERCRED), its ancestry up to its condor_starter, its namespaces and
-cgroup.  A request can ask for nothing the caller could not do itself, except
-the one thing larknsd is for: a job process in a network of its own.
+Identity comes from kernel facts only (identity.py): the caller's uids and a
+pidfd of it from the kernel, and its parent being the node's condor_starter
+by that starter's executable, uid, network namespace and parent.  A request
+can ask for nothing the caller could not do itself, except the one thing
+larknsd is for: a job process in a network of its own.
 """
 
 from __future__ import annotations
@@ -14,132 +15,98 @@ import json
 import os
 import select
 import socket
-import struct
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from larkns import core
+from larkns import core, seal
 from larkns.config import ConfigError, Settings, check_name
-from larkns.daemon import protocol
-from larkns.daemon.relay import Relay, UdpRelay, chirp_port, loopback_nameservers
+from larkns.daemon import chirp, identity, protocol
+from larkns.daemon.identity import Caller, CondorDaemons, Refused
+from larkns.daemon.relay import Relay, UdpRelay, listening_ports, loopback_nameservers
 from larkns.doctor import available_modes
 from larkns.engine import Engine
 from larkns.journal import Process, start_time
 from larkns.kernel import netns
 from larkns.plan import JobNetwork
 
-STARTER = "condor_starter"
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
+# .job.ad of a job with a large environment and many attributes: well below this.
+_AD_LIMIT = 1 << 20
 
 
-class Refused(Exception):
-    """A request larknsd will not serve; the message goes to the caller."""
-
-
-@dataclass(frozen=True)
-class Caller:
-    pid: int
-    uid: int
-    gid: int
-    groups: list[int]
-    umask: int
-    starter: int | None  # the condor_starter it descends from
-
-
-def peer(conn: socket.socket) -> tuple[int, int, int]:
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid, uid, gid
-
-
-def _status(pid: int) -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    return out
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
-
-
-def starter_of(pid: int) -> int | None:
-    """The nearest condor_starter among pid's ancestors, or None."""
-    p = pid
-    for _ in range(64):
-        if p <= 1:
-            return None
-        try:
-            with open(f"/proc/{p}/comm") as f:
-                if f.read().strip() == STARTER:
-                    return p
-            p = _parent(p)
-        except OSError:
-            return None
-    return None
-
-
-def identify(pid: int, uid: int, gid: int) -> Caller:
-    status = _status(pid)
-    # Effective ids are what the kernel checks; a caller keeps no others.
-    euid = int(status["Uid"].split()[1])
-    egid = int(status["Gid"].split()[1])
-    if (euid, egid) != (uid, gid):
-        raise Refused("caller changed identity while connecting")
-    groups = [int(g) for g in status.get("Groups", "").split()]
-    return Caller(pid, uid, gid, groups, int(status.get("Umask", "0022"), 8), starter_of(pid))
-
-
-def job_ad(starter: int) -> Any:
+def job_ad(caller: Caller, daemons: CondorDaemons) -> Any:
     """The job's ClassAd as its starter wrote it (.job.ad in the starter's
-    working directory, its scratch dir: kernel facts, not what a request
-    says); None if it cannot be read."""
-    try:
-        import classad2
+    working directory, the job's scratch dir, which its owner controls: read
+    with care).  Raises Refused."""
+    import classad2
 
-        scratch = os.readlink(f"/proc/{starter}/cwd")
-        with open(f"/proc/{starter}/root{scratch}/.job.ad") as f:
-            return classad2.parseOne(f.read())
+    assert caller.starter is not None
+    data = _scratch_file(caller, daemons, ".job.ad", _AD_LIMIT)
+    if data is None:
+        raise Refused(".job.ad: not in the job's scratch directory")
+    try:
+        return classad2.parseOne(data.decode("utf-8", errors="replace"))
     except Exception:
-        return None
+        raise Refused(".job.ad: not a ClassAd") from None
 
 
-def cgroup_fd(pid: int) -> int | None:
-    """An fd of pid's cgroup v2 directory, for CLONE_INTO_CGROUP; None if there is none."""
-    mount = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                mount = fields[4]
-                break
-    if mount is None:
+def _scratch_file(caller: Caller, daemons: CondorDaemons, name: str, limit: int) -> bytes | None:
+    """A file of the job's scratch dir (the starter's working directory);
+    None if there is none of that name."""
+    assert caller.starter is not None
+    try:
+        cwd = caller.starter.open_dir("cwd")
+    except OSError:
+        raise Refused("the starter's working directory cannot be opened") from None
+    try:
+        return identity.read_user_file(cwd, name, {caller.uid, *daemons.uids}, limit)
+    except Refused:
+        if _missing(cwd, name):
+            return None
+        raise
+    finally:
+        os.close(cwd)
+
+
+def _missing(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def job_chirp(caller: Caller, daemons: CondorDaemons) -> chirp.ChirpConfig | None:
+    """The job's chirp server, if its starter (the node's, in larknsd's
+    network namespace) really listens on the port .chirp.config names."""
+    if caller.starter is None:
         return None
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    path = line[3:].strip()
-                    return os.open(mount + path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+        data = _scratch_file(caller, daemons, ".chirp.config", 4096)
+    except Refused as e:
+        print(f"larknsd: job of starter {caller.starter.pid}: {e}", file=sys.stderr)
         return None
-    return None
+    found = chirp.ChirpConfig.parse(data) if data is not None else None
+    if found is None or found.port not in listening_ports(caller.starter):
+        return None
+    return found
 
 
 class Daemon:
-    def __init__(self, settings: Settings, socket_path: str) -> None:
+    def __init__(
+        self, settings: Settings, socket_path: str, daemons: CondorDaemons | None = None
+    ) -> None:
         from larkns.kernel.ra import Advertiser
 
         self.settings = settings
         self.socket_path = socket_path
+        self.daemons = daemons if daemons is not None else CondorDaemons()
         self.advertiser = Advertiser()
         # A node serving jobs all day keeps its table and state dir.
         self.engine = Engine(settings, self.advertiser, clean_when_idle=False)
@@ -147,6 +114,7 @@ class Daemon:
         # a job's namespace (netns is per thread) when it first needs them.
         _ = (self.engine.rtnl, self.engine.ipr, self.engine.ruleset)
         self.me = Process.of(os.getpid())
+        self.seal_key = seal.key(settings.lib_dir)
         # The engine's netlink sockets are not for two threads at once; its
         # own lock, which its DHCP renewers take too.
         self.lock = self.engine.lock
@@ -154,6 +122,9 @@ class Daemon:
         # until their wrappers attach again.
         self._adopted: dict[str, list[Relay | UdpRelay]] = {}
         self._attached: set[str] = set()
+        # Networks prepared for a starter's job and not launched yet, with
+        # the uid of the job's owner.
+        self._prepared_for: dict[str, int] = {}
         for line in self._adopt():
             print(f"larknsd: {line}", file=sys.stderr)
         self.listener = self._listen()
@@ -202,8 +173,8 @@ class Daemon:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             fds: list[int] = []
+            caller: Caller | None = None
             try:
-                pid, uid, gid = peer(conn)
                 msg, fds = protocol.receive(conn)
                 if msg is None:
                     return
@@ -212,10 +183,11 @@ class Daemon:
                     # cron job asks, as the condor user).
                     protocol.send(conn, {"ok": True, **self.info()})
                     return
-                caller = identify(pid, uid, gid)
+                caller = identity.identify(conn, self.daemons)
                 if caller.uid != 0 and caller.starter is None:
                     raise Refused(
-                        f"pid {pid} (uid {uid}) is not a job of this node's HTCondor starter"
+                        f"pid {caller.pid} (uid {caller.uid}) is not a job of this node's "
+                        "HTCondor starter"
                     )
                 if msg.get("op") == "prepare":
                     self._prepare(conn, caller)
@@ -232,6 +204,8 @@ class Daemon:
                 traceback.print_exc()
                 self._refuse(conn, f"internal error: {e}")
             finally:
+                if caller is not None:
+                    caller.close()
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -251,22 +225,28 @@ class Daemon:
                 f"expected the job's stdin, stdout and stderr, got {len(fds)} descriptors"
             )
         wrapper = Process.of(caller.pid)
-        name = f"s{caller.starter}" if caller.starter else f"r{caller.pid}"
+        name = f"s{caller.starter.pid}" if caller.starter else f"r{caller.pid}"
+        ad = job_ad(caller, self.daemons) if caller.starter else None
         plan = self._prepared(name, caller)
-        mode = plan.mode if plan is not None else self._mode(caller)
+        mode = plan.mode if plan is not None else self.settings.job_mode(ad)
+        job_id = ad.get("GlobalJobId") if ad is not None else None
+        # Read before anything is built: a job whose files are not what they
+        # must be gets a reason, and nothing of it is left.
+        chirp_to = job_chirp(caller, self.daemons)
+        # A loopback resolver (127.0.0.53, ...) would be the job's own
+        # loopback, where nothing answers: relayed, as the starter sees it.
+        servers = loopback_nameservers(caller.starter or caller.process)
         if plan is None:
             with self.lock:
                 plan = self.engine.setup(name, mode, self.me, client=wrapper)
+        with self.lock:
+            self._prepared_for.pop(name, None)
         relays: list[Relay | UdpRelay] = []
         kept: core.Kept | None = None
         try:
             # condor_chirp inside the job reaches its starter as it would
-            # without larkns: at 127.0.0.1 and the same port.  A loopback
-            # resolver (127.0.0.53, ...) would be the job's own loopback,
-            # where nothing answers: relay it too.
-            port = chirp_port(env, caller.starter) if caller.starter else None
-            servers = loopback_nameservers(caller.pid)
-            relays = _relays(plan.netns, port, servers)
+            # without larkns: at 127.0.0.1 and the same port.
+            relays = _relays(plan.netns, chirp_to.port if chirp_to else None, servers)
             self.engine.wait_ready(plan, self.settings.slaac_timeout)
             addresses = self.engine.job_addresses(plan)
             env = {**env, **plan.job_env()}
@@ -280,7 +260,17 @@ class Daemon:
                 record.client = wrapper
                 record.keeper = Process(kept.keeper_pid, _start(kept.keeper_pid))
                 record.job = Process(kept.job_pid, _start(kept.job_pid))
-                record.extra["relays"] = {"chirp": port, "nameservers": servers}
+                record.extra["relays"] = {
+                    "chirp": chirp_to.port if chirp_to else None,
+                    "nameservers": servers,
+                }
+                if chirp_to is not None:
+                    # The journal is root's alone (0700).
+                    record.extra["chirp"] = {
+                        "port": chirp_to.port,
+                        "cookie": chirp_to.cookie,
+                        "job_id": job_id if isinstance(job_id, str) else "",
+                    }
                 self.engine.journal.write(record)
         except BaseException:
             if kept is not None:
@@ -303,8 +293,7 @@ class Daemon:
             "addresses": {"ipv4": addresses[0], "ipv6": addresses[1]},
             "inbound_ports": plan.inbound_ports,
             # The wrapper runs as the job's owner and cannot read the
-            # node's configuration: larknsd tells it these knobs.
-            "update_interval": self.settings.update_interval,
+            # node's configuration: larknsd tells it this knob.
             "reattach_timeout": self.settings.reattach_timeout,
         }
         with self.lock:
@@ -314,11 +303,44 @@ class Daemon:
         with contextlib.suppress(OSError):
             protocol.send(conn, reply, [kept.job_pidfd])
         os.close(kept.job_pidfd)
-        self._watch(conn, name, kept.keeper_pidfd, relays)
+        started = time.monotonic()
+        if chirp_to is not None:
+            ports = plan.inbound_ports
+            self._publish(
+                name,
+                chirp_to,
+                {
+                    "LarkAssignedNetworkType": chirp.quote(mode),
+                    "LarkIPv4Address": chirp.quote(addresses[0] or ""),
+                    "LarkIPv6Addresses": chirp.quote(",".join(addresses[1] or [])),
+                    # The worker's ports that reach the job (TCP and UDP),
+                    # for its clients: "FIRST-LAST".
+                    **(
+                        {"LarkInboundPorts": chirp.quote(f"{ports[0]}-{ports[1]}")} if ports else {}
+                    ),
+                },
+            )
+        self._watch(
+            conn,
+            name,
+            kept.keeper_pidfd,
+            relays,
+            chirp_to,
+            started,
+            job_id if isinstance(job_id, str) else "",
+        )
+
+    def _publish(self, name: str, to: chirp.ChirpConfig, attrs: dict[str, str]) -> None:
+        """Into the job's ad, through its starter; a failure is logged (the
+        starter may be gone with a removed job)."""
+        try:
+            chirp.publish(to, attrs)
+        except (OSError, chirp.ChirpError) as e:
+            print(f"larknsd: job {name}: cannot publish its counters: {e}", file=sys.stderr)
 
     def _attach(self, conn: socket.socket, caller: Caller, msg: dict[str, Any]) -> None:
         """A wrapper whose larknsd restarted takes up its job again: it gets
-        the counters and the job's end from this larknsd."""
+        the job's end from this larknsd."""
         name = msg.get("name")
         if not isinstance(name, str):
             raise Refused("name: expected the job's name")
@@ -339,6 +361,13 @@ class Daemon:
             assert record is not None and record.keeper is not None
             self._attached.add(name)
             relays = self._adopted.pop(name, [])
+        found = record.extra.get("chirp") or {}
+        chirp_to = (
+            chirp.ChirpConfig(int(found["port"]), str(found["cookie"]))
+            if isinstance(found, dict) and "port" in found and "cookie" in found
+            else None
+        )
+        job_id = str(found.get("job_id", "")) if isinstance(found, dict) else ""
         keeper_fd: int | None = None
         try:
             with contextlib.suppress(OSError):
@@ -354,7 +383,7 @@ class Daemon:
                 self._attached.discard(name)
                 self._adopted[name] = relays
             raise
-        self._watch(conn, name, keeper_fd, relays)
+        self._watch(conn, name, keeper_fd, relays, chirp_to, time.monotonic(), job_id)
 
     def _watch(
         self,
@@ -362,14 +391,22 @@ class Daemon:
         name: str,
         keeper_fd: int | None,
         relays: list[Relay | UdpRelay],
+        chirp_to: chirp.ChirpConfig | None,
+        started: float,
+        job_id: str,
     ) -> None:
-        """Serve the job's wrapper until the job has ended, remove the job's
-        network, and tell the wrapper how the job ended: when the wrapper
-        ends, nothing of the job is left."""
+        """Serve the job's wrapper until the job has ended, publishing its
+        counters meanwhile; remove the job's network, publish its final
+        counters (sealed: seal.py), and tell the wrapper how the job ended:
+        when the wrapper ends, nothing of the job is left and its ad is
+        complete."""
         try:
-            outcome = self._wait(conn, name, keeper_fd)
+            outcome = self._wait(conn, name, keeper_fd, relays, chirp_to)
+            # The relays close first: the job's chirp ends before the last word.
+            for r in relays:
+                r.close()
             with self.lock:
-                traffic = self.engine.stats(name)
+                traffic = _traffic(self.engine.stats(name), relays)
         finally:
             if keeper_fd is not None:
                 os.close(keeper_fd)
@@ -378,8 +415,19 @@ class Daemon:
             with self.lock:
                 self.engine.teardown(name)
                 self._attached.discard(name)
+        if chirp_to is not None:
+            final = chirp.attributes(traffic)
+            final[seal.ATTRIBUTE] = chirp.quote(seal.seal(self.seal_key, job_id, final))
+            seconds = max(time.monotonic() - started, 1e-3)
+            final["LarkNetworkBandwidthIncoming"] = str(
+                round(traffic["bytes"]["incoming"] / seconds)
+            )
+            final["LarkNetworkBandwidthOutgoing"] = str(
+                round(traffic["bytes"]["outgoing"] / seconds)
+            )
+            self._publish(name, chirp_to, final)
         with contextlib.suppress(OSError):
-            protocol.send(conn, {"exit": outcome, "traffic": _traffic(traffic)})
+            protocol.send(conn, {"exit": outcome, "traffic": traffic})
         _drain(conn)
 
     def _adopt(self) -> list[str]:
@@ -406,7 +454,10 @@ class Daemon:
                 relays = record.extra.get("relays") or {}
                 try:
                     self._adopted[record.name] = _relays(
-                        record.plan.netns, relays.get("chirp"), relays.get("nameservers", [])
+                        record.plan.netns,
+                        relays.get("chirp"),
+                        relays.get("nameservers", []),
+                        record.extra.get("relayed"),
                     )
                 except OSError as e:
                     print(f"larknsd: job {record.name}: relays not restored: {e}", file=sys.stderr)
@@ -427,13 +478,20 @@ class Daemon:
         instead of failing it.  It lives as long as the job's starter."""
         if caller.starter is None:
             raise Refused("prepare: only for a job of an HTCondor starter")
-        name = f"s{caller.starter}"
+        name = f"s{caller.starter.pid}"
         plan = self._prepared(name, caller)
         if plan is None:
             mode = self._mode(caller)
-            starter = Process.of(caller.starter)
+            starter = Process.of(caller.starter.pid)
             with self.lock:
+                waiting = sum(1 for uid in self._prepared_for.values() if uid == caller.uid)
+                if waiting >= self.settings.max_prepared_per_user:
+                    raise Refused(
+                        f"uid {caller.uid} has {waiting} networks prepared and not launched "
+                        f"(LARKNS_MAX_PREPARED_PER_USER = {self.settings.max_prepared_per_user})"
+                    )
                 plan = self.engine.setup(name, mode, self.me, client=starter)
+                self._prepared_for[name] = caller.uid
             threading.Thread(
                 target=self._until_launched, args=(name, starter), name="prepared", daemon=True
             ).start()
@@ -455,9 +513,11 @@ class Daemon:
                 with self.lock:
                     record = self.engine.journal.read(name)
                     if record is None or record.client != starter or record.owner != self.me:
+                        self._prepared_for.pop(name, None)
                         return  # launched (the job's keeper and wrapper rule it now), or gone
                     if not starter.alive():
                         self.engine.teardown(name)
+                        self._prepared_for.pop(name, None)
                         return
         finally:
             if fd is not None:
@@ -467,7 +527,7 @@ class Daemon:
         """The job's network type: the site's LARKNS_NETWORK_TYPE evaluated
         against its ad, or what the job asks for (+LarkNetworkType) if the
         site allows it."""
-        ad = job_ad(caller.starter) if caller.starter else None
+        ad = job_ad(caller, self.daemons) if caller.starter else None
         return self.settings.job_mode(ad)
 
     def _prepared(self, name: str, caller: Caller) -> JobNetwork | None:
@@ -477,7 +537,7 @@ class Daemon:
         record = self.engine.journal.read(name)
         if record is None or record.plan is None or record.owner != self.me:
             return None
-        if record.client != Process.of(caller.starter):
+        if record.client != Process.of(caller.starter.pid):
             return None
         return record.plan
 
@@ -514,7 +574,9 @@ class Daemon:
         opened: list[int] = []
         try:
             opened.append(os.open(netns.path(ns_name), os.O_RDONLY | os.O_CLOEXEC))
-            opened.append(os.pidfd_open(caller.pid))
+            # The wrapper as it connected (its pidfd from the kernel), not
+            # whatever process has its pid now.
+            opened.append(os.dup(caller.process.pidfd))
             watch = opened[-1]
             opened.append(
                 os.open(self.engine.journal.jobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -523,13 +585,16 @@ class Daemon:
             # An earlier job of this name may have left its end here (its
             # keeper wrote it after gc had removed the rest).
             self.engine.journal.exit_path(name).unlink(missing_ok=True)
-            for ns in _JOINED:
-                opened.append(os.open(f"/proc/{caller.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
+            for ns in (*_JOINED, "pid"):
+                opened.append(caller.process.ns(ns))
+                if caller.uid != 0 and not identity.owned_by_root_namespaces(opened[-1]):
+                    # Made by the user in a user namespace of their own: the
+                    # job is not to run in a world its owner arranged.
+                    raise Refused(f"the wrapper's {ns} namespace is not the starter's making")
             # The wrapper's pid namespace too (HTCondor's USE_PID_NAMESPACES
             # gives each job one): joined by the keeper for its child.
-            opened.append(os.open(f"/proc/{caller.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
             pid_ns = opened[-1]
-            cg = cgroup_fd(caller.pid)
+            cg = identity.cgroup_fd(caller.process)
             if cg is not None:
                 opened.append(cg)
             spec = core.SpawnSpec(
@@ -565,16 +630,33 @@ class Daemon:
             for fd in opened:
                 os.close(fd)
 
-    def _wait(self, conn: socket.socket, name: str, keeper_fd: int | None) -> dict[str, int]:
+    def _wait(
+        self,
+        conn: socket.socket,
+        name: str,
+        keeper_fd: int | None,
+        relays: list[Relay | UdpRelay],
+        chirp_to: chirp.ChirpConfig | None,
+    ) -> dict[str, int]:
         """The job's end ({"code"} or {"signal"}), once its keeper has written
         it down (the keeper also kills the job if the wrapper dies first).
-        Meanwhile the wrapper may ask for the job's counters ({"op": "stats"})."""
+        Meanwhile its counters go into its ad every LARKNS_UPDATE_INTERVAL,
+        and the wrapper may ask for them ({"op": "stats"})."""
         poller = select.poll()
         if keeper_fd is not None:
             poller.register(keeper_fd, select.POLLIN)
         poller.register(conn.fileno(), select.POLLIN)
+        interval = self.settings.update_interval
+        next_update = time.monotonic() + interval
         while keeper_fd is not None:
-            ready = {fd for fd, _ in poller.poll()}
+            wait_ms = max(0, int((next_update - time.monotonic()) * 1000))
+            ready = {fd for fd, _ in poller.poll(wait_ms if chirp_to is not None else None)}
+            if chirp_to is not None and time.monotonic() >= next_update:
+                with self.lock:
+                    traffic = _traffic(self.engine.stats(name), relays)
+                    self._keep_relayed(name, relays)
+                self._publish(name, chirp_to, chirp.attributes(traffic))
+                next_update = time.monotonic() + interval
             if keeper_fd in ready:
                 # Ours to reap unless we took the job over from another larknsd.
                 with contextlib.suppress(ChildProcessError):
@@ -595,9 +677,9 @@ class Daemon:
                     continue
                 if msg.get("op") == "stats":
                     with self.lock:
-                        traffic = self.engine.stats(name)
+                        traffic = _traffic(self.engine.stats(name), relays)
                     with contextlib.suppress(OSError):
-                        protocol.send(conn, {"traffic": _traffic(traffic)})
+                        protocol.send(conn, {"traffic": traffic})
                 else:
                     self._refuse(conn, f"unknown operation {msg.get('op')!r} while the job runs")
         end = self.engine.journal.exit_status(name)
@@ -607,6 +689,17 @@ class Daemon:
             print(f"larknsd: job {name}: its keeper died; the job was killed", file=sys.stderr)
             return {"signal": 9}
         return end
+
+    def _keep_relayed(self, name: str, relays: list[Relay | UdpRelay]) -> None:
+        """What the relays carried so far, in the job's record: a restarted
+        larknsd counts on from there."""
+        record = self.engine.journal.read(name)
+        if record is not None:
+            record.extra["relayed"] = [
+                sum(r.incoming for r in relays),
+                sum(r.outgoing for r in relays),
+            ]
+            self.engine.journal.write(record)
 
 
 def _drain(conn: socket.socket, timeout: float = 5.0) -> None:
@@ -624,17 +717,24 @@ def _start(pid: int) -> int:
     return start_time(pid) or 0
 
 
-def _relays(ns_name: str, chirp: int | None, nameservers: list[str]) -> list[Relay | UdpRelay]:
+def _relays(
+    ns_name: str, chirp_port: int | None, nameservers: list[str], relayed: Any = None
+) -> list[Relay | UdpRelay]:
+    """The job's relays; `relayed` ([in, out]) what earlier relays of the job
+    carried (before a restart), counted on by the first."""
     out: list[Relay | UdpRelay] = []
     try:
-        if chirp is not None:
-            out.append(Relay(ns_name, chirp))
+        if chirp_port is not None:
+            out.append(Relay(ns_name, chirp_port, chirp=True))
         for server in nameservers:
             out += [Relay(ns_name, 53, server), UdpRelay(ns_name, 53, server)]
     except BaseException:
         for r in out:
             r.close()
         raise
+    if out and isinstance(relayed, list) and len(relayed) == 2:
+        with contextlib.suppress(TypeError, ValueError):
+            out[0].incoming, out[0].outgoing = int(relayed[0]), int(relayed[1])
     return out
 
 
@@ -652,16 +752,26 @@ def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], s
     return argv, path, {k: v for k, v in pairs}, cwd
 
 
-def _traffic(t: Any) -> dict[str, Any]:
+def _traffic(t: Any, relays: Sequence[Relay | UdpRelay] = ()) -> dict[str, Any]:
+    """A job's counters as the protocol and the job ad carry them: what
+    crossed its link, plus what larkns's relays carried between its loopback
+    and the worker's (chirp, DNS), which is in the totals too."""
+
     def fam(inc: Any, out: Any) -> dict[str, Any]:
         return {
             "bytes": {"incoming": inc.bytes, "outgoing": out.bytes},
             "packets": {"incoming": inc.packets, "outgoing": out.packets},
         }
 
+    relayed_in = sum(r.incoming for r in relays)
+    relayed_out = sum(r.outgoing for r in relays)
+    total = fam(t.incoming, t.outgoing)
+    total["bytes"]["incoming"] += relayed_in
+    total["bytes"]["outgoing"] += relayed_out
     return {
-        **fam(t.incoming, t.outgoing),
+        **total,
         "families": {"ipv4": fam(t.ipv4_in, t.ipv4_out), "ipv6": fam(t.ipv6_in, t.ipv6_out)},
+        "relayed": {"bytes": {"incoming": relayed_in, "outgoing": relayed_out}},
         "classes": {n: fam(inc, out) for n, (inc, out) in t.classes.items()},
         "dropped": {"packets": t.dropped.packets, "bytes": t.dropped.bytes},
     }
@@ -695,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     from larkns import config
 
     ap = argparse.ArgumentParser(prog="larknsd", description="larkns's root daemon")
-    ap.add_argument("--socket", default=protocol.socket_path())
+    ap.add_argument("--socket", help="where to listen (default: LARKNS_SOCKET, /run/larknsd.sock)")
     ap.add_argument(
         "--exit-with-parent",
         action="store_true",
@@ -706,7 +816,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             raise ConfigError("larknsd must run as root")
         settings = config.load()
-        daemon = Daemon(settings, args.socket)
+        daemons = CondorDaemons.from_config()
+        print(f"larknsd: {daemons.describe()}", file=sys.stderr)
+        daemon = Daemon(settings, args.socket or str(settings.socket), daemons)
     except (ConfigError, OSError) as e:
         print(f"larknsd: error: {e}", file=sys.stderr)
         return 125
@@ -719,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(
             target=_stop_with_parent, args=(daemon,), name="parent", daemon=True
         ).start()
-    print(json.dumps({"larknsd": "ready", "socket": args.socket}), flush=True)
+    print(json.dumps({"larknsd": "ready", "socket": daemon.socket_path}), flush=True)
     try:
         daemon.serve_forever()
     finally:
