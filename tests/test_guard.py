@@ -235,3 +235,19 @@ def test_a_job_reaches_neither_the_worker_s_services_nor_another_job(
         assert got[target][0] == "connected", (target, got)
     # one SYN each, two to the link-local gateway (its retransmission)
     assert _dropped(report)[0] == len(refused) + 1
+
+
+def test_a_table_made_before_link_control_by_scope_gets_its_counting_chains_rebuilt() -> None:
+    """In place, in one transaction: the counting chains are flushed and
+    filled again, with the rules of the classes the table has."""
+    from larkns.kernel import nft
+
+    chains = ("forward", "input", "output", "postrouting", "prerouting", "guard", "fence")
+    old_table: list[dict[str, Any]] = [{"chain": {"name": c}} for c in chains]
+    old_table.append({"set": {"name": "cls_Site_4"}})
+    added = nft.feature_update(old_table)
+    assert [c["flush"]["chain"]["name"] for c in added if "flush" in c] == list(nft._HALVES)
+    class_rules = [c for c in added if "@cls_Site_4" in json.dumps(c)]
+    assert len(class_rules) == 4  # forward (both ends), input, output
+    assert {"add": {"counter": {**nft._T, "name": nft.LINK_CONTROL_MARKER}}} in added
+    assert nft.feature_update([*old_table, {"chain": {"name": "control_out"}}]) == []
