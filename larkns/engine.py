@@ -455,6 +455,7 @@ class Engine:
         self.rtnl.run(
             rtnl.no_link_local(idx, plan.host_link),
             rtnl.link_master(idx, master, plan.host_link),
+            rtnl.bpdu_guard(idx, plan.host_link),
             rtnl.link_up(idx, plan.host_link),
         )
         addrs.job_side(job, plan.job_index, plan.ipv4_job, plan.gateway4)

@@ -150,8 +150,9 @@ def summary(report: dict[str, Any]) -> str:
         dropped = report["dropped"]
         if dropped["packets"]:
             lines.append(
-                f"larkns:   dropped {dropped['packets']} pkts the job sent from addresses "
-                "not its own (or as a router or DHCP server)"
+                f"larkns:   dropped {dropped['packets']} pkts the job may not send (from "
+                "addresses not its own, as a router or DHCP server, or to another job "
+                "or the worker's services)"
             )
     else:
         lines.append("larkns:   no network (loopback only)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -302,3 +303,183 @@ def test_a_bridged_job_s_traffic_classes_are_counted(site: World, tmp_path: Path
     classes: dict[str, Any] = report["classes"]  # type: ignore[assignment]
     assert classes["Site"]["bytes"] == {"outgoing": 3 * 128, "incoming": 3 * 78}
     assert classes["Far"]["bytes"] == {"outgoing": 2 * 248, "incoming": 2 * 108}
+
+
+# Frames that carry MARKER, so a capture in the site finds them whatever
+# the kernel made of their tags.
+MARKER = b"LKTMARK"
+TAGGED = """
+import socket, struct, sys
+WORKER4, WORKER6, MARKER = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+me = s.getsockname()[4]
+ll = bytes.fromhex("fe80000000000000") + bytes([me[0] ^ 2]) + me[1:3] + b"\\xff\\xfe" + me[3:6]
+print(me.hex(":"), socket.inet_ntop(socket.AF_INET6, ll), flush=True)
+
+def sum16(data):
+    data += bytes(len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+def icmp6(dst, body):
+    # a marker in an option no receiver knows (RFC 4861: ignored)
+    body += bytes([253, 1]) + MARKER[:6]
+    dst = socket.inet_pton(socket.AF_INET6, dst)
+    pseudo = ll + dst + struct.pack("!I3xB", len(body), 58)
+    body = body[:2] + struct.pack("!H", sum16(pseudo + body)) + body[4:]
+    return struct.pack("!IHBB", 6 << 28, len(body), 58, 255) + ll + dst + body
+
+vlan0 = b"\\x81\\x00\\x00\\x00"  # 802.1Q, VLAN 0 (a priority tag)
+qinq = b"\\x88\\xa8\\x00\\x00" + vlan0  # 802.1ad outer tag, then 802.1Q
+# RA: "I am a default router for 1800 s", with my link-layer address
+ra = icmp6("ff02::1", struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + b"\\x01\\x01" + me)
+# NA: "the worker's address is at my MAC" (override)
+na = icmp6("ff02::1", struct.pack("!BBHI16s", 136, 0, 0, 0x20000000,
+           socket.inet_pton(socket.AF_INET6, WORKER6)) + b"\\x02\\x01" + me)
+# ARP reply: "the worker's address is at my MAC"
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, me, socket.inet_aton(WORKER4),
+                  b"\\xff" * 6, socket.inet_aton(WORKER4)) + MARKER
+# STP configuration BPDU claiming root priority 0, LLC-framed (802.3 length)
+bpdu = b"\\x42\\x42\\x03" + bytes(4) + b"\\x00\\x00" + me + bytes(4) + b"\\x00\\x00" + me
+bpdu += bytes(35 - len(bpdu) + 3) + MARKER
+frames = [
+    b"\\x33\\x33\\x00\\x00\\x00\\x01" + me + vlan0 + b"\\x86\\xdd" + ra,
+    b"\\x33\\x33\\x00\\x00\\x00\\x01" + me + vlan0 + b"\\x86\\xdd" + na,
+    b"\\xff" * 6 + me + vlan0 + b"\\x08\\x06" + arp,
+    b"\\x33\\x33\\x00\\x00\\x00\\x01" + me + qinq + b"\\x86\\xdd" + ra,
+    b"\\x01\\x80\\xc2\\x00\\x00\\x00" + me + struct.pack("!H", len(bpdu)) + bpdu,
+]
+for f in frames:
+    s.send(f)
+print(len(frames), flush=True)
+"""
+
+CAPTURE = """
+import select, socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+s.bind(("down0", 0))
+print("ready", flush=True)
+seen = 0
+while True:
+    ready, _, _ = select.select([s, sys.stdin], [], [])
+    f = s.recv(65535) if s in ready else b""
+    if sys.argv[1].encode() in f:
+        seen += 1
+    if sys.stdin in ready:
+        break
+print(seen, flush=True)
+"""
+
+
+def _neighbour(world: World, ns: str, addr: str) -> str:
+    return sh("ip", "neigh", "show", addr, ns=ns).stdout
+
+
+def test_a_bridged_job_cannot_hide_rogue_frames_behind_a_vlan_tag_or_send_stp(
+    site: World, tmp_path: Path
+) -> None:
+    """VLAN 0 (a priority tag) is taken for untagged by the site and the
+    worker, but hides the frame's type from rules keyed on it: a job that
+    sent a tagged RA became a router, a tagged ARP reply or NA took over
+    the worker's neighbour entries.  None of it may leave the job's port."""
+    from tests.world import WORKER4, WORKER6
+
+    # The entries a forged answer would take over.
+    sh("ping", "-q", "-c", "1", "-W", "2", WORKER4, ns=site.site)
+    sh("ping", "-6", "-q", "-c", "1", "-W", "2", WORKER6, ns=site.site)
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", site.site, sys.executable, "-c", CAPTURE, MARKER.decode()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert capture.stdout is not None and capture.stdin is not None
+    try:
+        assert capture.stdout.readline().strip() == "ready"
+        proc, report = run_job(
+            site, tmp_path, "/usr/bin/python3", "-c", TAGGED, WORKER4, WORKER6, MARKER.decode(),
+            extra=("--mode", "bridge"), **KNOBS,
+        )  # fmt: skip
+        time.sleep(0.2)  # frames in flight reach the capture
+    finally:
+        out, _ = capture.communicate("\n", timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    (mac, link_local), (sent,) = (line.split() for line in proc.stdout.splitlines())
+    assert out.strip() == "0", "the site saw frames the job should not send"
+    for ns, addr in ((site.site, WORKER4), (site.site, WORKER6), (site.worker, SITE4)):
+        assert mac not in _neighbour(site, ns, addr), (ns, addr)
+    for ns in (site.site, site.worker):
+        routes = sh("ip", "-6", "route", "show", ns=ns).stdout
+        assert link_local not in routes, (ns, routes)
+    assert _dropped(report) == int(sent)
+
+
+def test_a_bridged_job_s_port_is_disabled_by_a_bpdu_where_the_bridge_runs_stp(
+    site: World,
+) -> None:
+    """With STP on, the bridge takes BPDUs for itself before any nftables
+    hook: the job's port has BPDU guard (a BPDU disables it)."""
+    p = site.larkns_popen("run", "--mode", "bridge", "--", "sh", "-c", "echo up; read x",
+                          knobs=KNOBS, stdin=True)  # fmt: skip
+    assert p.stdout is not None and p.stdin is not None
+    try:
+        assert p.stdout.readline().strip() == "up"
+        ports = sh("ip", "-d", "-o", "link", "show", "master", BRIDGE, ns=site.worker).stdout
+        (job_port,) = [line for line in ports.splitlines() if ": lk-" in line]
+        assert " guard on " in job_port, job_port
+    finally:
+        p.communicate("\n", timeout=20)
+    assert p.returncode == 0
+
+
+ND_TYPED = """
+import socket, sys
+site, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)  # as ND has it
+for kind in (133, 135, 130):  # RS, NS, MLD query, to the site's global address
+    for _ in range(count):
+        s.sendto(bytes([kind]) + bytes(size - 1), (site, 0))
+print("sent")
+"""
+
+
+def test_a_bridged_job_s_icmpv6_of_link_control_types_to_a_site_address_is_traffic(
+    site: World, tmp_path: Path
+) -> None:
+    count, size = 5, 1000
+    proc, report = run_job(
+        site, tmp_path, "/usr/bin/python3", "-c", ND_TYPED, SITE6, str(count), str(size),
+        extra=("--mode", "bridge"), **KNOBS,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "sent" in proc.stdout, proc.stderr
+    out6 = report["families"]["ipv6"]  # type: ignore[index]
+    assert out6["packets"]["outgoing"] == 3 * count
+    assert out6["bytes"]["outgoing"] == 3 * count * (40 + size)
+
+
+def test_bridged_jobs_do_not_reach_each_other(site: World, tmp_path: Path) -> None:
+    """Not even a job that knows the other's MAC (a static neighbour entry,
+    so its frames are unicast): dropped between the two ports, counted."""
+    from larkns.plan import JobNetwork
+
+    other = site.serving(
+        "run", "--mode", "bridge", "--name", "lktbother", "--",
+        sys.executable, PEER, "serve", str(PORT), knobs=KNOBS,
+    )  # fmt: skip
+    try:
+        plan = JobNetwork.from_dict(json.loads(site.larkns("show", "lktbother").stdout)["plan"])
+        assert plan.ipv4_job is not None and plan.job_mac is not None
+        b4 = plan.ipv4_job.ip
+        script = (
+            f"ip neigh replace {b4} lladdr {plan.job_mac} dev eth0 || exit 10; "
+            f"{sys.executable} {PEER} udp {b4} {PORT} 2 100 50 && exit 11; "
+            f"{sys.executable} {PEER} udp {SITE4} {PORT} 1 100 50 >/dev/null || exit 12"
+        )
+        proc, report = _report(site, tmp_path, script)
+    finally:
+        other.terminate()
+        other.communicate(timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert _dropped(report) >= 1  # the datagram to the other job

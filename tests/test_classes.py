@@ -221,9 +221,9 @@ def test_a_class_added_while_a_job_runs_is_counted_for_the_next_job_and_the_firs
             == _bytes(server4["outgoing"] + _v6(3, 500), server4["incoming"] + _v6(3, 500))
         )
         forward = sh("nft", "list", "chain", "inet", "larkns", "forward", ns=clean_world.worker)
-        # added once (iifname and oifname), after the link-control return
+        # added once (iifname and oifname), after the link-control rules
         assert forward.stdout.count("@cls_Server_4") == 2, forward.stdout
-        assert forward.stdout.index("return") < forward.stdout.index("@cls_Server_4")
+        assert forward.stdout.rindex("goto control_") < forward.stdout.index("@cls_Server_4")
 
         rep = a.finish()
     finally:

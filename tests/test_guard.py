@@ -7,11 +7,18 @@ link; all of it is counted as dropped (the report's "dropped").
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.test_routed import KNOBS as ROUTED_KNOBS
+from tests.test_routed import _job_addresses, routed_site  # noqa: F401 (a fixture)
 from tests.test_run import run_job
-from tests.world import SITE4, SITE6, World
+from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World
 
 # Inside 198.18.0.0/15 and 2001:db8::/32, outside anything the job was given.
 FOREIGN4 = "198.19.200.1"
@@ -104,7 +111,143 @@ def test_a_table_made_without_the_guard_gets_it_once() -> None:
         {"chain": {"name": "prerouting"}},
     ]
     added = nft.feature_update(old_table)
-    chains = [c["add"]["chain"]["name"] for c in added if "chain" in c["add"]]
-    assert chains == ["guard", "spoofed"]
+    chains = [c["add"]["chain"]["name"] for c in added if "chain" in c.get("add", {})]
+    assert chains[:2] == ["guard", "spoofed"]
+    assert chains.count("guard") == 1
     assert {"add": {"counter": {**nft._T, "name": nft.GUARD_MARKER}}} in added
-    assert nft.feature_update([*old_table, {"chain": {"name": "guard"}}]) == []
+    newer = [{"chain": {"name": c}} for c in ("guard", "control_out", "fence")]
+    assert nft.feature_update([*old_table, *newer]) == []
+
+
+ND_TYPED = """
+import socket, sys
+site, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)  # as ND has it
+for kind in (133, 135, 136, 130):  # RS, NS, NA, MLD query: all to a site address
+    for _ in range(count):
+        s.sendto(bytes([kind]) + bytes(size - 1), (site, 0))
+print("sent")
+"""
+
+
+def test_icmpv6_of_link_control_types_sent_beyond_the_link_is_counted_as_traffic(
+    clean_world: World, tmp_path: Path
+) -> None:
+    """Neighbour discovery stays on its link; the same ICMPv6 types addressed
+    to the site are forwarded like any packet, and are the job's traffic."""
+    count, size = 5, 1000
+    proc, report = run_job(
+        clean_world, tmp_path, "/usr/bin/python3", "-c", ND_TYPED, SITE6, str(count), str(size)
+    )
+    assert proc.returncode == 0 and "sent" in proc.stdout, proc.stderr
+    out6 = report["families"]["ipv6"]  # type: ignore[index]
+    assert out6["packets"]["outgoing"] == 4 * count
+    assert out6["bytes"]["outgoing"] == 4 * count * (40 + size)
+    assert _dropped(report) == (0, 0)
+
+
+WORKER_PORT = PORT + 1
+PROBE = """
+import json, socket, subprocess, sys, time
+out = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(",", 1)
+    if host == "gateway4":
+        host = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True,
+                              text=True).stdout.split()[2]
+    elif host == "gateway6":
+        host = subprocess.run(["ip", "-6", "route", "show", "default"], capture_output=True,
+                              text=True).stdout.split()[2]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    addr = (host, int(port))
+    if host.startswith("fe80:"):
+        addr = (host, int(port), 0, socket.if_nametoindex("eth0"))
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(3)
+    start = time.monotonic()
+    try:
+        s.connect(addr)
+        got = "connected"
+    except ConnectionRefusedError:
+        got = "refused"
+    except TimeoutError:
+        got = "timeout"
+    except OSError as e:
+        got = e.strerror
+    out[target] = [got, round(time.monotonic() - start, 3)]
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def _probe(
+    world: World, tmp_path: Path, mode: str, targets: list[str], knobs: dict[str, str]
+) -> tuple[dict[str, list[Any]], dict[str, object]]:
+    proc, report = run_job(
+        world, tmp_path, "/usr/bin/python3", "-c", PROBE, *targets,
+        extra=("--mode", mode), **knobs,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), report
+
+
+@pytest.mark.parametrize("mode", ["nat", "routed"])
+def test_a_job_reaches_neither_the_worker_s_services_nor_another_job(
+    mode: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A service bound to 0.0.0.0/:: on the worker, and a server in another
+    job, are refused at once (not left to time out), over IPv4 and IPv6,
+    whichever of its addresses the job tries; the site stays reachable."""
+    world: World = request.getfixturevalue("routed_site" if mode == "routed" else "clean_world")
+    knobs = ROUTED_KNOBS if mode == "routed" else {}
+    worker = subprocess.Popen(
+        world.worker_cmd(sys.executable, PEER, "serve", str(WORKER_PORT)),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    other = None
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        other = world.serving(
+            "run", "--mode", mode, "--name", "lktother", "--",
+            sys.executable, PEER, "serve", str(PORT), knobs=knobs,
+        )  # fmt: skip
+        other4, other6 = _job_addresses(world, "lktother")
+        refused = [f"{h},{WORKER_PORT}" for h in ("gateway4", "gateway6", WORKER4, WORKER6)]
+        refused += [f"{other4},{PORT}", f"{other6},{PORT}"]
+        reached = [f"{SITE4},{PORT}", f"{SITE6},{PORT}"]
+        got, report = _probe(world, tmp_path, mode, refused + reached, knobs)
+    finally:
+        worker.kill()
+        worker.wait()
+        if other is not None:
+            other.terminate()
+            other.communicate(timeout=10)
+    for target in refused:
+        if target.startswith("gateway6"):
+            # To the gateway's link-local address: ICMPv6 administratively
+            # prohibited (EACCES) rather than a reset, which this kernel
+            # takes for fatal at the SYN's first retransmission (1 s).
+            assert got[target][0] == "Permission denied" and got[target][1] < 2, (target, got)
+        else:
+            assert got[target][0] == "refused" and got[target][1] < 1, (target, got)
+    for target in reached:
+        assert got[target][0] == "connected", (target, got)
+    # one SYN each, two to the link-local gateway (its retransmission)
+    assert _dropped(report)[0] == len(refused) + 1
+
+
+def test_a_table_made_before_link_control_by_scope_gets_its_counting_chains_rebuilt() -> None:
+    """In place, in one transaction: the counting chains are flushed and
+    filled again, with the rules of the classes the table has."""
+    from larkns.kernel import nft
+
+    chains = ("forward", "input", "output", "postrouting", "prerouting", "guard", "fence")
+    old_table: list[dict[str, Any]] = [{"chain": {"name": c}} for c in chains]
+    old_table.append({"set": {"name": "cls_Site_4"}})
+    added = nft.feature_update(old_table)
+    assert [c["flush"]["chain"]["name"] for c in added if "flush" in c] == list(nft._HALVES)
+    class_rules = [c for c in added if "@cls_Site_4" in json.dumps(c)]
+    assert len(class_rules) == 4  # forward (both ends), input, output
+    assert {"add": {"counter": {**nft._T, "name": nft.LINK_CONTROL_MARKER}}} in added
+    assert nft.feature_update([*old_table, {"chain": {"name": "control_out"}}]) == []

@@ -10,19 +10,27 @@ them.  This table does the same work at the bridge's hooks:
       map out4 out6 in4 in6 ctl_out ctl_in dropped  ifname : counter
       counter NAME-out4 ... NAME-drop               (per job, as in inet larkns)
       map guards           ifname : verdict        port -> jump g-NAME
-      chain guard    hook prerouting priority -300:  iifname vmap @guards
+      chain guard    hook prerouting priority -300:  iifname @ports jump link_layer;
+                     iifname vmap @guards
+      chain guard_in hook input priority -300:  iifname @ports jump link_layer
+      chain link_layer  only untagged IPv4, IPv6 and ARP; nothing to
+                     01:80:c2:00:00:0X (STP, pause, LLDP, 802.1X)
       chain g-NAME   (per job) what the job may send: its MAC; ARP and IPv4
                      from its address (or 0.0.0.0); IPv6 from its link-local,
                      its SLAAC addresses (or ::); neighbour advertisements
                      only for those; no router advertisements, redirects, DHCP
                      server replies
       chain spoofed: counter name iifname map @dropped; drop
-      chain forward  hook forward  priority 300   count, both ends
+      chain fence    hook forward  priority -300  nothing from one job's port
+                     to another's (unicast counted as dropped)
+      chain forward  hook forward  priority 300   count, both ends (link
+                     control first, by scope, as in inet larkns)
       chain input    hook input    priority 300   (frames to the worker itself)
       chain output   hook output   priority 300   (frames from the worker)
 
 Counters count L3 bytes, as in inet larkns (bridge hooks see the frame from
-its network header on); ARP is not counted, IGMP counts as link control.
+its network header on); ARP is not counted, IGMP with TTL 1 to a multicast
+group counts as link control.
 The per-job guard chain is made through libnftables: a job's allowed
 addresses are constants in its rules (the ND target is checked as raw
 payload, which no set type can hold in nftables 1.0.6).  That costs more
@@ -55,9 +63,12 @@ from larkns.kernel.nft import (
     class_maps,
     class_marker,
     class_names,
+    class_rules,
+    class_sets_in,
     class_update,
     classes_in,
     counter_name,
+    link_control_rules,
 )
 from larkns.kernel.nftnl import Nftnl, NftnlError
 from larkns.traffic import Count
@@ -66,6 +77,10 @@ FAMILY = "bridge"
 TABLE = "larkns"
 _T = {"family": FAMILY, "table": TABLE}
 GUARD_PRIORITY = -300
+# The link-layer guard, the fence between jobs and link control by scope are
+# part of every table from this marker's version on; a table without them
+# (made by an older larkns, its jobs still running) gets them in place.
+LINK_LAYER_MARKER = "schema.l2"
 _HALVES = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
 
 
@@ -116,26 +131,78 @@ def declaration() -> list[dict[str, Any]]:
         _rule("spoofed", _count_into("iifname", "dropped")),
         _rule("spoofed", {"drop": None}),
         base_chain(_T, "guard", "prerouting", GUARD_PRIORITY),
-        _rule("guard", {"vmap": {"key": _meta("iifname"), "data": "@guards"}}),
         base_chain(_T, "forward", "forward", ACCOUNT_PRIORITY),
         base_chain(_T, "input", "input", ACCOUNT_PRIORITY),
         base_chain(_T, "output", "output", ACCOUNT_PRIORITY),
     ]
-    # Link control: ND, RA/RS and MLD as in inet larkns, and IGMP, which a
-    # job on the site's L2 hears from every multicast listener there.
-    ctl6 = _match(_payload("icmpv6", "type"), "@link_control")
-    igmp = _match(_payload("ip", "protocol"), "igmp")
+    return [{"add": o} for o in objs] + _link_layer([]) + _guards()
+
+
+def _guards() -> list[dict[str, Any]]:
+    """The rule of the guard chain that sends each job's frames to its own
+    guard chain (after _link_layer's)."""
+    return [{"add": _rule("guard", {"vmap": {"key": _meta("iifname"), "data": "@guards"}})}]
+
+
+def _counting(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The counting chains' rules, as `add` commands: link control first
+    (IGMP too: a job on the site's L2 hears every multicast listener there),
+    then each family, then the classes of a listed table (`listing`; empty
+    when the table is being declared, whose classes come after)."""
+    objs = link_control_rules(_T, "ports", igmp=True)
     for chain, keys in _HALVES.items():
-        for ctl in (ctl6, igmp):
-            for key in keys:
-                m = "ctl_out" if key == "iifname" else "ctl_in"
-                objs.append(_rule(chain, ctl, _count_into(key, m)))
-            objs.append(_rule(chain, ctl, {"return": None}))
         for proto, v in (("ip", "4"), ("ip6", "6")):
             for key in keys:
                 m = ("out" if key == "iifname" else "in") + v
                 objs.append(_rule(chain, _match(_meta("protocol"), proto), _count_into(key, m)))
-    return [{"add": o} for o in objs]
+    cmds = [{"add": o} for o in objs]
+    for name, version in class_sets_in(listing):
+        cmds += as_family([{"add": r} for r in class_rules(name, version)], FAMILY)
+    return cmds
+
+
+def _link_layer(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a job may send at the link layer, what it may not send to other
+    jobs, and the counting rules, as commands; for a listed table made before
+    them (`listing` not empty), added in place, in one transaction.
+
+    From a job's port only untagged IPv4, IPv6 and ARP: a VLAN tag (even
+    VLAN 0, a priority tag, which the site takes for untagged) would hide a
+    frame's real type from every rule keyed on it; nor anything to the
+    reserved link-local group 01:80:c2:00:00:0X (STP, pause, LLDP, 802.1X),
+    which the bridge itself acts on.  Those frames skip the prerouting hook
+    when the bridge keeps them, hence the same check at input.
+
+    Between two jobs' ports, nothing: unicast is dropped and counted, what
+    the bridge floods (broadcast, multicast) dropped quietly.  As in inet
+    larkns, a policy that lets some jobs reach each other would go here.
+    """
+    from_job = _match(_meta("iifname"), "@ports")
+    spoofed = {"jump": {"target": "spoofed"}}
+    reserved = {"&": [_payload("ether", "daddr"), "ff:ff:ff:ff:ff:f0"]}
+    group = {"&": [_payload("ether", "daddr"), "01:00:00:00:00:00"]}
+    l2 = _rule("guard", from_job, {"jump": {"target": "link_layer"}})
+    objs: list[dict[str, Any]] = [
+        {"chain": {**_T, "name": "link_layer"}},
+        _rule(
+            "link_layer",
+            _match(_payload("ether", "type"), {"set": ["ip", "ip6", "arp"]}, "!="),
+            spoofed,
+        ),
+        _rule("link_layer", _match(reserved, "01:80:c2:00:00:00"), spoofed),
+        base_chain(_T, "guard_in", "input", GUARD_PRIORITY),
+        _rule("guard_in", from_job, {"jump": {"target": "link_layer"}}),
+        base_chain(_T, "fence", "forward", GUARD_PRIORITY),
+        _rule("fence", from_job, _match(_meta("oifname"), "@ports"),
+              _match(group, "00:00:00:00:00:00"), spoofed),
+        _rule("fence", from_job, _match(_meta("oifname"), "@ports"), {"drop": None}),
+        {"counter": {**_T, "name": LINK_LAYER_MARKER}},
+    ]  # fmt: skip
+    if not listing:
+        return [{"add": o} for o in [*objs, l2]] + _counting(listing)
+    flush = [{"flush": {"chain": {**_T, "name": c}}} for c in _HALVES]
+    # `insert`: at the head of the guard chain, before each job's own.
+    return flush + [{"add": o} for o in objs] + [{"insert": l2}] + _counting(listing)
 
 
 def guard_rules(
@@ -177,7 +244,8 @@ class BridgeRuleset:
         # The admin's traffic classes, counted as in inet larkns (the same
         # sets, maps, rules and markers, in this table).
         self.classes = classes
-        self._markers = [class_marker(name, nets) for name, nets in classes]
+        self._markers = [LINK_LAYER_MARKER]
+        self._markers += [class_marker(name, nets) for name, nets in classes]
         self._nft = _load()
         self._nl = Nftnl(nftnl.NFPROTO_BRIDGE)
 
@@ -186,9 +254,8 @@ class BridgeRuleset:
         return {**COUNTER_MAPS, **class_maps(names)}
 
     def serves_classes(self) -> bool:
-        """Whether the table counts this process's classes as configured."""
-        if not self._markers:
-            return True
+        """Whether the table is as this process needs it: it has the
+        link-layer guard and counts this process's classes as configured."""
         try:
             found = self._nl.counters(TABLE, self._markers)
         except NftnlError:
@@ -202,9 +269,12 @@ class BridgeRuleset:
             self.ensure_table()
             return
         listing = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
-        cmds = class_update(self.classes, as_family(listing, "inet"))
+        cmds = []
+        if not any(o.get("chain", {}).get("name") == "link_layer" for o in listing):
+            cmds += _link_layer(listing)
+        cmds += as_family(class_update(self.classes, as_family(listing, "inet")), FAMILY)
         if cmds:
-            self._run(as_family(cmds, FAMILY))
+            self._run(cmds)
 
     def close(self) -> None:
         self._nl.close()

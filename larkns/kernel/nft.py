@@ -12,11 +12,13 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
       map out4 out6 in4 in6 ctl_out ctl_in dropped   ifname : counter
       counter NAME-out4 NAME-out6 NAME-in4 NAME-in6 NAME-ctl-out NAME-ctl-in NAME-drop (per job)
       chain forward  hook forward  priority 300
-            icmpv6 type @link_control counter name iifname map @ctl_out
-            icmpv6 type @link_control counter name oifname map @ctl_in
-            icmpv6 type @link_control return
+            iifname @job_links icmpv6 type @link_control ip6 hoplimit { 1, 255 }
+                ip6 saddr { ::, fe80::/10 } goto control_out     (and daddr
+                { fe80::/10, ff02::/16 }; the oifname half to control_in, which
+                also takes hop limit 255: link control stays on its link)
             meta nfproto ipv4 counter name iifname map @out4
             meta nfproto ipv4 counter name oifname map @in4    (and ipv6)
+      chain control_out: counter name iifname map @ctl_out   (control_in: oifname)
       chain input    hook input    priority 300     (the iifname half)
       chain output   hook output   priority 300     (the oifname half)
       chain postrouting  nat hook postrouting
@@ -27,6 +29,15 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
             iifname @job_links iifname . ip saddr != @job_src4 jump spoofed
             iifname @job_links ip6 saddr != :: iifname . ip6 saddr != @job_src6 jump spoofed
       chain spoofed: counter name iifname map @dropped; drop
+      chain fence    hook forward  priority -300  (jobs do not reach each other)
+            iifname @job_links oifname @job_links goto refused
+      chain fence_in hook input    priority -300  (nor the worker's services)
+            iifname @job_links goto job_input
+      chain job_input: ct state { established, related } accept; ICMP echo and
+            errors, ND, RS and MLD accept; IGMP accept;
+            meta pkttype host goto refused; drop
+      chain refused: counter name iifname map @dropped; TCP reset, or ICMP
+            administratively prohibited
       map inbound4 inbound6   inet_service : ipv4_addr / ipv6_addr   (forwarded ports)
       chain prerouting  nat hook prerouting priority -100
             fib daddr type local meta l4proto { tcp, udp } dnat ip to th dport map @inbound4
@@ -34,7 +45,7 @@ interface name up in maps (hash lookups: a packet costs the same with 1 or
 
 With LARKNS_CLASSES, each class C adds sets cls_C_4/6 (its prefixes), maps
 cout_C/cin_C (ifname : counter), counters JOB-cout-C and JOB-cin-C per job,
-counting rules after the link-control `return`, and a marker: an unused
+counting rules after the link-control rules, and a marker: an unused
 counter `class.C.FINGERPRINT` saying the class is in the table with exactly
 these prefixes.  A process whose markers are all there (one netlink round
 trip, whatever the number of jobs) uses the table as it is; otherwise it
@@ -61,7 +72,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from larkns.kernel import nftnl
@@ -203,7 +214,7 @@ def class_marker(name: str, nets: Sequence[Net]) -> str:
     return f"{MARKER_PREFIX}{name}.{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
-def _family_rules(name: str, version: int) -> list[dict[str, Any]]:
+def class_rules(name: str, version: int) -> list[dict[str, Any]]:
     """The rules that count a job's traffic to and from one family of a class."""
     proto = "ip" if version == 4 else "ip6"
     rules = []
@@ -252,7 +263,7 @@ def _class_declaration(classes: Classes) -> list[dict[str, Any]]:
         cmds.append({"add": {"counter": {**_T, "name": class_marker(name, nets)}}})
         for version in (4, 6):
             if _prefixes(nets, version):
-                cmds += [{"add": r} for r in _family_rules(name, version)]
+                cmds += [{"add": r} for r in class_rules(name, version)]
     return cmds
 
 
@@ -261,7 +272,7 @@ def class_update(classes: Classes, table: list[dict[str, Any]]) -> list[dict[str
 
     Only classes without their marker are touched.  A new class gets its
     sets, maps and rules; rules are appended to the chains, after the
-    link-control `return` (counting rules do not end the chain, so where
+    link-control rules (counting rules do not end the chain, so where
     they stand among them does not matter).  A class already there gets its
     sets refilled (flush and add, within the transaction: a packet sees the
     old prefixes or the new ones); a family it no longer has keeps an empty
@@ -294,7 +305,7 @@ def class_update(classes: Classes, table: list[dict[str, Any]]) -> list[dict[str
             elif elems:
                 cmds.append({"create": _class_set(name, version)})
                 cmds.append({"add": element})
-                cmds += [{"add": r} for r in _family_rules(name, version)]
+                cmds += [{"add": r} for r in class_rules(name, version)]
         # The old prefixes' marker goes: a process configured with them must
         # bring them back rather than take the table for its own.
         cmds += [
@@ -389,10 +400,213 @@ def _inbound() -> list[dict[str, Any]]:
     return [{"add": o} for o in objs]
 
 
+# Addresses a packet never crosses a router with: nothing is forwarded from
+# the unspecified or a link-local source, nor to a link-local or
+# link-scope multicast destination (RFC 4291).
+LINK_SOURCES6: list[Any] = ["::", {"prefix": {"addr": "fe80::", "len": 10}}]
+LINK_DESTINATIONS6: list[Any] = [
+    {"prefix": {"addr": "fe80::", "len": 10}},
+    {"prefix": {"addr": "ff02::", "len": 16}},
+]
+LINK_CONTROL_MARKER = "schema.linkctl"
+# The counting chains' names, keyed by the hook they count at.
+COUNTING_CHAINS = tuple(_HALVES)
+
+
+def link_control_rules(table: dict[str, str], links: str, igmp: bool) -> list[dict[str, Any]]:
+    """Chains control_out and control_in (count into the job's link-control
+    counters), and the rules, for the head of each counting chain, that send
+    link control there (`goto`: nothing after counts it again).
+
+    Link control is ICMPv6 of a link-control type that stays on the link:
+    from a link source or to a link destination, with the hop limit ND (255)
+    or MLD (1) requires.  Towards a job, or from it to the worker itself, a
+    hop limit of 255 proves it too: no router was on the way.  Whatever else has a
+    link-control type (a job's ND-typed packets to the site, forwarded) is
+    the job's traffic.  (The forward hook sees a routed packet's hop limit
+    already decremented: 255 never passes there.)  With `igmp` (the bridge,
+    where the site's multicast listeners are heard), IGMP to a multicast
+    group with TTL 1.
+    """
+
+    def rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
+        return {"rule": {**table, "chain": chain, "expr": list(expr)}}
+
+    ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
+
+    def hops(*values: int) -> dict[str, Any]:
+        field = {"payload": {"protocol": "ip6", "field": "hoplimit"}}
+        return _match(field, values[0] if len(values) == 1 else {"set": list(values)})
+
+    def addr(field: str, nets: list[Any]) -> dict[str, Any]:
+        return _match({"payload": {"protocol": "ip6", "field": field}}, {"set": nets})
+
+    objs: list[dict[str, Any]] = [
+        {"chain": {**table, "name": "control_out"}},
+        rule("control_out", _count_into("iifname", "ctl_out")),
+        {"chain": {**table, "name": "control_in"}},
+        rule("control_in", _count_into("oifname", "ctl_in")),
+    ]
+    for chain, keys in _HALVES.items():
+        for key in keys:
+            job = _match(_meta(key), f"@{links}")
+            to = {"goto": {"target": "control_out" if key == "iifname" else "control_in"}}
+            objs.append(rule(chain, job, ctl, hops(1, 255), addr("saddr", LINK_SOURCES6), to))
+            objs.append(rule(chain, job, ctl, hops(1, 255), addr("daddr", LINK_DESTINATIONS6), to))
+            if key == "oifname" or chain == "input":
+                # Towards the job, or ending at the worker: never forwarded.
+                objs.append(rule(chain, job, ctl, hops(255), to))
+            if igmp:
+                group = {"prefix": {"addr": "224.0.0.0", "len": 4}}
+                objs.append(
+                    rule(
+                        chain,
+                        job,
+                        _match({"payload": {"protocol": "ip", "field": "protocol"}}, "igmp"),
+                        _match({"payload": {"protocol": "ip", "field": "ttl"}}, 1),
+                        _match({"payload": {"protocol": "ip", "field": "daddr"}}, group),
+                        to,
+                    )
+                )
+    return objs
+
+
+def class_sets_in(table: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(class, IP version) of each class set a listed table has."""
+    found = []
+    for o in table:
+        name = o.get("set", {}).get("name", "")
+        if name.startswith("cls_") and name[-2:] in ("_4", "_6"):
+            found.append((name[4:-2], int(name[-1])))
+    return sorted(found)
+
+
+def _link_control(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The counting chains' rules, link control first (see
+    link_control_rules), as `add` commands.  For a listed table made before
+    them (`table` not empty), the chains are flushed and filled again, class
+    rules included, in the same transaction: a packet sees the old rules or
+    the new, and the counters keep their values."""
+    cmds: list[dict[str, Any]] = []
+    if table:
+        cmds += [{"flush": {"chain": {**_T, "name": c}}} for c in COUNTING_CHAINS]
+    objs = link_control_rules(_T, "job_links", igmp=False)
+    for chain, keys in _HALVES.items():
+        for fam, v in (("ipv4", "4"), ("ipv6", "6")):
+            for key in keys:
+                m = ("out" if key == "iifname" else "in") + v
+                objs.append(_rule(chain, _match(_meta("nfproto"), fam), _count_into(key, m)))
+    objs.append({"counter": {**_T, "name": LINK_CONTROL_MARKER}})
+    cmds += [{"add": o} for o in objs]
+    for name, version in class_sets_in(table):
+        cmds += [{"add": r} for r in class_rules(name, version)]
+    return cmds
+
+
+FENCE_MARKER = "schema.fence"
+FENCE_PRIORITY = -300
+# What a job may send to the worker itself: ICMP echo and errors (ping its
+# gateway, path MTU), IPv6 router and neighbour discovery and MLD (larkns's
+# own RAs answer its solicitations), IGMP.  Its relays (DNS, chirp) live in
+# its own namespace and need none of the worker's addresses.
+JOB_INPUT_ICMP = ["echo-request", "destination-unreachable", "time-exceeded", "parameter-problem"]
+JOB_INPUT_ICMPV6 = [
+    "echo-request",
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+    "nd-router-solicit",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld-listener-query",
+    "mld-listener-report",
+    "mld-listener-done",
+    "mld2-listener-report",
+]
+
+
+def _fence(_table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a job may reach besides the site and the internet.
+
+    Not another job: whatever comes from one job's link and would leave by
+    another's (nat, routed, and a job's forwarded ports taken from another
+    job) is refused.  This is the one place where a policy letting some
+    jobs reach each other would go (an `accept` for pairs of links, before
+    the refusal); there is none.
+
+    On the worker itself, only what larkns serves it (RAs and neighbour
+    discovery), ICMP echo and errors, and replies to what the worker began;
+    nothing else addressed to the worker's own addresses (services bound to
+    0.0.0.0 or ::).  Unicast is refused and counted as dropped; broadcast
+    and multicast to the worker are dropped quietly (a job's mDNS is no
+    attack).
+    """
+    from_job = _match(_meta("iifname"), "@job_links")
+    refuse = {"goto": {"target": "refused"}}
+    objs: list[dict[str, Any]] = [
+        # Refused at once (a TCP reset, or ICMP administratively
+        # prohibited): the job's connect fails rather than waits.  Not a
+        # reset to a link-local address: the kernel routes resets without
+        # the interface such an address needs, and it leaves by another
+        # link; ICMPv6 errors go back by the one the packet came in by.
+        {"chain": {**_T, "name": "refused"}},
+        _rule("refused", _count_into("iifname", "dropped")),
+        _rule(
+            "refused",
+            _match(_meta("l4proto"), "tcp"),
+            _match(_meta("nfproto"), "ipv4"),
+            {"reject": {"type": "tcp reset"}},
+        ),
+        _rule(
+            "refused",
+            _match(_meta("l4proto"), "tcp"),
+            _match(
+                {"payload": {"protocol": "ip6", "field": "daddr"}},
+                {"prefix": {"addr": "fe80::", "len": 10}},
+                "!=",
+            ),
+            {"reject": {"type": "tcp reset"}},
+        ),
+        _rule("refused", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        base_chain(_T, "fence", "forward", FENCE_PRIORITY),
+        _rule("fence", from_job, _match(_meta("oifname"), "@job_links"), refuse),
+        {"chain": {**_T, "name": "job_input"}},
+        base_chain(_T, "fence_in", "input", FENCE_PRIORITY),
+        _rule("fence_in", from_job, {"goto": {"target": "job_input"}}),
+        _rule(
+            "job_input",
+            _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}),
+            {"accept": None},
+        ),
+        _rule(
+            "job_input",
+            _match({"payload": {"protocol": "icmp", "field": "type"}}, {"set": JOB_INPUT_ICMP}),
+            {"accept": None},
+        ),
+        _rule(
+            "job_input",
+            _match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": JOB_INPUT_ICMPV6}),
+            {"accept": None},
+        ),
+        _rule("job_input", _match(_meta("l4proto"), "igmp"), {"accept": None}),
+        _rule("job_input", _match(_meta("pkttype"), "host"), refuse),
+        _rule("job_input", {"drop": None}),
+        {"counter": {**_T, "name": FENCE_MARKER}},
+    ]
+    return [{"add": o} for o in objs]
+
+
 # Parts of the table added after its first version: (marker, a chain that
-# only they make, their objects).  A table made by an older larkns, its jobs
-# still running, gets the missing ones in place.
-FEATURES = ((GUARD_MARKER, "guard", _guard), (INBOUND_MARKER, "prerouting", _inbound))
+# only they make, their commands given the table's listing: empty when the
+# table is being declared).  A table made by an older larkns, its jobs still
+# running, gets the missing ones in place.
+FEATURES: tuple[tuple[str, str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]], ...] = (
+    (GUARD_MARKER, "guard", lambda _t: _guard()),
+    (INBOUND_MARKER, "prerouting", lambda _t: _inbound()),
+    (LINK_CONTROL_MARKER, "control_out", _link_control),
+    (FENCE_MARKER, "fence", _fence),
+)
 
 
 def feature_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -401,7 +615,7 @@ def feature_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cmds: list[dict[str, Any]] = []
     for _marker, chain, objects in FEATURES:
         if chain not in chains:
-            cmds += objects()
+            cmds += objects(table)
     return cmds
 
 
@@ -425,17 +639,6 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
         base_chain(_T, "output", "output", ACCOUNT_PRIORITY),
         base_chain(_T, "postrouting", "postrouting", 100, "nat"),
     ]
-    ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
-    for chain, keys in _HALVES.items():
-        for key in keys:
-            objs.append(
-                _rule(chain, ctl, _count_into(key, "ctl_out" if key == "iifname" else "ctl_in"))
-            )
-        objs.append(_rule(chain, ctl, {"return": None}))
-        for fam, v in (("ipv4", "4"), ("ipv6", "6")):
-            for key in keys:
-                m = ("out" if key == "iifname" else "in") + v
-                objs.append(_rule(chain, _match(_meta("nfproto"), fam), _count_into(key, m)))
     objs.append(
         _rule(
             "postrouting",
@@ -444,9 +647,10 @@ def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
             {"masquerade": None},
         )
     )
-    # Class rules come after the link-control `return`, as when a class is
-    # added to a live table.
-    features = [c for _m, _chain, objects in FEATURES for c in objects()]
+    # The counting rules come with the link-control feature (which rebuilt
+    # them in tables made before it); class rules after them, as when a
+    # class is added to a live table.
+    features = [c for _m, _chain, objects in FEATURES for c in objects([])]
     return [{"add": o} for o in objs] + features + _class_declaration(classes)
 
 

@@ -27,6 +27,7 @@ NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
+RTM_SETLINK = 19
 RTM_GETADDR = 22
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
@@ -40,6 +41,8 @@ NUD_PERMANENT = 0x80
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MASTER = 10
+IFLA_PROTINFO = 12
+IFLA_BRPORT_GUARD = 5
 IFLA_LINKINFO = 18
 IFLA_NET_NS_FD = 28
 IFLA_AF_SPEC = 26
@@ -141,6 +144,19 @@ def link_master(index: int, master: int, what: str) -> Request:
     """Make link `index` a port of bridge `master`."""
     body = _IFINFO.pack(0, 0, index, 0, 0) + _attr(IFLA_MASTER, struct.pack("=I", master))
     return Request(f"add {what} to its bridge", RTM_NEWLINK, 0, body)
+
+
+def bpdu_guard(index: int, what: str) -> Request:
+    """Disable bridge port `index` should a BPDU come in on it.
+
+    On a bridge that runs STP, the bridge takes BPDUs for itself before any
+    nftables hook sees them: a job could otherwise make itself the root of
+    the site's spanning tree.  (Without STP, BPDUs are forwarded like any
+    frame, and the bridge table drops them.)
+    """
+    info = _attr(IFLA_BRPORT_GUARD, b"\x01")
+    body = _IFINFO.pack(socket.AF_BRIDGE, 0, index, 0, 0) + _attr(IFLA_PROTINFO, info, nested=True)
+    return Request(f"set {what}'s BPDU guard", RTM_SETLINK, 0, body)
 
 
 def link_up(index: int, what: str) -> Request:
