@@ -51,6 +51,34 @@ FORWARDED = signals.FORWARDED
 _FROM_TERMINAL = {signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH}
 SI_KERNEL = 0x80  # si_code of a signal the kernel (the tty) generated
 
+# What root may still do in a job (without --privileged): own files, change
+# ids (su, setpriv), ping and raw sockets, low ports, chroot.  Everything
+# else goes, from every capability set, the bounding set included, so no
+# setuid or file-capability program in the job brings it back.  Above all:
+# - CAP_SYS_ADMIN: setns(2) into another namespace (nsenter into the
+#   worker's network, where the job's counters are) and mount(2);
+# - CAP_NET_ADMIN: it reaches past the job's own network, since the job's
+#   namespace belongs to the host's user namespace: a link made or moved
+#   "netns PID" lands in PID's network (the worker's, the host's), and
+#   IFLA_TARGET_NETNSID changes links of any network the job's has an id for;
+# - CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH (open_by_handle_at), CAP_SYS_MODULE,
+#   CAP_SYS_RAWIO, CAP_MKNOD (a node of the host's disk), CAP_BPF,
+#   CAP_SYS_TIME, CAP_KILL (other users' processes), CAP_SETFCAP, ...
+JOB_CAPS = frozenset(
+    {
+        core.CAP_CHOWN,
+        core.CAP_DAC_OVERRIDE,
+        core.CAP_FOWNER,
+        core.CAP_FSETID,
+        core.CAP_SETGID,
+        core.CAP_SETUID,
+        core.CAP_NET_BIND_SERVICE,
+        core.CAP_NET_RAW,
+        core.CAP_SYS_CHROOT,
+        core.CAP_AUDIT_WRITE,
+    }
+)
+
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -59,6 +87,7 @@ class RunRequest:
     name: str
     user: str | None = None
     json_report: str | None = None
+    privileged: bool = False  # every capability of root (see JOB_CAPS)
 
 
 @dataclass(frozen=True)
@@ -231,6 +260,8 @@ def _spawn_and_wait(
             groups=ident.groups if ident else None,
             cwd=os.getcwd(),
             pdeathsig=signal.SIGKILL,
+            own_sysfs=True,
+            caps=None if req.privileged else JOB_CAPS,
         )
         try:
             # The keeper watches this process: if larkns is killed, so is
