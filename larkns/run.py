@@ -23,6 +23,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -119,14 +120,35 @@ def resolve(cmd: str, env: Mapping[str, str]) -> str | None:
 
 def open_report(path: str) -> int:
     """Open the JSON report's file before anything runs: a bad path is larkns's
-    error (125), not something found after the command did its work.  Never
-    through a symlink: larkns runs as root, often in /tmp."""
+    error (125), not something found after the command did its work.
+
+    larkns runs as root, often in a directory anyone can write (/tmp), where
+    another user may have put something at the path first: never follow a
+    symlink, never block (a FIFO with no reader would hold larkns forever:
+    O_NONBLOCK makes that open fail with ENXIO instead), and write only to a
+    regular file with no other name (a hard link to a file of root's is not
+    the report's to overwrite).  Anything else is refused, untouched."""
+    head, name = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        return os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        dir_fd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"--json-report: refusing to write {path}: a symlink") from None
+        if e.errno == errno.ENXIO:
+            raise ConfigError(f"--json-report: refusing to write {path}: a FIFO") from None
         raise ConfigError(f"--json-report: cannot write {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "a file with other names" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise ConfigError(f"--json-report: refusing to write {path}: {what}")
+    os.ftruncate(fd, 0)
+    return fd
 
 
 def _aborting() -> int | None:

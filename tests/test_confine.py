@@ -3,6 +3,9 @@ default (real kernel, simulated worker).  Each test performs the attack."""
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -133,3 +136,49 @@ def test_the_job_sees_its_own_links_in_sys_and_still_its_cgroup(
         clean_world, tmp_path, "ls", "/sys/class/net", extra=("--mode", "none", "--privileged")
     )
     assert proc.stdout.split() == ["lo"]
+
+
+def _world_writable(tmp_path: Path) -> Path:
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(0o1777)
+    return d
+
+
+def test_a_fifo_planted_at_the_report_path_is_refused_at_once(
+    clean_world: World, tmp_path: Path
+) -> None:
+    path = _world_writable(tmp_path) / "report.json"
+    os.mkfifo(path)
+    marker = tmp_path / "ran"
+    proc = clean_world.larkns(
+        "run", "--json-report", str(path), "--", "touch", str(marker), timeout=20
+    )
+    assert proc.returncode == 125
+    assert proc.stderr.strip() == f"larkns: error: --json-report: refusing to write {path}: a FIFO"
+    assert stat.S_ISFIFO(path.lstat().st_mode) and not marker.exists()
+
+
+def test_a_symlink_or_hard_link_planted_at_the_report_path_is_refused(
+    clean_world: World, tmp_path: Path
+) -> None:
+    secret = tmp_path / "root-only"
+    secret.write_text("secret\n")
+    secret.chmod(0o600)
+    shared = _world_writable(tmp_path)
+    link = shared / "report.json"
+    link.symlink_to(secret)
+    proc = clean_world.larkns("run", "--json-report", str(link), "--", "true", timeout=20)
+    assert proc.returncode == 125
+    assert proc.stderr.strip().endswith(f"refusing to write {link}: a symlink"), proc.stderr
+    hard = shared / "hard.json"
+    os.link(secret, hard)
+    proc = clean_world.larkns("run", "--json-report", str(hard), "--", "true", timeout=20)
+    assert proc.returncode == 125 and "a file with other names" in proc.stderr, proc.stderr
+    assert secret.read_text() == "secret\n"
+    # A plain file there is the report's.
+    plain = shared / "plain.json"
+    plain.write_text("old")
+    proc = clean_world.larkns("run", "--json-report", str(plain), "--", "true", timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(plain.read_text())["exit_code"] == 0
