@@ -59,8 +59,9 @@ if TYPE_CHECKING:
     from larkns.kernel.ra import Advertiser
 
 
-class SetupError(Exception):
-    """A job's network could not be built; nothing of it is left."""
+class SetupError(ConfigError):
+    """A job's network could not be built; nothing of it is left.  Its
+    message is a one-line reason, shown (and refused) as a ConfigError's."""
 
 
 class Engine:
@@ -182,6 +183,11 @@ class Engine:
                     record.extra["dhcp"] = renewer.lease.to_dict()
                 self.journal.write(record)
                 return plan
+        except (OSError, RtnlError, NftError, core.SpawnError) as e:
+            # What the kernel refused: a one-line reason, not a traceback.
+            if claimed:
+                self.teardown(name)
+            raise SetupError(f"job {name}: cannot build its network: {e}") from e
         except BaseException:
             if claimed:
                 self.teardown(name)  # outside the lock: teardown may take it exclusively
