@@ -16,6 +16,13 @@ elif command -v dnf >/dev/null 2>&1; then
         gcc libffi-devel iproute util-linux procps-ng iputils radvd dnsmasq >/dev/null
 fi
 
+# The user the jobs' CLATs (tayga) run as once their tun device is open: no
+# home, no shell, a group of its own.
+if ! getent passwd larkns-tayga >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin larkns-tayga
+fi
+
 # The newest system Python that is 3.11 or later.
 PYTHON=
 for v in 3.13 3.12 3.11; do

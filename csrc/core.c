@@ -25,10 +25,12 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/capability.h>
 
 #include "core.h"
 
@@ -54,6 +56,28 @@
 #endif
 #ifndef SYS_close_range
 #define SYS_close_range 436
+#endif
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+#ifndef ST_RDONLY
+#define ST_RDONLY 1
 #endif
 
 /* On 32-bit ABIs with a 16-bit legacy call the 32-bit one is the *32 variant. */
@@ -176,6 +200,108 @@ static void cloexec_from_3_slow(void)
     }
 }
 
+/* A mount namespace of the job's own (a child of the one it joined), where
+ * /sys is a sysfs mounted from the job's network namespace: sysfs shows the
+ * network devices of the namespace of whoever mounted it, so the /sys of the
+ * namespace joined would list the worker's interfaces.  Nothing else of the
+ * joined namespace changes: its mounts keep their propagation, so what the
+ * job mounts (or what is mounted for it) still travels as before. */
+static int own_sysfs(void)
+{
+    struct statfs st;
+    unsigned long flags = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+    int cgroup = -1;
+    int e;
+
+    if (unshare(CLONE_NEWNS) < 0)
+        return -1;
+    /* The new namespace's copy of a shared /sys is a peer of the original:
+     * a sysfs mounted on it would appear in the joined namespace too.  As a
+     * slave, /sys receives but sends nothing.  Not unmounted: an unmount
+     * propagates through / (shared on systemd hosts) to the original. */
+    if (mount(NULL, "/sys", NULL, MS_REC | MS_SLAVE, NULL) < 0) {
+        /* /sys is no mount point: no sysfs there shows anything. */
+        return errno == EINVAL ? 0 : -1;
+    }
+    /* A read-only /sys cannot be hidden under a writable one. */
+    if (statfs("/sys", &st) == 0 && (st.f_flags & ST_RDONLY))
+        flags |= MS_RDONLY;
+    /* The cgroup tree (jobs read their limits there) comes along: cloned
+     * before the new sysfs hides it, moved onto the new one.  ENOSYS: a
+     * kernel older than 5.2 (Debian 12 and EL9 have it), the job goes
+     * without. */
+    cgroup = (int)syscall(SYS_open_tree, AT_FDCWD, "/sys/fs/cgroup",
+                          OPEN_TREE_CLONE | O_CLOEXEC | AT_RECURSIVE);
+    if (cgroup < 0 && errno != ENOENT && errno != ENOSYS)
+        return -1;
+    if (mount("sysfs", "/sys", "sysfs", flags, NULL) < 0)
+        goto fail;
+    if (cgroup >= 0) {
+        if (syscall(SYS_move_mount, cgroup, "", AT_FDCWD, "/sys/fs/cgroup",
+                    MOVE_MOUNT_F_EMPTY_PATH) < 0)
+            goto fail;
+        close(cgroup);
+    }
+    return 0;
+fail:
+    e = errno;
+    if (cgroup >= 0)
+        close(cgroup);
+    errno = e;
+    return -1;
+}
+
+/* Out of the bounding set (which needs CAP_SETPCAP: before the ids drop)
+ * and the ambient set go all capabilities but those of `keep`.  What the
+ * job gains on execve is capped by the bounding set, even through a setuid
+ * or file-capability program, so they cannot come back. */
+static int bound_caps(uint64_t keep)
+{
+    int cap;
+
+    for (cap = 0; cap < 64; cap++) {
+        int r = prctl(PR_CAPBSET_READ, (unsigned long)cap, 0UL, 0UL, 0UL);
+
+        if (r < 0) {
+            if (errno == EINVAL) /* past the kernel's last capability */
+                break;
+            return -1;
+        }
+        if (r && !((keep >> cap) & 1) &&
+            prctl(PR_CAPBSET_DROP, (unsigned long)cap, 0UL, 0UL, 0UL) < 0)
+            return -1;
+    }
+    /* EINVAL: a kernel without ambient capabilities (< 4.3) has none. */
+    if (prctl(PR_CAP_AMBIENT, (unsigned long)PR_CAP_AMBIENT_CLEAR_ALL, 0UL, 0UL, 0UL) < 0 &&
+        errno != EINVAL)
+        return -1;
+    return 0;
+}
+
+/* The permitted and effective sets keep only `keep` (after the ids drop,
+ * which needs CAP_SETUID/CAP_SETGID); the inheritable set is emptied: a
+ * capability there would be granted again by execve whatever the bounding
+ * set says. */
+static int drop_caps(uint64_t keep)
+{
+    struct __user_cap_header_struct h;
+    struct __user_cap_data_struct d[2];
+    int i;
+
+    memset(&h, 0, sizeof h);
+    h.version = _LINUX_CAPABILITY_VERSION_3;
+    if (syscall(SYS_capget, &h, d) < 0)
+        return -1;
+    for (i = 0; i < 2; i++) {
+        uint32_t k = (uint32_t)(keep >> (32 * i));
+
+        d[i].effective &= k;
+        d[i].permitted &= k;
+        d[i].inheritable = 0;
+    }
+    return (int)syscall(SYS_capset, &h, d);
+}
+
 __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
                                                   int errfd, pid_t parent, int parent_fd)
 {
@@ -188,6 +314,14 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
         if (setns(a->ns_fds[i], a->ns_types ? a->ns_types[i] : 0) < 0)
             child_fail(errfd, LK_STAGE_SETNS);
     }
+
+    /* After every setns: the sysfs shows the network namespace of its
+     * mounter, and lives in the mount namespace joined. */
+    if (a->own_sysfs && own_sysfs() < 0)
+        child_fail(errfd, LK_STAGE_SYSFS);
+
+    if (a->confine_caps && bound_caps(a->cap_keep) < 0)
+        child_fail(errfd, LK_STAGE_CAPS);
 
     if (a->new_session && setsid() < 0)
         child_fail(errfd, LK_STAGE_SETSID);
@@ -204,6 +338,8 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
         child_fail(errfd, LK_STAGE_SETGID);
     if (a->uid >= 0 && syscall(LK_SYS_setuid, (long)(uid_t)a->uid) < 0)
         child_fail(errfd, LK_STAGE_SETUID);
+    if (a->confine_caps && drop_caps(a->cap_keep) < 0)
+        child_fail(errfd, LK_STAGE_CAPS);
 
     /* After the drop, so the job cannot start in a directory its owner may
      * not enter; after setns, because joining a mount ns resets the cwd. */

@@ -27,6 +27,8 @@
 #define LK_STAGE_FDS 11
 #define LK_STAGE_SIGNALS 12
 #define LK_STAGE_EXEC 13
+#define LK_STAGE_SYSFS 14
+#define LK_STAGE_CAPS 15
 
 struct lk_spawn_attr {
     const char *path;    /* absolute, already resolved: no PATH search */
@@ -46,6 +48,12 @@ struct lk_spawn_attr {
     int stdio[3];        /* >= 0: becomes fd 0, 1, 2; -1 inherits */
     int pdeathsig;       /* > 0: PR_SET_PDEATHSIG */
     uint64_t sigdefault; /* bit n-1 set: signal n back to SIG_DFL */
+    int own_sysfs;       /* nonzero: a mount ns of its own, with a sysfs of
+                          * the network ns joined on /sys */
+    int confine_caps;    /* nonzero: only the caps in cap_keep survive, in
+                          * every set (bounding, ambient, inheritable,
+                          * permitted, effective) */
+    uint64_t cap_keep;   /* bit n set: capability n is kept */
 };
 
 /* The keeper of a job (lk_spawn_kept): a small process, the job's parent,

@@ -51,6 +51,14 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--user", default=None, help="run the command as this user")
     r.add_argument(
+        "--privileged",
+        action="store_true",
+        help="WARNING: give the command every capability of root, with which it can "
+        "leave its network (enter the worker's namespaces, change or reset its own "
+        "counters, load modules...); by default it keeps only what acts in its own "
+        "network and files (ping, raw sockets, low ports, chown, su)",
+    )
+    r.add_argument(
         "--json-report", default=None, metavar="FILE", help="write the report as JSON to FILE"
     )
     r.add_argument("--ipv4-pool", default=None, help="LARKNS_IPV4_POOL for this job")
@@ -118,7 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(
         settings,
         RunRequest(
-            argv=argv, mode=settings.mode, name=name, user=args.user, json_report=args.json_report
+            argv=argv,
+            mode=settings.mode,
+            name=name,
+            user=args.user,
+            json_report=args.json_report,
+            privileged=args.privileged,
         ),
     )
 

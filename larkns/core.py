@@ -30,6 +30,24 @@ MS_SLAVE: Final[int] = int(lib.MS_SLAVE)
 MS_PRIVATE: Final[int] = int(lib.MS_PRIVATE)
 MNT_DETACH: Final[int] = int(lib.MNT_DETACH)
 
+# Capabilities by name (linux/capability.h), for SpawnSpec.caps.
+CAP_CHOWN: Final[int] = int(lib.CAP_CHOWN)
+CAP_DAC_OVERRIDE: Final[int] = int(lib.CAP_DAC_OVERRIDE)
+CAP_DAC_READ_SEARCH: Final[int] = int(lib.CAP_DAC_READ_SEARCH)
+CAP_FOWNER: Final[int] = int(lib.CAP_FOWNER)
+CAP_FSETID: Final[int] = int(lib.CAP_FSETID)
+CAP_KILL: Final[int] = int(lib.CAP_KILL)
+CAP_SETGID: Final[int] = int(lib.CAP_SETGID)
+CAP_SETUID: Final[int] = int(lib.CAP_SETUID)
+CAP_SETPCAP: Final[int] = int(lib.CAP_SETPCAP)
+CAP_NET_BIND_SERVICE: Final[int] = int(lib.CAP_NET_BIND_SERVICE)
+CAP_NET_ADMIN: Final[int] = int(lib.CAP_NET_ADMIN)
+CAP_NET_RAW: Final[int] = int(lib.CAP_NET_RAW)
+CAP_SYS_CHROOT: Final[int] = int(lib.CAP_SYS_CHROOT)
+CAP_SYS_ADMIN: Final[int] = int(lib.CAP_SYS_ADMIN)
+CAP_SYS_PTRACE: Final[int] = int(lib.CAP_SYS_PTRACE)
+CAP_AUDIT_WRITE: Final[int] = int(lib.CAP_AUDIT_WRITE)
+
 # clone3() continues running Python in the child, so only flags that leave the
 # child a normal forked process (its own memory, files, signal handlers) are
 # accepted; anything else (CLONE_VM, CLONE_THREAD, ...) would corrupt the
@@ -71,6 +89,8 @@ STAGES: Final[Mapping[int, str]] = {
     int(lib.LK_STAGE_FDS): "fds",
     int(lib.LK_STAGE_SIGNALS): "signals",
     int(lib.LK_STAGE_EXEC): "exec",
+    int(lib.LK_STAGE_SYSFS): "sysfs",
+    int(lib.LK_STAGE_CAPS): "caps",
 }
 
 
@@ -159,8 +179,9 @@ def umount2(target: str, flags: int = 0) -> None:
 class SpawnSpec:
     """Everything the job process needs, prepared before it exists.
 
-    The child applies it in this order: join ``ns_fds`` (in order), ``new_session``,
-    ``umask``, ``groups``/``gid``/``uid``, ``cwd`` (so it is entered with the
+    The child applies it in this order: join ``ns_fds`` (in order), ``own_sysfs``,
+    ``caps`` (bounding and ambient sets), ``new_session``, ``umask``,
+    ``groups``/``gid``/``uid``, ``caps`` (the other sets), ``cwd`` (so it is entered with the
     job owner's rights), ``pdeathsig``, ``stdio``, close-on-exec for every other
     fd, ``reset_signals``, execve.
 
@@ -178,6 +199,13 @@ class SpawnSpec:
     - ``cgroup_fd``: a cgroup v2 directory fd; the job starts in it.
     - ``reset_signals``: signals whose disposition goes back to SIG_DFL even if
       ignored; caught signals are always reset.  The signal mask is emptied.
+    - ``own_sysfs``: the job gets a mount namespace of its own, a child of the
+      one it joined (or the caller's), that differs only in /sys: a sysfs
+      mounted from the network namespace joined, so that /sys/class/net lists
+      the job's links, not the caller's.  /sys/fs/cgroup is carried over.
+    - ``caps``: None leaves capabilities as they are; a set of CAP_* numbers
+      is all that remains, in every set, the bounding set included, so no
+      setuid or file-capability program can bring the others back.
     """
 
     path: str
@@ -194,6 +222,8 @@ class SpawnSpec:
     cgroup_fd: int | None = None
     new_session: bool = False
     reset_signals: Sequence[int] = ALL_CATCHABLE_SIGNALS
+    own_sysfs: bool = False
+    caps: frozenset[int] | None = None
 
 
 class SpawnError(Exception):
@@ -248,6 +278,10 @@ def _describe(spec: SpawnSpec, stage: str, err: int) -> str:
         return f"cannot arm parent-death signal {spec.pdeathsig}"
     if stage == "clone":
         return "cannot create the job process"
+    if stage == "sysfs":
+        return "cannot give the job a /sys of its own network"
+    if stage == "caps":
+        return "cannot drop the job's capabilities"
     return f"cannot prepare the job ({stage})"
 
 
@@ -323,6 +357,14 @@ def _attr(spec: SpawnSpec, keep: list[Any]) -> Any:
     attr.stdio = list(spec.stdio)
     attr.pdeathsig = spec.pdeathsig
     attr.sigdefault = mask
+    attr.own_sysfs = int(spec.own_sysfs)
+    attr.confine_caps = int(spec.caps is not None)
+    keep_caps = 0
+    for cap in spec.caps or ():
+        if not 0 <= cap < 64:
+            raise ValueError(f"spawn: bad capability {cap}")
+        keep_caps |= 1 << cap
+    attr.cap_keep = keep_caps
     return attr
 
 

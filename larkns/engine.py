@@ -14,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
+import grp
 import ipaddress
 import os
+import pwd
 import select
 import shutil
 import socket
@@ -56,8 +59,9 @@ if TYPE_CHECKING:
     from larkns.kernel.ra import Advertiser
 
 
-class SetupError(Exception):
-    """A job's network could not be built; nothing of it is left."""
+class SetupError(ConfigError):
+    """A job's network could not be built; nothing of it is left.  Its
+    message is a one-line reason, shown (and refused) as a ConfigError's."""
 
 
 class Engine:
@@ -179,6 +183,11 @@ class Engine:
                     record.extra["dhcp"] = renewer.lease.to_dict()
                 self.journal.write(record)
                 return plan
+        except (OSError, RtnlError, NftError, core.SpawnError) as e:
+            # What the kernel refused: a one-line reason, not a traceback.
+            if claimed:
+                self.teardown(name)
+            raise SetupError(f"job {name}: cannot build its network: {e}") from e
         except BaseException:
             if claimed:
                 self.teardown(name)  # outside the lock: teardown may take it exclusively
@@ -379,22 +388,35 @@ class Engine:
         job_ll = plan_eui64_ll(plan.job_mac)
         self.rtnl.run(rtnl.route(ipaddress.IPv6Network(plan.ipv6_clat), host_idx, job_ll))
         conf = self.journal.clat_config(plan.name)
+        # tayga parses every packet the job sends: once its tun device is
+        # open it runs as a user of its own, without capabilities, chrooted
+        # to an empty directory it cannot write (its data-dir).
+        root = self.journal.clat_root(plan.name)
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(mode=0o555)
+        user, group = clat_user()
         conf.write_text(
             f"tun-device {CLAT_TUN}\n"
             f"ipv4-addr {CLAT_SELF4}\n"
             f"prefix {plan.nat64_prefix}\n"
             f"map {CLAT_JOB4.ip} {plan.ipv6_clat}\n"
+            f"data-dir {root}\n"
         )
         ns_fd = os.open(netns.path(plan.netns), os.O_RDONLY | os.O_CLOEXEC)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             spec = core.SpawnSpec(
                 path=tayga,
-                argv=["tayga", "--nodetach", "-c", str(conf)],
+                argv=[
+                    *("tayga", "--nodetach", "-c", str(conf)),
+                    *("--user", user, "--group", group, "--chroot"),
+                ],
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 ns_fds=[ns_fd],
+                groups=(),
                 stdio=(null, null, null),
                 new_session=True,
+                caps=CLAT_CAPS,
             )
             _pid, pidfd = core.spawn(spec)
         finally:
@@ -946,6 +968,34 @@ def _inbound(plan: JobNetwork) -> Inbound | None:
 
 
 CLAT_TUN = "clat"
+# All tayga needs before it drops to its user: its tun device, then
+# setgid, setuid and chroot.
+CLAT_CAPS = frozenset({core.CAP_NET_ADMIN, core.CAP_SETGID, core.CAP_SETUID, core.CAP_SYS_CHROOT})
+# The CLATs' own user, made by setup.sh: a job's packets reach no file or
+# process of any other user through a subverted tayga.
+CLAT_USER = "larkns-tayga"
+
+
+@functools.cache
+def clat_user() -> tuple[str, str]:
+    """The user and group tayga runs as: CLAT_USER's, else nobody's (said
+    once per process: a node that was not set up by setup.sh)."""
+    for name in (CLAT_USER, "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        try:
+            group = grp.getgrgid(pw.pw_gid).gr_name
+        except KeyError:
+            continue
+        if name != CLAT_USER:
+            print(
+                f"larkns: no user {CLAT_USER} (setup.sh makes it): CLATs run as {name}:{group}",
+                file=sys.stderr,
+            )
+        return name, group
+    raise SetupError(f"no user {CLAT_USER} and no user nobody to run the job's CLAT as")
 
 
 def plan_eui64_ll(mac: str) -> ipaddress.IPv6Address:

@@ -194,11 +194,17 @@ class Journal:
             self.clat_config(name),
         ):
             leftover.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.clat_root(name).rmdir()
         self.path(name).unlink(missing_ok=True)
 
     def clat_config(self, name: str) -> Path:
         """The configuration of a job's CLAT (tayga)."""
         return self.jobs / f"{name}.tayga.conf"
+
+    def clat_root(self, name: str) -> Path:
+        """The empty directory a job's CLAT (tayga) is chrooted to."""
+        return self.jobs / f"{name}.tayga.root"
 
     def exit_path(self, name: str) -> Path:
         """Where a job's keeper writes how the job ended."""

@@ -23,6 +23,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -51,6 +52,34 @@ FORWARDED = signals.FORWARDED
 _FROM_TERMINAL = {signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH}
 SI_KERNEL = 0x80  # si_code of a signal the kernel (the tty) generated
 
+# What root may still do in a job (without --privileged): own files, change
+# ids (su, setpriv), ping and raw sockets, low ports, chroot.  Everything
+# else goes, from every capability set, the bounding set included, so no
+# setuid or file-capability program in the job brings it back.  Above all:
+# - CAP_SYS_ADMIN: setns(2) into another namespace (nsenter into the
+#   worker's network, where the job's counters are) and mount(2);
+# - CAP_NET_ADMIN: it reaches past the job's own network, since the job's
+#   namespace belongs to the host's user namespace: a link made or moved
+#   "netns PID" lands in PID's network (the worker's, the host's), and
+#   IFLA_TARGET_NETNSID changes links of any network the job's has an id for;
+# - CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH (open_by_handle_at), CAP_SYS_MODULE,
+#   CAP_SYS_RAWIO, CAP_MKNOD (a node of the host's disk), CAP_BPF,
+#   CAP_SYS_TIME, CAP_KILL (other users' processes), CAP_SETFCAP, ...
+JOB_CAPS = frozenset(
+    {
+        core.CAP_CHOWN,
+        core.CAP_DAC_OVERRIDE,
+        core.CAP_FOWNER,
+        core.CAP_FSETID,
+        core.CAP_SETGID,
+        core.CAP_SETUID,
+        core.CAP_NET_BIND_SERVICE,
+        core.CAP_NET_RAW,
+        core.CAP_SYS_CHROOT,
+        core.CAP_AUDIT_WRITE,
+    }
+)
+
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -59,6 +88,7 @@ class RunRequest:
     name: str
     user: str | None = None
     json_report: str | None = None
+    privileged: bool = False  # every capability of root (see JOB_CAPS)
 
 
 @dataclass(frozen=True)
@@ -90,14 +120,35 @@ def resolve(cmd: str, env: Mapping[str, str]) -> str | None:
 
 def open_report(path: str) -> int:
     """Open the JSON report's file before anything runs: a bad path is larkns's
-    error (125), not something found after the command did its work.  Never
-    through a symlink: larkns runs as root, often in /tmp."""
+    error (125), not something found after the command did its work.
+
+    larkns runs as root, often in a directory anyone can write (/tmp), where
+    another user may have put something at the path first: never follow a
+    symlink, never block (a FIFO with no reader would hold larkns forever:
+    O_NONBLOCK makes that open fail with ENXIO instead), and write only to a
+    regular file with no other name (a hard link to a file of root's is not
+    the report's to overwrite).  Anything else is refused, untouched."""
+    head, name = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        return os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        dir_fd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"--json-report: refusing to write {path}: a symlink") from None
+        if e.errno == errno.ENXIO:
+            raise ConfigError(f"--json-report: refusing to write {path}: a FIFO") from None
         raise ConfigError(f"--json-report: cannot write {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "a file with other names" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise ConfigError(f"--json-report: refusing to write {path}: {what}")
+    os.ftruncate(fd, 0)
+    return fd
 
 
 def _aborting() -> int | None:
@@ -231,6 +282,8 @@ def _spawn_and_wait(
             groups=ident.groups if ident else None,
             cwd=os.getcwd(),
             pdeathsig=signal.SIGKILL,
+            own_sysfs=True,
+            caps=None if req.privileged else JOB_CAPS,
         )
         try:
             # The keeper watches this process: if larkns is killed, so is

@@ -9,6 +9,7 @@ well-known 64:ff9b::/96 toward benchmark-range IPv4) and an IPv4 server.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,3 +120,46 @@ def test_doctor_says_jobs_get_ipv4_through_a_clat(site: World) -> None:
     ).stdout
     (nat,) = [line for line in out.splitlines() if "mode nat" in line]
     assert nat.startswith("ok") and f"through a CLAT toward NAT64 {NAT64}" in nat, out
+
+
+def test_the_clat_runs_unprivileged_chrooted_and_without_capabilities(site: World) -> None:
+    name = f"{site.prefix[3:]}c"
+    p = site.larkns_popen(
+        "run",
+        "--name",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "echo ready; cat >/dev/null",
+        stdin=True,
+        knobs=KNOBS,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        pids = sh("ip", "netns", "pids", site.netns_prefix + name).stdout.split()
+        (tayga,) = [pid for pid in pids if Path(f"/proc/{pid}/comm").read_text().strip() == "tayga"]
+        status = Path(f"/proc/{tayga}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines())
+        assert all(int(i) != 0 for i in fields["Uid"].split()), fields["Uid"]
+        assert all(int(i) != 0 for i in fields["Gid"].split()), fields["Gid"]
+        assert "0" not in fields["Groups"].split(), fields["Groups"]
+        for caps in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+            assert int(fields[caps], 16) == 0, caps
+        root = os.readlink(f"/proc/{tayga}/root")
+        assert root != "/" and not os.listdir(f"/proc/{tayga}/root")
+    finally:
+        p.communicate("", timeout=30)
+    assert p.returncode == 0
+
+
+def test_the_clat_user_falls_back_to_nobody_when_setup_did_not_make_it() -> None:
+    from larkns.engine import CLAT_USER, clat_user
+
+    user, group = clat_user()
+    try:
+        subprocess.run(["id", CLAT_USER], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        assert user == "nobody" and group in ("nogroup", "nobody")
+    else:
+        assert user == CLAT_USER

@@ -7,6 +7,7 @@ teardown; every process started here is stopped by its own pid/pidfd.
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import pickle
 import secrets
@@ -594,6 +595,71 @@ def test_spawn_drops_to_nobody_with_no_capabilities() -> None:
     assert st["Groups"] == str(NOBODY)
     for cap in ("CapEff", "CapPrm", "CapAmb"):
         assert int(st[cap], 16) == 0, cap
+
+
+def test_spawn_keeps_only_the_given_capabilities_in_every_set() -> None:
+    keep = frozenset({core.CAP_NET_RAW, core.CAP_SETUID})
+    spec = core.SpawnSpec("/bin/cat", ["cat", "/proc/self/status"], ENV, caps=keep)
+    code, out = run(spec)
+    assert code == 0
+    st = proc_status(out)
+    mask = (1 << core.CAP_NET_RAW) | (1 << core.CAP_SETUID)
+    for cap in ("CapBnd", "CapEff", "CapPrm"):
+        assert int(st[cap], 16) == mask, cap
+    assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
+    # Dropped from the bounding set: setns and mount are refused.
+    spec = core.SpawnSpec("/usr/bin/unshare", ["unshare", "--mount", "true"], ENV, caps=keep)
+    code, out = run(spec)
+    assert code != 0 and "Operation not permitted" in out
+
+
+# In a mount namespace of its own where / is shared, as on a systemd host
+# (this test machine's mounts are private): a new sysfs on a shared /sys
+# would appear in the namespace the job came from.
+_OWN_SYSFS = r"""
+import json, os, sys, time
+from larkns import core
+def sys_mounts():
+    with open("/proc/self/mountinfo") as f:
+        return [l for l in f if l.split()[4].startswith("/sys")]
+before = sys_mounts()
+fd = os.open(sys.argv[1], os.O_RDONLY)
+r, w = os.pipe()
+cmd = "ls /sys/class/net; echo --; ls /sys/fs/cgroup | head -1; echo end; exec sleep 2"
+_pid, pidfd = core.spawn(core.SpawnSpec(
+    "/bin/sh", ["sh", "-c", cmd], {"PATH": "/usr/bin:/bin"},
+    ns_fds=[fd], own_sysfs=True, stdio=(-1, w, w)))
+os.close(w)
+out = b""
+while not out.endswith(b"end\n"):
+    out += os.read(r, 4096)
+during = sys_mounts()
+core.pidfd_send_signal(pidfd, 9)
+os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+print(json.dumps({"out": out.decode(), "same": before == during,
+                  "shared": "shared:" in before[0]}))
+"""
+
+
+def test_spawn_own_sysfs_shows_the_joined_network_and_leaves_a_shared_sys_alone(
+    netns: str,
+) -> None:
+    proc = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "--", "sh", "-c"),
+            'mount --make-rshared / && exec "$0" -c "$1" "$2"',
+            *(sys.executable, _OWN_SYSFS, netns),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    links, cgroup = res["out"].removesuffix("end\n").split("--\n")
+    assert links.split() == ["lo"]  # the throwaway netns's, not this one's
+    assert cgroup.strip(), "/sys/fs/cgroup is carried over"
+    assert res["shared"] and res["same"], res
 
 
 def test_spawn_drop_without_groups_clears_root_groups() -> None:

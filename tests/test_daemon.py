@@ -208,6 +208,44 @@ def test_a_malformed_request_gets_a_one_line_error(larknsd: Larknsd) -> None:
     assert reply["ok"] is False and reply["error"].startswith("argv:")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("argv", ["/bin/true", "a\0b"], "argv: contains a NUL byte"),
+        ("path", "/bin/tr\0ue", "path: contains a NUL byte"),
+        ("cwd", "/\0", "cwd: contains a NUL byte"),
+        ("env", ["A=b\0c"], "env: contains a NUL byte"),
+        ("env", ["=x"], "env: a variable without a name"),
+        ("argv", ["/bin/true", "\ud800"], "argv: not encodable as bytes"),
+    ],
+)
+def test_a_launch_that_execve_could_not_take_gets_a_one_line_reason(
+    larknsd: Larknsd, field: str, value: object, error: str
+) -> None:
+    request = {"v": 1, "op": "launch", "argv": ["/bin/true"], "path": "/bin/true", "cwd": "/"}
+    request |= {"env": ["PATH=/bin"], field: value}
+    code = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX,socket.SOCK_SEQPACKET); s.connect(sys.argv[1])\n"
+        "socket.send_fds(s, [sys.argv[2].encode()], [0, 1, 2])\n"
+        "print(s.recv(4096).decode())\n"
+    )
+    # With the job's stdio, as the wrapper sends it: the request gets as far
+    # as a request can.
+    proc = subprocess.run(
+        [
+            *larknsd.world.worker_cmd(),
+            *("/usr/bin/python3", "-c", code, larknsd.socket, json.dumps(request)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    reply = json.loads(proc.stdout)
+    assert reply["ok"] is False and reply["error"] == error, reply
+    # (the fixture checks that larknsd logged no traceback)
+
+
 def test_thirty_two_jobs_start_at_once_without_errors(larknsd: Larknsd) -> None:
     import concurrent.futures
 
@@ -411,3 +449,20 @@ def test_the_job_s_end_reaches_a_wrapper_that_asks_for_counters_all_the_time(
     finally:
         err = d.stop()
         assert "Traceback" not in err, err
+
+
+def test_a_network_that_cannot_be_built_gets_a_one_line_reason(clean_world: World) -> None:
+    # One block of forwarded ports: one nat job at a time.
+    d = Larknsd(clean_world, LARKNS_INBOUND_PORTS="40000-40003")
+    first = d.job_popen("/bin/sh", "-c", "echo started; exec sleep 60")
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "started"
+        proc = d.job("/bin/true")
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+        err = d.stop()
+    assert proc.returncode == 125
+    (line,) = proc.stderr.strip().splitlines()
+    assert "address pool exhausted" in line and "internal error" not in line, line
+    assert "Traceback" not in err and "internal error" not in err, err

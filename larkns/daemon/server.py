@@ -748,7 +748,19 @@ def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], s
         raise Refused("cwd: expected an absolute path")
     if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
         raise Refused("env: expected a list of NAME=VALUE strings")
+    # What execve cannot take (a C string ends at a NUL byte; JSON can also
+    # carry a lone surrogate, which has no bytes) is refused here, by name.
+    for what, items in (("argv", argv), ("path", [path]), ("cwd", [cwd]), ("env", env)):
+        for item in items:
+            if "\0" in item:
+                raise Refused(f"{what}: contains a NUL byte")
+            try:
+                os.fsencode(item)
+            except UnicodeEncodeError:
+                raise Refused(f"{what}: not encodable as bytes") from None
     pairs = [e.split("=", 1) for e in env]
+    if not all(k for k, _ in pairs):
+        raise Refused("env: a variable without a name")
     return argv, path, {k: v for k, v in pairs}, cwd
 
 
