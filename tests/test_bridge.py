@@ -52,10 +52,13 @@ def site(bridged: World) -> Iterator[World]:
         pytest.fail(f"leaked: {left}")
 
 
-def _report(world: World, tmp_path: Path, script: str, **knobs: str) -> tuple[Any, Any]:
-    return run_job(
-        world, tmp_path, "sh", "-c", script, extra=("--mode", "bridge"), **(KNOBS | knobs)
-    )
+def _report(
+    world: World, tmp_path: Path, script: str, privileged: bool = False, **knobs: str
+) -> tuple[Any, Any]:
+    """A bridged job's run; `privileged`: with all of root's capabilities (an
+    attacker that may change its own addresses and neighbours)."""
+    extra = ("--mode", "bridge", *(("--privileged",) if privileged else ()))
+    return run_job(world, tmp_path, "sh", "-c", script, extra=extra, **(KNOBS | knobs))
 
 
 def test_a_bridged_job_has_an_address_of_the_site_and_reaches_it_as_itself(
@@ -88,7 +91,7 @@ def test_a_bridged_job_cannot_send_as_another_address_or_mac(site: World, tmp_pa
         "ip addr del 198.18.0.77/24 dev eth0; "
         f"ping -q -c 1 -W 2 {SITE4} >/dev/null || exit 13"
     )
-    proc, report = _report(site, tmp_path, script)
+    proc, report = _report(site, tmp_path, script, privileged=True)
     assert proc.returncode == 0, proc.stderr
     assert report["dropped"]["packets"] >= 2
 
@@ -477,7 +480,7 @@ def test_bridged_jobs_do_not_reach_each_other(site: World, tmp_path: Path) -> No
             f"{sys.executable} {PEER} udp {b4} {PORT} 2 100 50 && exit 11; "
             f"{sys.executable} {PEER} udp {SITE4} {PORT} 1 100 50 >/dev/null || exit 12"
         )
-        proc, report = _report(site, tmp_path, script)
+        proc, report = _report(site, tmp_path, script, privileged=True)
     finally:
         other.terminate()
         other.communicate(timeout=10)

@@ -58,7 +58,7 @@ def test_a_job_that_uses_an_ipv4_address_not_its_own_is_dropped_and_counted(
         f"ping -q -c 3 -i 0.2 -W 1 -I {FOREIGN4} {SITE4} >/dev/null && exit 12; "
         f"ping -q -c 1 -W 1 {SITE4} >/dev/null || exit 13"
     )
-    proc, report = run_job(clean_world, tmp_path, "sh", "-c", script)
+    proc, report = run_job(clean_world, tmp_path, "sh", "-c", script, extra=("--privileged",))
     assert proc.returncode == 0, proc.stderr
     # three echo requests of 84 bytes each; the job's own pings went through
     assert _dropped(report) == (3, 3 * 84)
@@ -79,7 +79,7 @@ def test_a_job_that_uses_an_ipv6_address_not_its_own_is_dropped_and_counted(
         f"ip -6 addr del {FOREIGN6}/128 dev eth0; "
         f"ping -6 -q -c 1 -W 1 {SITE6} >/dev/null || exit 13"
     )
-    proc, report = run_job(clean_world, tmp_path, "sh", "-c", script)
+    proc, report = run_job(clean_world, tmp_path, "sh", "-c", script, extra=("--privileged",))
     assert proc.returncode == 0, proc.stderr
     packets, nbytes = _dropped(report)
     assert packets >= 2 and nbytes >= 2 * 104, report["dropped"]

@@ -134,10 +134,15 @@ def test_the_job_s_environment_steers_nothing_of_larkns(
         __attribute__((constructor)) static void mark(void) {{
             char ns[64] = "";
             ssize_t n = readlink("/proc/self/ns/net", ns, sizeof ns - 1);
-            if (n > 0) ns[n] = 0; else snprintf(ns, sizeof ns, "unknown-%d", (int)getpid());
+            if (n > 0)
+                ns[n] = 0;
+            else
+                snprintf(ns, sizeof ns, "unknown-%d", (int)getpid());
             FILE *f = fopen("{marker}", "a");
-            char comm[64] = ""; FILE *c = fopen("/proc/self/comm", "r"); if (c) {{ fgets(comm, sizeof comm, c); fclose(c); }}
-            if (f) {{ fprintf(f, "preload %s %s", ns, comm); fclose(f); }}
+            if (f) {{
+                fprintf(f, "preload %s\\n", ns);
+                fclose(f);
+            }}
         }}
         """)
     )
@@ -187,7 +192,6 @@ def test_a_job_cannot_write_its_own_counts(pool: Pool, daemon: Larknsd, world: W
     os.chown(pool.home / "forge.py", USER_UID, USER_UID)
     script = (
         f"/usr/bin/python3 peer.py udp {SITE4} {PORT} {n} {size} {reply} && "
-
         f"{chirp} set_job_attr NetworkIncoming 0; echo chirp=$?; "
         f"{chirp} set_job_attr NetworkOutgoing 1; echo chirp=$?; "
         f"/usr/bin/python3 forge.py"
@@ -362,3 +366,58 @@ def test_a_wrapper_runs_outside_the_worker_s_network(daemon: Larknsd, world: Wor
     finally:
         p.terminate()
         p.communicate(timeout=20)
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_job_cannot_spend_larknsd_s_descriptors_through_its_relay(
+    pool: Pool, daemon: Larknsd
+) -> None:
+    """A job opens 200 connections to its chirp relay and keeps them: larknsd
+    carries 32 (each holds two of its descriptors), turns the rest away, and
+    serves another job meanwhile."""
+    hog = textwrap.dedent(f"""\
+        import os, socket, time
+        port = int(open(os.environ["_CONDOR_CHIRP_CONFIG"]).read().split()[1])
+        held, alive = [], 0
+        for _ in range(200):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                pass
+        time.sleep(1)
+        for s in held:
+            s.setblocking(False)
+            try:
+                if s.recv(1):
+                    alive += 1
+            except BlockingIOError:
+                alive += 1  # open, nothing to read: carried
+            except OSError:
+                pass  # reset: turned away
+        print(alive, flush=True)
+        open("{pool.home}/hog.ready", "w").close()
+        time.sleep(20)
+        """)
+    (pool.home / "hog.py").write_text(hog)
+    os.chown(pool.home / "hog.py", USER_UID, USER_UID)
+    ready = pool.home / "hog.ready"
+    ready.unlink(missing_ok=True)
+    before = _fds(daemon.proc.pid)
+    cluster = pool.submit(JOB.format(script="/usr/bin/python3 hog.py", tag="hog"))
+    deadline = time.monotonic() + 90
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the job did not open its connections"
+        time.sleep(0.5)
+    during = _fds(daemon.proc.pid)
+    other = pool.submit(JOB.format(script="exit 7", tag="beside"))
+    assert pool.wait_done(other)["ExitCode"] == "7"
+    ad = pool.wait_done(cluster)
+    carried = int((pool.home / "hog.out").read_text())
+    assert ad["ExitCode"] == "0", ad
+    assert carried == 32, carried
+    # Two per carried connection, and the job's own (its connection, keeper,
+    # relays' listeners: ~20): not two for each of the 200.
+    assert during - before <= 2 * 32 + 32, (before, during)

@@ -71,6 +71,7 @@ JOB_TRANSFORM_LarkNS @=end
 @end
 """
 
+
 class UsageError(Exception):
     pass
 

@@ -612,6 +612,9 @@ class Daemon:
                 # The job dies with its keeper (killed by SIGKILL: the
                 # keeper ignores every other signal).
                 pdeathsig=9,
+                # /sys/class/net then lists the job's own links, not the
+                # worker's (sysfs shows the network of whoever mounted it).
+                own_sysfs=True,
             )
             try:
                 # The keeper, the job's parent, lives in the job's cgroup:
