@@ -1,8 +1,8 @@
 """Added latency of a job start through larkns's wrapper + larknsd.
 
 Runs in a throwaway worker namespace (lkb*), with larknsd beside it, as
-HTCondor would start a job: the wrapper (system python3, stdlib only) asks
-larknsd, which builds the job's network (NAT, IPv4 + SLAAC IPv6) and starts
+HTCondor would start a job: the wrapper (larkns-entry, a static C program)
+asks larknsd, which builds the job's network (NAT, IPv4 + SLAAC IPv6) and starts
 the job in it.  Baseline in the same run: the same command started directly.
 
     .venv/bin/python bench/job_start.py [--starts 200] [--concurrent 32]
@@ -42,7 +42,11 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=32)
     args = ap.parse_args()
     world = World(prefix="lkb")
-    daemon = Larknsd(world)
+    try:
+        daemon = Larknsd(world)
+    except BaseException:
+        world.close()
+        raise
     try:
         job = ["/bin/true"]
         direct = world.worker_cmd(*job)

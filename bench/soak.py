@@ -94,7 +94,11 @@ def main() -> int:
     args = ap.parse_args()
     rnd = random.Random(args.seed)
     world = World(prefix="lkb")
-    daemon = Larknsd(world)
+    try:
+        daemon = Larknsd(world)
+    except BaseException:
+        world.close()
+        raise
     try:
         wrapped = world.worker_cmd(str(daemon.wrapper))
 

@@ -2,9 +2,9 @@
 HTCondor runs it: copies of larkns-entry with their larkns-job.conf, as
 larkns-condor-config installs them.
 
-The Python they run is the system's /usr/bin/python3 with a copy of the
-job-side modules in a world-readable directory (no virtualenv): they need
-nothing but the standard library, and this holds whether or not the checkout
+The machine ad's cron job is Python: the system's /usr/bin/python3 with a
+copy of the modules it needs in a world-readable directory (no virtualenv),
+as it needs nothing but the standard library, whether or not the checkout
 itself is readable by other users.
 """
 
@@ -18,15 +18,11 @@ from larkns.condor.site_config import install_entries
 from tests.world import ROOT
 
 MODULES = (
-    "signals.py",
-    "condor/hook.py",
-    "condor/machine_ad.py",
-    "condor/entry.py",
     "__init__.py",
+    "condor/__init__.py",
+    "condor/machine_ad.py",
     "daemon/__init__.py",
     "daemon/protocol.py",
-    "condor/__init__.py",
-    "condor/wrapper.py",
 )
 
 

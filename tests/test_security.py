@@ -340,32 +340,41 @@ def test_larknsd_takes_its_socket_and_knobs_from_the_htcondor_configuration(
         assert b"LARKNS_SOCKET" not in f.read()
 
 
-def test_a_wrapper_runs_outside_the_worker_s_network(daemon: Larknsd, world: World) -> None:
-    """Whatever might take control of a wrapper (the owner's other
-    processes) would find no socket on the worker's network in it."""
-    p = subprocess.Popen(
-        [*world.worker_cmd(), str(daemon.wrapper), "/bin/sleep", "30"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd="/",
-    )
-    try:
-        deadline = time.monotonic() + 10
-        want = os.stat(f"/run/netns/{world.worker}").st_ino
-        while True:
+def test_the_job_cannot_take_control_of_its_wrapper(pool: Pool) -> None:
+    """The wrapper runs as the job's owner in the worker's network; the job
+    (the same user) must not be able to trace it, or read or write its
+    memory, to act there as it."""
+    probe = textwrap.dedent("""\
+        import ctypes, os
+        me = os.getuid()
+        wrappers = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                ns = os.stat(f"/proc/{p.pid}/ns/net").st_ino
-                cmd = Path(f"/proc/{p.pid}/cmdline").read_bytes()
-            except FileNotFoundError:
-                ns, cmd = 0, b""
-            if b"larkns.condor" in cmd:
-                break
-            assert time.monotonic() < deadline, "the wrapper did not start"
-            time.sleep(0.05)
-        assert ns != want
-    finally:
-        p.terminate()
-        p.communicate(timeout=20)
+                if open(f"/proc/{pid}/comm").read().strip() == "larkns-wrapper" and \\
+                        os.stat(f"/proc/{pid}").st_uid == me:
+                    wrappers.append(int(pid))
+            except OSError:
+                pass
+        print("wrappers", len(wrappers))
+        libc = ctypes.CDLL(None, use_errno=True)
+        for pid in wrappers:
+            print("ptrace", libc.ptrace(16, pid, 0, 0), ctypes.get_errno())  # PTRACE_ATTACH
+            for f in ("mem", "environ"):
+                try:
+                    open(f"/proc/{pid}/{f}", "rb").read(1)
+                    print(f, "open")
+                except OSError as e:
+                    print(f, "refused", e.errno)
+        """)
+    (pool.home / "trace.py").write_text(probe)
+    os.chown(pool.home / "trace.py", USER_UID, USER_UID)
+    cluster = pool.submit(JOB.format(script="/usr/bin/python3 trace.py", tag="trace"))
+    ad = pool.wait_done(cluster)
+    out = (pool.home / "trace.out").read_text().splitlines()
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "trace.err").read_text())
+    assert out[0] == "wrappers 1", out
+    assert out[1].startswith("ptrace -1 "), out
+    assert out[2].startswith("mem refused") and out[3].startswith("environ refused"), out
 
 
 def _fds(pid: int) -> int:

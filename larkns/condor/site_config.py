@@ -8,9 +8,10 @@ the job-side programs it names.
 HTCondor runs the wrapper and the PREPARE_JOB hook as the job's owner with
 the job's environment.  So they are not Python console scripts (whose
 interpreter would take PYTHONPATH, and whose dynamic loader LD_PRELOAD, from
-that environment) but copies of larkns-entry, a static program (csrc/entry.c),
-installed here into ENTRY_DIR with larkns-job.conf beside them: the Python to
-run, and larknsd's socket.  Only root may write there.
+that environment) but copies of larkns-entry, a static C program
+(csrc/entry.c), installed here into ENTRY_DIR with larkns-job.conf beside
+them: larknsd's socket, and the Python that runs the machine ad's cron job.
+Only root may write there.
 
 Site admins, the Vagrant boxes (vagrant/provision.sh) and the end-to-end
 tests all configure their pools with it: what is tested is what is shipped.
@@ -156,7 +157,10 @@ def install_entries(entry_dir: Path, python: str, pythonpath: str | None, sock: 
     _write(entry_dir / ENTRY_CONF, conf.encode(), 0o644)
     data = source.read_bytes()
     for name in ENTRIES:
-        _write(entry_dir / name, data, 0o755)
+        # Execute-only: a process that runs a file it may not read is not
+        # dumpable from its first instruction (the kernel's rule), so none of
+        # the job owner's processes can trace the wrapper.
+        _write(entry_dir / name, data, 0o711)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
