@@ -12,8 +12,10 @@ if command -v apt-get >/dev/null 2>&1; then
         gcc libc6-dev libffi-dev iproute2 util-linux procps iputils-ping radvd dnsmasq-base tayga >/dev/null
 elif command -v dnf >/dev/null 2>&1; then
     # EL9: Python 3.11 from AppStream, beside the system's 3.9.
+    # glibc-static (larkns-entry is linked statically) is in CRB.
+    dnf install -y -q dnf-plugins-core >/dev/null && dnf config-manager --set-enabled crb || true
     dnf install -y -q python3.11 python3.11-devel python3-nftables nftables \
-        gcc libffi-devel iproute util-linux procps-ng iputils radvd dnsmasq >/dev/null
+        gcc glibc-static libffi-devel iproute util-linux procps-ng iputils radvd dnsmasq >/dev/null
 fi
 
 # The user the jobs' CLATs (tayga) run as once their tun device is open: no

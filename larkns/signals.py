@@ -1,5 +1,5 @@
-"""Which signals larkns passes on to a job (standard library only: the
-wrapper imports it as the job's owner)."""
+"""Which signals larkns passes on to a job (csrc/entry.c's wrapper passes on
+the same: forwarded())."""
 
 from __future__ import annotations
 

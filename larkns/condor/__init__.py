@@ -1,1 +1,4 @@
-"""HTCondor front end: the job wrapper (stdlib only: it runs as the job owner)."""
+"""HTCondor front end: the machine ad's cron job, the node's configuration.
+
+The job wrapper and the PREPARE_JOB hook are C (csrc/entry.c).
+"""

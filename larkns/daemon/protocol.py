@@ -9,7 +9,7 @@ File descriptors travel beside a message (SCM_RIGHTS).  Every message has
     daemon -> wrapper   {"v": 1, "ok": true, "name": ..., "pid": N, "addresses": {...}}
                          + the job's pidfd (signals go straight to the job)
                      or {"v": 1, "ok": false, "error": "one line"}
-    wrapper -> daemon   {"v": 1, "op": "stats"}            while the job runs
+    wrapper -> daemon   {"v": 1, "op": "stats"}            (may) while the job runs
     daemon -> wrapper   {"v": 1, "traffic": {...}}
     daemon -> wrapper   {"v": 1, "exit": {"code": N} | {"signal": N}, "traffic": {...}}
                          when the job has ended (and its network is gone)
@@ -20,7 +20,8 @@ connection (only the job's own wrapper may):
     wrapper -> daemon   {"v": 1, "op": "attach", "name": NAME}
     daemon -> wrapper   {"v": 1, "ok": true, "name": NAME}, then as above
 
-This module is stdlib only: the wrapper imports it, as the job's owner.
+The job wrapper and the PREPARE_JOB hook speak it in C (csrc/entry.c); this
+module is standard library only: the machine ad's cron job imports it.
 """
 
 from __future__ import annotations
