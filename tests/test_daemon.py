@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from larkns.daemon import protocol
 from tests.jobside import entries, wrapper_copy, wrapper_script
 from tests.world import SITE4, World, sh
 
@@ -428,27 +431,44 @@ def test_the_job_joins_its_wrapper_s_pid_namespace(larknsd: Larknsd) -> None:
         p.communicate(timeout=10)
 
 
-def test_the_job_s_end_reaches_a_wrapper_that_asks_for_counters_all_the_time(
-    clean_world: World,
+def test_the_job_s_end_reaches_a_client_that_asks_for_counters_all_the_time(
+    larknsd: Larknsd,
 ) -> None:
-    """The wrapper asks for counters every millisecond (as with chirp): the
-    job's end, sent as larknsd closes the connection, must not be lost to a
-    request that fails on the closed connection."""
-    d = Larknsd(clean_world, LARKNS_UPDATE_INTERVAL="0.001")
+    """A client asks for the job's counters every millisecond: the job's end,
+    sent as larknsd closes the connection, must not be lost to a request
+    that fails on the closed connection (a unix socket closed with unread
+    messages resets its peer)."""
+    null = os.open("/dev/null", os.O_RDWR)
     try:
-        wrapper = d.wrapper
         for _ in range(15):
-            proc = subprocess.run(
-                [*clean_world.worker_cmd(), str(wrapper), "/bin/sh", "-c", "sleep 0.05; exit 3"],
-                capture_output=True,
-                text=True,
-                cwd="/",
-                timeout=30,
-            )
-            assert proc.returncode == 3, proc.stderr
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(larknsd.socket)
+                msg = {
+                    "op": "launch",
+                    "argv": ["/bin/sh", "-c", "sleep 0.05; exit 3"],
+                    "path": "/bin/sh",
+                    "cwd": "/",
+                    "env": ["PATH=/usr/bin:/bin"],
+                }
+                protocol.send(s, msg, [null, null, null])
+                reply, fds = protocol.receive(s, max_fds=1)
+                assert reply is not None and reply["ok"], reply
+                for fd in fds:
+                    os.close(fd)
+                end = None
+                while end is None:
+                    with contextlib.suppress(OSError):
+                        protocol.send(s, {"op": "stats"})
+                    ready, _, _ = select.select([s], [], [], 0.001)
+                    while ready:
+                        got, _ = protocol.receive(s, max_fds=0)
+                        if got is None or "exit" in got:
+                            end = got
+                            break
+                        ready, _, _ = select.select([s], [], [], 0)
+                assert end is not None and end["exit"] == {"code": 3}, end
     finally:
-        err = d.stop()
-        assert "Traceback" not in err, err
+        os.close(null)
 
 
 def test_a_network_that_cannot_be_built_gets_a_one_line_reason(clean_world: World) -> None:
