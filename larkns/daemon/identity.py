@@ -124,8 +124,10 @@ class Process:
         return p
 
     def alive(self) -> bool:
-        ready, _, _ = select.select([self.pidfd], [], [], 0)
-        return not ready  # a pidfd becomes readable when its process exits
+        # poll, not select: larknsd may hold more than 1024 descriptors.
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return not p.poll(0)  # a pidfd becomes readable when its process exits
 
     def read(self, name: str, limit: int = 1 << 16) -> bytes:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
