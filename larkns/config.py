@@ -30,6 +30,9 @@ DEFAULT_NETNS_PREFIX = "larkns-"
 DEFAULT_SLAAC_TIMEOUT = 2.0
 DEFAULT_UPDATE_INTERVAL = 60.0
 DEFAULT_REATTACH_TIMEOUT = 300.0
+# Each running job holds one connection to larknsd for as long as it runs:
+# more than any one user has jobs on a node.
+DEFAULT_MAX_CONNECTIONS_PER_UID = 1024
 
 # A job name becomes part of the host veth name "lk-NAME" (IFNAMSIZ: 15 chars),
 # of nft object names and of file names: keep it to a safe alphabet.
@@ -92,6 +95,8 @@ class Settings:
     nat64_prefix: ipaddress.IPv6Network = field(
         default_factory=lambda: ipaddress.IPv6Network("64:ff9b::/96")
     )
+    # larknsd serves at most this many connections of one user at once.
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -310,10 +315,17 @@ def _parse_port_range(knob: str, raw: str) -> tuple[str, object]:
     return "inbound_ports", (lo, hi)
 
 
-def _parse_per_job(knob: str, raw: str) -> tuple[str, object]:
-    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
-        raise ConfigError(f"{knob}: expected a number of ports from 1 to 1024, got {raw!r}")
-    return "inbound_per_job", int(raw)
+def _parse_count(attr: str, low: int, high: int, what: str) -> Parser:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        # ASCII digits only: str.isdigit() takes "²", which int() refuses,
+        # and int() takes other scripts' digits, which no admin means.
+        if not re.fullmatch(r"[0-9]{1,9}", raw) or not low <= int(raw) <= high:
+            raise ConfigError(
+                f"{knob}: expected a number of {what} from {low} to {high}, got {raw!r}"
+            )
+        return attr, int(raw)
+
+    return parse
 
 
 Parser = Callable[[str, str], tuple[str, object]]
@@ -321,7 +333,7 @@ Parser = Callable[[str, str], tuple[str, object]]
 
 def _parse_dir(attr: str) -> Parser:
     def parse(knob: str, raw: str) -> tuple[str, object]:
-        if not raw.startswith("/"):
+        if not raw.startswith("/") or "\0" in raw:
             raise ConfigError(f"{knob}: expected an absolute path, got {raw!r}")
         return attr, Path(raw)
 
@@ -374,7 +386,10 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_NAT64_PREFIX": _parse_nat64,
     "LARKNS_DHCP_TIMEOUT": _parse_seconds("dhcp_timeout", 0, 120, low_included=False),
     "LARKNS_INBOUND_PORTS": _parse_port_range,
-    "LARKNS_INBOUND_PORTS_PER_JOB": _parse_per_job,
+    "LARKNS_INBOUND_PORTS_PER_JOB": _parse_count("inbound_per_job", 1, 1024, "ports"),
+    "LARKNS_MAX_CONNECTIONS_PER_UID": _parse_count(
+        "max_connections_per_uid", 1, 1 << 20, "connections"
+    ),
 }
 KNOBS = tuple(_PARSERS)
 
