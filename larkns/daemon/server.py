@@ -816,8 +816,13 @@ def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], s
         raise Refused("path: expected an absolute path")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise Refused("cwd: expected an absolute path")
-    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
+    if not isinstance(env, list) or not all(
+        isinstance(e, str) and "=" in e and not e.startswith("=") for e in env
+    ):
         raise Refused("env: expected a list of NAME=VALUE strings")
+    # No C string holds a NUL: refused here, not found out at the exec.
+    if any("\0" in x for x in (*argv, path, cwd, *env)):
+        raise Refused("argv, path, env and cwd: expected no NUL characters")
     pairs = [e.split("=", 1) for e in env]
     return argv, path, {k: v for k, v in pairs}, cwd
 
