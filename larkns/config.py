@@ -34,6 +34,9 @@ DEFAULT_SOCKET = "/run/larknsd.sock"
 # A node's slots bound how many jobs one user has starting at once; more
 # networks prepared and not launched than this are an attack on the pools.
 DEFAULT_MAX_PREPARED_PER_USER = 64
+# Each running job holds one connection to larknsd for as long as it runs:
+# more than any one user has jobs on a node.
+DEFAULT_MAX_CONNECTIONS_PER_UID = 1024
 
 # A job name becomes part of the host veth name "lk-NAME" (IFNAMSIZ: 15 chars),
 # of nft object names and of file names: keep it to a safe alphabet.
@@ -100,6 +103,8 @@ class Settings:
     # larkns-job.conf, written by larkns-condor-config from the same knob).
     socket: Path = Path(DEFAULT_SOCKET)
     max_prepared_per_user: int = DEFAULT_MAX_PREPARED_PER_USER
+    # larknsd serves at most this many connections of one user at once.
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -318,10 +323,17 @@ def _parse_port_range(knob: str, raw: str) -> tuple[str, object]:
     return "inbound_ports", (lo, hi)
 
 
-def _parse_per_job(knob: str, raw: str) -> tuple[str, object]:
-    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
-        raise ConfigError(f"{knob}: expected a number of ports from 1 to 1024, got {raw!r}")
-    return "inbound_per_job", int(raw)
+def _parse_count(attr: str, low: int, high: int, what: str) -> Parser:
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        # ASCII digits only: str.isdigit() takes "²", which int() refuses,
+        # and int() takes other scripts' digits, which no admin means.
+        if not re.fullmatch(r"[0-9]{1,9}", raw) or not low <= int(raw) <= high:
+            raise ConfigError(
+                f"{knob}: expected a number of {what} from {low} to {high}, got {raw!r}"
+            )
+        return attr, int(raw)
+
+    return parse
 
 
 Parser = Callable[[str, str], tuple[str, object]]
@@ -329,18 +341,9 @@ Parser = Callable[[str, str], tuple[str, object]]
 
 def _parse_dir(attr: str) -> Parser:
     def parse(knob: str, raw: str) -> tuple[str, object]:
-        if not raw.startswith("/"):
+        if not raw.startswith("/") or "\0" in raw:
             raise ConfigError(f"{knob}: expected an absolute path, got {raw!r}")
         return attr, Path(raw)
-
-    return parse
-
-
-def _parse_count(attr: str, low: int, high: int) -> Parser:
-    def parse(knob: str, raw: str) -> tuple[str, object]:
-        if not raw.isdigit() or not low <= int(raw) <= high:
-            raise ConfigError(f"{knob}: expected a whole number from {low} to {high}, got {raw!r}")
-        return attr, int(raw)
 
     return parse
 
@@ -373,7 +376,9 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,
     "LARKNS_STATE_DIR": _parse_dir("state_dir"),
     "LARKNS_SOCKET": _parse_dir("socket"),
-    "LARKNS_MAX_PREPARED_PER_USER": _parse_count("max_prepared_per_user", 1, 100000),
+    "LARKNS_MAX_PREPARED_PER_USER": _parse_count(
+        "max_prepared_per_user", 1, 100000, "networks"
+    ),
     "LARKNS_LIB_DIR": _parse_dir("lib_dir"),
     "LARKNS_NETNS_PREFIX": _parse_netns_prefix,
     "LARKNS_SLAAC_TIMEOUT": _parse_seconds("slaac_timeout", 0, 60),
@@ -393,7 +398,10 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_NAT64_PREFIX": _parse_nat64,
     "LARKNS_DHCP_TIMEOUT": _parse_seconds("dhcp_timeout", 0, 120, low_included=False),
     "LARKNS_INBOUND_PORTS": _parse_port_range,
-    "LARKNS_INBOUND_PORTS_PER_JOB": _parse_per_job,
+    "LARKNS_INBOUND_PORTS_PER_JOB": _parse_count("inbound_per_job", 1, 1024, "ports"),
+    "LARKNS_MAX_CONNECTIONS_PER_UID": _parse_count(
+        "max_connections_per_uid", 1, 1 << 20, "connections"
+    ),
 }
 KNOBS = tuple(_PARSERS)
 

@@ -28,13 +28,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-
 from larkns import core, leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import addrs, dhcp, links, netns, rtnl, sysctl
 from larkns.kernel.bridge import BridgeRuleset
+from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.nft import Inbound, NftError, Ruleset, TableJobs
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import (
@@ -78,7 +77,7 @@ class Engine:
         # state dir; a daemon that serves jobs all day keeps them.
         self.clean_when_idle = clean_when_idle
         self._rtnl: Rtnl | None = None
-        self._ipr: IPRoute | None = None
+        self._ipr: PinnedIPRoute | None = None
         self._ruleset: Ruleset | None = None
         self._bridge_rules: BridgeRuleset | None = None
         self._forwarding = False
@@ -103,10 +102,10 @@ class Engine:
         return self._rtnl
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self) -> PinnedIPRoute:
         """pyroute2, for dumps and deletions by name (check, gc)."""
         if self._ipr is None:
-            self._ipr = IPRoute()
+            self._ipr = PinnedIPRoute()
         return self._ipr
 
     @property
@@ -424,8 +423,12 @@ class Engine:
             os.close(null)
         self._tayga[plan.name] = pidfd
         deadline = time.monotonic() + 3
+        # poll, not select: select cannot watch an fd above 1023, and larknsd
+        # may have thousands open.
+        ended = select.poll()
+        ended.register(pidfd, select.POLLIN)
         while (tun := job.link_index(CLAT_TUN)) is None:
-            if time.monotonic() > deadline or select.select([pidfd], [], [], 0.002)[0]:
+            if time.monotonic() > deadline or ended.poll(2):
                 raise SetupError("the job's CLAT (tayga) did not start")
         job.run(
             rtnl.link_up(tun, "CLAT"),

@@ -70,7 +70,7 @@ def node(world: World) -> Iterator[tuple[Pool, Larknsd]]:
     try:
         # larknsd knows the node's starter and startd from the pool's
         # configuration, and takes its knobs from there alone.
-        d = Larknsd(world, condor_config=p.config, copy=copy)
+        d = Larknsd.under_condor(world, p.config, copy)
     except BaseException:
         p.close()
         raise

@@ -25,25 +25,29 @@ from tests.world import SITE4, World, sh
 
 class Larknsd:
     """larknsd in the world's worker namespace, with the job-side programs
-    (`wrapper`) against it.  Its knobs come from the environment, or, given
-    `condor_config`, from that HTCondor configuration alone (with the
-    job-side programs in `copy`, as larkns-condor-config installed them)."""
+    (`wrapper`) against it, its knobs from the environment; or, made with
+    `under_condor`, from an HTCondor configuration alone."""
 
-    def __init__(
-        self,
-        world: World,
-        condor_config: Path | None = None,
-        copy: Path | None = None,
-        **knobs: str,
-    ) -> None:
+    def __init__(self, world: World, **knobs: str) -> None:
+        socket_path = f"/tmp/{world.prefix}-larknsd.sock"
+        env = world.env() | {"LARKNS_SOCKET": socket_path} | knobs
+        self._init(world, env, wrapper_copy())
+
+    @classmethod
+    def under_condor(cls, world: World, condor_config: Path, copy: Path) -> Larknsd:
+        """larknsd as condor_master or systemd starts it: CONDOR_CONFIG and no
+        LARKNS_* knob in its environment; the job-side programs in `copy`, as
+        larkns-condor-config installed them."""
+        self = cls.__new__(cls)
+        clean = {k: v for k, v in world.env().items() if not k.startswith("LARKNS_")}
+        self._init(world, clean | {"CONDOR_CONFIG": str(condor_config)}, copy)
+        return self
+
+    def _init(self, world: World, env: dict[str, str], copy: Path) -> None:
         self.world = world
         self.socket = f"/tmp/{world.prefix}-larknsd.sock"
-        if condor_config is None:
-            self.env = world.env() | {"LARKNS_SOCKET": self.socket} | knobs
-        else:
-            clean = {k: v for k, v in world.env().items() if not k.startswith("LARKNS_")}
-            self.env = clean | {"CONDOR_CONFIG": str(condor_config)}
-        self.copy = copy or wrapper_copy()
+        self.env = env
+        self.copy = copy
         self.wrapper = wrapper_script(self.copy, self.socket)
         self.proc = self._start()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 
 # typing costs a few ms at every job's start, and is wanted for checking only.
@@ -63,24 +64,35 @@ def ask(sock_path: str, msg: dict[str, Any], timeout: float = 60) -> dict[str, A
 
 
 def receive(sock: socket.socket, max_fds: int = 3) -> tuple[dict[str, Any] | None, list[int]]:
-    """(message, fds); (None, []) when the peer has closed."""
+    """(message, fds); (None, []) when the peer has closed.  On any failure
+    the fds that came with the message are closed: they are the caller's
+    only once it has the message."""
     data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds, socket.MSG_CMSG_CLOEXEC)
     if not data and not fds:
         return None, []
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    try:
+        return _parse(data, flags), fds
+    except BaseException:
         for fd in fds:
-            socket.close(fd)
+            os.close(fd)
+        raise
+
+
+def _parse(data: bytes, flags: int) -> dict[str, Any]:
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         raise ProtocolError("message or its file descriptors cut short")
     try:
         msg = json.loads(data)
-    except ValueError:
-        for fd in fds:
-            socket.close(fd)
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack ("[" * 100000)
         raise ProtocolError("not JSON") from None
     if not isinstance(msg, dict) or msg.get("v") != VERSION:
-        for fd in fds:
-            socket.close(fd)
-        raise ProtocolError(
-            f"unknown protocol version {msg.get('v') if isinstance(msg, dict) else None!r}"
-        )
-    return msg, fds
+        version = repr(msg.get("v") if isinstance(msg, dict) else None)
+        raise ProtocolError(f"unknown protocol version {_short(version)}")
+    return msg
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """At most `limit` characters of `text`: a reply quotes what it refuses,
+    which may be as large as a whole message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import socket
 import sys
@@ -31,11 +32,26 @@ from larkns.doctor import available_modes
 from larkns.engine import Engine
 from larkns.journal import Process, start_time
 from larkns.kernel import netns
+from larkns.kernel.nft import NftError
 from larkns.plan import JobNetwork
 
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
 # .job.ad of a job with a large environment and many attributes: well below this.
 _AD_LIMIT = 1 << 20
+
+# A wrapper sends its request as soon as it has connected: a connection
+# without one by then only holds a thread and a descriptor of larknsd's.
+REQUEST_TIMEOUT = 5.0
+# A peer that takes no reply for this long is not served further (a send to
+# a peer that reads nothing would block its thread for good).
+REPLY_TIMEOUT = 60.0
+# Descriptors kept free for the work in progress (a launch opens a dozen
+# for a moment), at least; or this share of the limit.
+FD_RESERVE = 64
+FD_RESERVE_SHARE = 16
+# How long to wait before accepting again after accept(2) failed (out of
+# descriptors or memory): the pending connections wait in the backlog.
+ACCEPT_BACKOFF = 0.1
 
 
 def job_ad(caller: Caller, daemons: CondorDaemons) -> Any:
@@ -141,14 +157,57 @@ class Daemon:
         return sock
 
     def serve_forever(self) -> None:
+        """Accept and serve connections until stop().  Nothing a caller
+        does ends this loop: out of descriptors, memory or threads, larknsd
+        waits a moment and goes on (the idle connections time out)."""
+        connections = Connections(self.settings.max_connections_per_uid)
+        failing = False  # accept(2) is failing: said once, until it works again
         while not self._stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
-                raise
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                if not failing:
+                    print(f"larknsd: cannot accept connections: {e}; retrying", file=sys.stderr)
+                    failing = True
+                self._stopping.wait(ACCEPT_BACKOFF)
+                continue
+            if failing:
+                print("larknsd: accepting connections again", file=sys.stderr)
+                failing = False
+            if not self._admit(conn, connections):
+                self._stopping.wait(ACCEPT_BACKOFF)
+
+    def _admit(self, conn: socket.socket, connections: Connections) -> bool:
+        """Serve `conn` on a thread of its own, or refuse it at once (its
+        user has too many connections, or larknsd too few descriptors left).
+        False if no thread could be had."""
+        try:
+            uid = identity.peer(conn)[1]
+        except OSError:
+            conn.close()
+            return True
+        refusal = connections.admit(uid, conn.fileno())
+        if refusal is not None:
+            _refuse_now(conn, refusal)
+            return True
+        try:
+            threading.Thread(
+                target=self._serve_counted, args=(conn, uid, connections), daemon=True
+            ).start()
+        except RuntimeError as e:  # "can't start new thread": out of memory or tasks
+            connections.release(uid)
+            print(f"larknsd: cannot serve a connection: {e}", file=sys.stderr)
+            _refuse_now(conn, "larknsd is overloaded; try again later")
+            return False
+        return True
+
+    def _serve_counted(self, conn: socket.socket, uid: int, connections: Connections) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            connections.release(uid)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -175,7 +234,7 @@ class Daemon:
             fds: list[int] = []
             caller: Caller | None = None
             try:
-                msg, fds = protocol.receive(conn)
+                msg, fds = _request(conn)
                 if msg is None:
                     return
                 if msg.get("op") == "info":
@@ -211,10 +270,8 @@ class Daemon:
                         os.close(fd)
 
     def _refuse(self, conn: socket.socket, error: str) -> None:
-        with contextlib.suppress(OSError):
-            protocol.send(
-                conn, {"ok": False, "error": error.splitlines()[0] if error else "refused"}
-            )
+        with contextlib.suppress(OSError, protocol.ProtocolError):
+            protocol.send(conn, _refusal(error))
 
     def _launch(
         self, conn: socket.socket, caller: Caller, msg: dict[str, Any], fds: list[int]
@@ -505,9 +562,14 @@ class Daemon:
         except OSError:
             fd = None
         try:
+            # poll, not select: select cannot watch an fd above 1023, and
+            # larknsd may have thousands open.
+            ended = select.poll()
+            if fd is not None:
+                ended.register(fd, select.POLLIN)
             while True:
                 if fd is not None:
-                    select.select([fd], [], [], 1.0)
+                    ended.poll(1000)
                 else:
                     time.sleep(1.0)
                 with self.lock:
@@ -705,6 +767,114 @@ class Daemon:
             self.engine.journal.write(record)
 
 
+class Connections:
+    """How many connections each user holds (a running job's lasts as long
+    as the job): no user can take all of larknsd's descriptors, and larknsd
+    keeps some free for the work in progress."""
+
+    def __init__(self, per_uid: int) -> None:
+        self.per_uid = per_uid
+        self._held: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._capped: set[int] = set()  # uids refused, said once until under their cap
+        self._short = False  # refused for want of descriptors, said once
+
+    def admit(self, uid: int, fd: int) -> str | None:
+        """Count a connection of `uid` that got descriptor `fd`; or why not."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        reserve = max(FD_RESERVE, soft // FD_RESERVE_SHARE)
+        # A new descriptor is the lowest free one: when even that one is this
+        # close to the limit, fewer than the reserve are left.  accept(2)
+        # takes its number when it starts to wait, maybe long ago: look again.
+        if soft != resource.RLIM_INFINITY and fd >= soft - reserve:
+            fd = _lowest_free_fd(fd)
+        if soft != resource.RLIM_INFINITY and fd >= soft - reserve:
+            if not self._short:
+                print(
+                    f"larknsd: refusing connections: descriptor {fd} of {soft} in use",
+                    file=sys.stderr,
+                )
+                self._short = True
+            return "larknsd is short of file descriptors; try again later"
+        self._short = False
+        with self._lock:
+            held = self._held.get(uid, 0)
+            if held >= self.per_uid:
+                if uid not in self._capped:
+                    print(
+                        f"larknsd: refusing connections of uid {uid}: it holds {held} "
+                        f"(LARKNS_MAX_CONNECTIONS_PER_UID)",
+                        file=sys.stderr,
+                    )
+                    self._capped.add(uid)
+                return (
+                    f"uid {uid} holds {held} connections to larknsd already "
+                    f"(LARKNS_MAX_CONNECTIONS_PER_UID={self.per_uid})"
+                )
+            self._held[uid] = held + 1
+        return None
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            held = self._held.get(uid, 0) - 1
+            if held > 0:
+                self._held[uid] = held
+            else:
+                self._held.pop(uid, None)
+            if held < self.per_uid:
+                self._capped.discard(uid)
+
+
+def _lowest_free_fd(fd: int) -> int:
+    """The number the next new descriptor gets (`fd` is any open one); the
+    limit itself when there is none left."""
+    try:
+        free = os.dup(fd)
+    except OSError:
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    os.close(free)
+    return free
+
+
+def _request(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """The connection's request and its descriptors, if it comes within
+    REQUEST_TIMEOUT; (None, []) if the peer is gone."""
+    conn.settimeout(REQUEST_TIMEOUT)
+    try:
+        got = protocol.receive(conn)
+    except TimeoutError:
+        raise Refused(f"no request within {REQUEST_TIMEOUT:g} s") from None
+    except OSError:
+        return None, []
+    conn.settimeout(REPLY_TIMEOUT)
+    return got
+
+
+def _refusal(error: str) -> dict[str, Any]:
+    """A refusal's message: one line, of a size that fits any message."""
+    line = next((x for x in error.splitlines() if x.strip()), "refused")
+    return {"ok": False, "error": line if len(line) <= 1000 else line[:997] + "..."}
+
+
+def _refuse_now(conn: socket.socket, error: str) -> None:
+    """Refuse a connection from the accepting thread, which must not wait
+    on any peer, and close it."""
+    with conn:
+        conn.setblocking(False)
+        with contextlib.suppress(OSError, protocol.ProtocolError):
+            protocol.send(conn, _refusal(error))
+        # A socket closed with a message unread resets its peer, which then
+        # never reads the refusal: read (and drop) what has come, and close
+        # whatever descriptors came with it.
+        with contextlib.suppress(OSError):
+            while True:
+                data, fds, _flags, _ = socket.recv_fds(conn, 1, 8, socket.MSG_CMSG_CLOEXEC)
+                for fd in fds:
+                    os.close(fd)
+                if not data and not fds:
+                    break
+
+
 def _drain(conn: socket.socket, timeout: float = 5.0) -> None:
     """Read what the wrapper still sends (counter requests) until it closes.
     A unix socket closed with unread messages resets its peer, which could
@@ -749,7 +919,9 @@ def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], s
         raise Refused("path: expected an absolute path")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise Refused("cwd: expected an absolute path")
-    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
+    if not isinstance(env, list) or not all(
+        isinstance(e, str) and "=" in e and not e.startswith("=") for e in env
+    ):
         raise Refused("env: expected a list of NAME=VALUE strings")
     # What execve cannot take (a C string ends at a NUL byte; JSON can also
     # carry a lone surrogate, which has no bytes) is refused here, by name.
@@ -813,6 +985,15 @@ def _stop_with_parent(daemon: Daemon) -> None:
     daemon.stop()
 
 
+def _raise_fd_limit() -> None:
+    """Every descriptor the hard limit allows: each running job holds a few
+    (its connection, its keeper's pidfd, its relays)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import signal
@@ -830,6 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.geteuid() != 0:
             raise ConfigError("larknsd must run as root")
+        _raise_fd_limit()
         settings = config.load()
         daemons = CondorDaemons.from_config()
         print(f"larknsd: {daemons.describe()}", file=sys.stderr)
@@ -837,6 +1019,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"larknsd: error: {e}", file=sys.stderr)
         return 125
+    # libnftables waits on its netlink socket with select(2), which cannot
+    # take a descriptor above 1023 (glibc aborts the process): its sockets are
+    # opened now, while the numbers are low, not at the first bridge job.
+    with contextlib.suppress(NftError):
+        _ = daemon.engine.bridge_rules
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     threading.Thread(target=daemon.gc_forever, args=(60.0,), name="gc", daemon=True).start()

@@ -188,9 +188,13 @@ class Client:
             self.sock.sendto(request(xid), (dest, SERVER_PORT))
             resend = min(deadline, time.monotonic() + wait)
             wait = min(wait * 2, 4.0)
+            # poll, not select: select cannot watch an fd above 1023, and
+            # larknsd may have thousands open.
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
             while (left := resend - time.monotonic()) > 0:
-                watched: list[int] = [self.sock.fileno(), self._wake_r]
-                ready, _, _ = select.select(watched, [], [], left)
+                ready = [fd for fd, _ in poller.poll(left * 1000)]
                 if self._wake_r in ready:
                     raise DhcpError("interrupted")
                 if not ready:
