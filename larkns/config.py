@@ -376,9 +376,7 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_IPV6_PREFIX": _parse_ipv6_prefix,
     "LARKNS_STATE_DIR": _parse_dir("state_dir"),
     "LARKNS_SOCKET": _parse_dir("socket"),
-    "LARKNS_MAX_PREPARED_PER_USER": _parse_count(
-        "max_prepared_per_user", 1, 100000, "networks"
-    ),
+    "LARKNS_MAX_PREPARED_PER_USER": _parse_count("max_prepared_per_user", 1, 100000, "networks"),
     "LARKNS_LIB_DIR": _parse_dir("lib_dir"),
     "LARKNS_NETNS_PREFIX": _parse_netns_prefix,
     "LARKNS_SLAAC_TIMEOUT": _parse_seconds("slaac_timeout", 0, 60),
