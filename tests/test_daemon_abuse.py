@@ -241,7 +241,12 @@ def test_larknsd_out_of_descriptors_waits_and_serves_again(attacked: Larknsd) ->
             said.append(_said(attacked))
         assert not any("cannot accept" in line for line in said[:-1]), said
         _prlimit(pid, 1024)
-        assert "accepting connections again" in _said(attacked)
+        # Other work of larknsd's that fell in the window (its gc pass) may
+        # say it could not open a file first.
+        said = [_said(attacked)]
+        while "accepting connections again" not in said[-1]:
+            assert len(said) < 10 and "cannot accept" not in said[-1], said
+            said.append(_said(attacked))
         job = attacked.job("/bin/sh", "-c", "exit 3")
         assert job.returncode == 3, job.stderr
         errors = [_refusal(line) for line in attacker.said()]

@@ -919,9 +919,7 @@ def _launch_args(msg: dict[str, Any]) -> tuple[list[str], str, dict[str, str], s
         raise Refused("path: expected an absolute path")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise Refused("cwd: expected an absolute path")
-    if not isinstance(env, list) or not all(
-        isinstance(e, str) and "=" in e and not e.startswith("=") for e in env
-    ):
+    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
         raise Refused("env: expected a list of NAME=VALUE strings")
     # What execve cannot take (a C string ends at a NUL byte; JSON can also
     # carry a lone surrogate, which has no bytes) is refused here, by name.
