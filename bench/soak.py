@@ -15,6 +15,7 @@ Exit status 1 if anything is not back where it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -136,7 +137,11 @@ def main() -> int:
                 os.kill(job_pid, signal.SIGKILL)
             else:
                 daemon.restart(signal.SIGKILL)
-                os.kill(job_pid, signal.SIGTERM)  # its end reaches the new larknsd
+                # Killed before it told the wrapper the job is running, the
+                # job is gone with the wrapper; else its end reaches the new
+                # larknsd.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(job_pid, signal.SIGTERM)
             job.wait(timeout=60)
             if victim == "larknsd":
                 # A new process: its own descriptors and threads, once warm,
