@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_daemon import Larknsd
+from tests.test_daemon import Larknsd, serving
 from tests.world import World, sh
 
 
@@ -96,84 +96,79 @@ def main() -> int:
     rnd = random.Random(args.seed)
     world = World(prefix="lkb")
     try:
-        daemon = Larknsd(world)
-    except BaseException:
-        world.close()
-        raise
-    try:
-        wrapped = world.worker_cmd(str(daemon.wrapper))
+        with serving(world) as daemon:
+            wrapped = world.worker_cmd(str(daemon.wrapper))
 
-        def warm_up() -> dict[str, int]:
-            for _ in range(5):  # lazily made sockets and threads
-                subprocess.run([*wrapped, "/bin/true"], check=True, cwd="/")
-            # Once the kernel has removed what the last jobs' namespaces
-            # took along (asynchronously): no job's link or namespace.
-            deadline = time.monotonic() + 30
-            while True:
-                now = held(world, daemon)
-                if (now["links"], now["netns"]) == (0, 0) or time.monotonic() > deadline:
-                    return now
-                time.sleep(0.1)
+            def warm_up() -> dict[str, int]:
+                for _ in range(5):  # lazily made sockets and threads
+                    subprocess.run([*wrapped, "/bin/true"], check=True, cwd="/")
+                # Once the kernel has removed what the last jobs' namespaces
+                # took along (asynchronously): no job's link or namespace.
+                deadline = time.monotonic() + 30
+                while True:
+                    now = held(world, daemon)
+                    if (now["links"], now["netns"]) == (0, 0) or time.monotonic() > deadline:
+                        return now
+                    time.sleep(0.1)
 
-        start = warm_up()
-        mem0 = memory_kb(daemon.proc.pid)
-        kills = {"wrapper": 0, "job": 0, "larknsd": 0}
-        failures = 0
-        t0 = time.monotonic()
-        for i in range(1, args.jobs + 1):
-            if i % args.every:
-                p = subprocess.run(
-                    [*wrapped, "/bin/sh", "-c", "exit 3"], capture_output=True, cwd="/"
+            start = warm_up()
+            mem0 = memory_kb(daemon.proc.pid)
+            kills = {"wrapper": 0, "job": 0, "larknsd": 0}
+            failures = 0
+            t0 = time.monotonic()
+            for i in range(1, args.jobs + 1):
+                if i % args.every:
+                    p = subprocess.run(
+                        [*wrapped, "/bin/sh", "-c", "exit 3"], capture_output=True, cwd="/"
+                    )
+                    failures += p.returncode != 3
+                    continue
+                victim = rnd.choice(sorted(kills))
+                kills[victim] += 1
+                job = subprocess.Popen(
+                    [*wrapped, "/bin/sh", "-c", "echo $$; exec sleep 30"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                    cwd="/",
                 )
-                failures += p.returncode != 3
-                continue
-            victim = rnd.choice(sorted(kills))
-            kills[victim] += 1
-            job = subprocess.Popen(
-                [*wrapped, "/bin/sh", "-c", "echo $$; exec sleep 30"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                cwd="/",
+                assert job.stdout is not None
+                job_pid = int(job.stdout.readline())
+                if victim == "wrapper":
+                    job.kill()
+                elif victim == "job":
+                    os.kill(job_pid, signal.SIGKILL)
+                else:
+                    daemon.restart(signal.SIGKILL)
+                    # Killed before it told the wrapper the job is running, the
+                    # job is gone with the wrapper; else its end reaches the new
+                    # larknsd.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(job_pid, signal.SIGTERM)
+                job.wait(timeout=60)
+                if victim == "larknsd":
+                    # A new process: its own descriptors and threads, once warm,
+                    # are what the end is compared with.
+                    settle(world, daemon, start)
+                    fresh = warm_up()
+                    start = {k: fresh[k] if k in PROCESS else start[k] for k in start}
+            took = time.monotonic() - t0
+            end = settle(world, daemon, start)
+            mem1 = memory_kb(daemon.proc.pid)
+            print(
+                f"{args.jobs} jobs in {took:.0f} s ({args.jobs / took:.0f}/s), kills {kills}, "
+                f"failed starts {failures}"
             )
-            assert job.stdout is not None
-            job_pid = int(job.stdout.readline())
-            if victim == "wrapper":
-                job.kill()
-            elif victim == "job":
-                os.kill(job_pid, signal.SIGKILL)
-            else:
-                daemon.restart(signal.SIGKILL)
-                # Killed before it told the wrapper the job is running, the
-                # job is gone with the wrapper; else its end reaches the new
-                # larknsd.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(job_pid, signal.SIGTERM)
-            job.wait(timeout=60)
-            if victim == "larknsd":
-                # A new process: its own descriptors and threads, once warm,
-                # are what the end is compared with.
-                settle(world, daemon, start)
-                fresh = warm_up()
-                start = {k: fresh[k] if k in PROCESS else start[k] for k in start}
-        took = time.monotonic() - t0
-        end = settle(world, daemon, start)
-        mem1 = memory_kb(daemon.proc.pid)
-        print(
-            f"{args.jobs} jobs in {took:.0f} s ({args.jobs / took:.0f}/s), kills {kills}, "
-            f"failed starts {failures}"
-        )
-        print(f"{'':<14} {'start':>7} {'end':>7}")
-        for key in start:
-            mark = "" if start[key] == end[key] else "   <- not back"
-            print(f"{key:<14} {start[key]:>7} {end[key]:>7}{mark}")
-        print(
-            f"larknsd memory: RSS {mem0[0]} -> {mem1[0]} kB, PSS {mem0[1]} -> {mem1[1]} kB "
-            "(a restart resets it: compare within the last stretch)"
-        )
-        return 0 if start == end and failures == 0 else 1
+            print(f"{'':<14} {'start':>7} {'end':>7}")
+            for key in start:
+                mark = "" if start[key] == end[key] else "   <- not back"
+                print(f"{key:<14} {start[key]:>7} {end[key]:>7}{mark}")
+            print(
+                f"larknsd memory: RSS {mem0[0]} -> {mem1[0]} kB, PSS {mem0[1]} -> {mem1[1]} kB "
+                "(a restart resets it: compare within the last stretch)"
+            )
+            return 0 if start == end and failures == 0 else 1
     finally:
-        daemon.close()
         world.close()
 
 

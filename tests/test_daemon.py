@@ -115,15 +115,23 @@ class Larknsd:
         )
 
 
-@pytest.fixture()
-def larknsd(clean_world: World) -> Iterator[Larknsd]:
-    d = Larknsd(clean_world)
+@contextlib.contextmanager
+def serving(world: World, **knobs: str) -> Iterator[Larknsd]:
+    """larknsd for the while: it must then stop cleanly, having said no
+    traceback."""
+    d = Larknsd(world, **knobs)
     try:
         yield d
     finally:
         err = d.stop()
         assert d.proc.returncode == 0, err
         assert "Traceback" not in err, err
+
+
+@pytest.fixture()
+def larknsd(clean_world: World) -> Iterator[Larknsd]:
+    with serving(clean_world) as d:
+        yield d
 
 
 def test_the_job_runs_in_its_own_network_and_keeps_its_exit_code(

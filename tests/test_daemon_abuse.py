@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from larkns.daemon import protocol
-from tests.test_daemon import Larknsd, _wait_for
+from tests.test_daemon import Larknsd, _wait_for, serving
 from tests.world import World
 
 ATTACKER = "64510"  # a uid of no user and of no HTCondor job
@@ -132,25 +132,17 @@ class IdleAttacker:
             self.proc.communicate()
 
 
-def _serving(world: World, **knobs: str) -> Iterator[Larknsd]:
-    d = Larknsd(world, **knobs)
-    try:
-        yield d
-    finally:
-        err = d.stop()
-        assert d.proc.returncode == 0, err
-        assert "Traceback" not in err, err
-
-
 @pytest.fixture()
 def larknsd(clean_world: World) -> Iterator[Larknsd]:
-    yield from _serving(clean_world)
+    with serving(clean_world) as d:
+        yield d
 
 
 @pytest.fixture()
 def attacked(clean_world: World) -> Iterator[Larknsd]:
     """larknsd serving at most 32 connections of one user at once."""
-    yield from _serving(clean_world, LARKNS_MAX_CONNECTIONS_PER_UID="32")
+    with serving(clean_world, LARKNS_MAX_CONNECTIONS_PER_UID="32") as d:
+        yield d
 
 
 def _prlimit(pid: int, nofile: int) -> None:

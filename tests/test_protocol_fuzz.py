@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from larkns.daemon import protocol
-from tests.test_daemon import Larknsd
+from tests.test_daemon import Larknsd, serving
 from tests.test_daemon_abuse import SO_SNDBUFFORCE, settled_fd_count, warm_fd_count
 from tests.world import World
 
@@ -98,13 +98,8 @@ def _open(kinds: list[str]) -> list[int]:
 
 @pytest.fixture()
 def fuzzed(clean_world: World) -> Iterator[Larknsd]:
-    d = Larknsd(clean_world)
-    try:
+    with serving(clean_world) as d:
         yield d
-    finally:
-        err = d.stop()
-        assert d.proc.returncode == 0, err
-        assert "Traceback" not in err, err
 
 
 def test_larknsd_survives_any_message_and_keeps_no_descriptor(fuzzed: Larknsd) -> None:
