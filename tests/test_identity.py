@@ -28,8 +28,8 @@ def _sleeper(cwd: Path) -> subprocess.Popen[bytes]:
 def _caller_with_starter_in(cwd: Path, uid: int = USER) -> tuple[Caller, subprocess.Popen[bytes]]:
     """A caller whose 'starter' works in `cwd` (as the job's scratch dir)."""
     starter = _sleeper(cwd)
-    me = identity.Process.open(os.getpid())
-    return Caller(me, uid, uid, [], 0o022, identity.Process.open(starter.pid)), starter
+    me = identity.Held.open(os.getpid())
+    return Caller(me, uid, uid, [], 0o022, identity.Held.open(starter.pid)), starter
 
 
 @pytest.fixture()
@@ -126,7 +126,7 @@ def test_a_process_named_condor_starter_is_not_a_starter() -> None:
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        with identity.Process.open(child) as p:
+        with identity.Held.open(child) as p:
             assert identity.verify_starter(p, daemons) is None
     finally:
         parent.kill()

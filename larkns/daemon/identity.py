@@ -95,10 +95,11 @@ def _inodes(paths: tuple[str, ...]) -> set[tuple[int, int]]:
 
 
 @dataclass
-class Process:
+class Held:
     """A process held by a pidfd, and its /proc directory opened while the
     pidfd showed it alive: both stay that process's even if its pid is
-    reused."""
+    reused.  (journal.Process is a process as a record keeps it: pid and
+    start time.)"""
 
     pid: int
     pidfd: int
@@ -106,7 +107,7 @@ class Process:
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
-    def open(cls, pid: int, pidfd: int | None = None) -> Process:
+    def open(cls, pid: int, pidfd: int | None = None) -> Held:
         """`pid` as it is now (with `pidfd` if the caller has one: it is
         taken over, closed with this)."""
         if pidfd is None:
@@ -175,7 +176,7 @@ class Process:
             os.close(self.proc)
             os.close(self.pidfd)
 
-    def __enter__(self) -> Process:
+    def __enter__(self) -> Held:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,12 +187,12 @@ class Process:
 class Caller:
     """A connected client: its credentials and its process (open)."""
 
-    process: Process
+    process: Held
     uid: int
     gid: int
     groups: list[int]
     umask: int
-    starter: Process | None  # the node's condor_starter it is a child of
+    starter: Held | None  # the node's condor_starter it is a child of
 
     @property
     def pid(self) -> int:
@@ -208,7 +209,7 @@ def peer(conn: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def peer_process(conn: socket.socket, pid: int) -> Process:
+def peer_process(conn: socket.socket, pid: int) -> Held:
     """The connected process, held by a pidfd: the kernel's own (SO_PEERPIDFD,
     Linux 6.5) or, on older kernels, one opened by pid.  There a reused pid
     could name another process; identify() then still requires the
@@ -221,7 +222,7 @@ def peer_process(conn: socket.socket, pid: int) -> Process:
         pidfd = None
     if pidfd is not None:
         os.set_inheritable(pidfd, False)
-    return Process.open(pid, pidfd)
+    return Held.open(pid, pidfd)
 
 
 def identify(conn: socket.socket, daemons: CondorDaemons) -> Caller:
@@ -252,7 +253,7 @@ def identify(conn: socket.socket, daemons: CondorDaemons) -> Caller:
     return Caller(process, uid, gid, groups, umask, starter)
 
 
-def verify_starter(process: Process, daemons: CondorDaemons) -> Process | None:
+def verify_starter(process: Held, daemons: CondorDaemons) -> Held | None:
     """The caller's parent if it is the node's condor_starter, open; None if not."""
     starters = _inodes(daemons.starter)
     startds = _inodes(daemons.startd)
@@ -260,7 +261,7 @@ def verify_starter(process: Process, daemons: CondorDaemons) -> Process | None:
         return None
     try:
         ppid = process.parent()
-        starter = Process.open(ppid)
+        starter = Held.open(ppid)
     except (OSError, ValueError):
         return None
     try:
@@ -271,7 +272,7 @@ def verify_starter(process: Process, daemons: CondorDaemons) -> Process | None:
             and starter.ns_inode("net") == my_net
         )
         if ok:
-            with Process.open(starter.parent()) as startd:
+            with Held.open(starter.parent()) as startd:
                 ok = startd.exe() in startds and startd.real_uid() in daemons.uids
         # Still the caller's parent, and still alive: what was read was its.
         ok = ok and process.parent() == ppid and starter.alive()
@@ -323,7 +324,7 @@ def read_user_file(dir_fd: int, name: str, owners: set[int], limit: int) -> byte
         os.close(fd)
 
 
-def cgroup_fd(process: Process) -> int | None:
+def cgroup_fd(process: Held) -> int | None:
     """An fd of the process's cgroup v2 directory, for CLONE_INTO_CGROUP;
     None if there is none."""
     mount = None

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from larkns.daemon.chirp import ChirpError, RequestFilter
-from larkns.daemon.identity import Process
+from larkns.daemon.identity import Held
 from larkns.kernel import netns
 
 LOCALHOST = "127.0.0.1"
@@ -38,7 +38,7 @@ _LISTEN = "0A"
 MAX_CONNECTIONS = 32
 
 
-def listening_ports(process: Process) -> set[int]:
+def listening_ports(process: Held) -> set[int]:
     """TCP ports `process` listens on, on 127.0.0.1 or any address, in this
     thread's network namespace (larknsd's, where the node's starter is)."""
     inodes = set()
@@ -63,7 +63,7 @@ def listening_ports(process: Process) -> set[int]:
     return ports
 
 
-def loopback_nameservers(process: Process) -> list[str]:
+def loopback_nameservers(process: Held) -> list[str]:
     """Nameservers on the loopback in the resolv.conf that `process` (the
     node's starter: root, so its root directory is the node's) sees (a local
     resolver such as systemd-resolved's 127.0.0.53)."""
