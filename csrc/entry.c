@@ -393,18 +393,35 @@ static int hold(const char *fmt, ...)
     return 0;
 }
 
+/* The job ad, as the starter writes it to the hook's stdin: the one copy of
+ * it that its owner cannot write (.job.ad in the scratch dir is the owner's:
+ * a transferred file of that name takes its place). */
+static int read_ad(struct buf *ad)
+{
+    char chunk[65536];
+    ssize_t n;
+    while ((n = read(0, chunk, sizeof chunk)) > 0)
+        if (ad->len + (size_t)n > MAX_MESSAGE / 2 || put(ad, chunk, (size_t)n))
+            return -1;
+    return n < 0 ? -1 : 0;
+}
+
 static int prepare_job(const struct conf *c)
 {
-    char scratch[4096], error[1024];
-    /* The job ad: the starter expects it read. */
-    while (read(0, scratch, sizeof scratch) > 0)
-        ;
+    char error[1024];
+    struct buf ad = {0}, req = {0};
+    if (read_ad(&ad) < 0)
+        return hold("the job ad on stdin is unreadable or over %d bytes", MAX_MESSAGE / 2);
+    char head[64];
+    snprintf(head, sizeof head, "{\"v\": %d, \"op\": \"prepare\", \"ad\": ", PROTOCOL);
+    if (puts_(&req, head) || put_str(&req, ad.p ? ad.p : "") || puts_(&req, "}"))
+        return hold("out of memory");
+    free(ad.p);
     int s = dial(c->socket, 60);
     if (s < 0)
         return hold("cannot reach larknsd at %s: %s", c->socket, strerror(errno));
-    char req[64];
-    snprintf(req, sizeof req, "{\"v\": %d, \"op\": \"prepare\"}", PROTOCOL);
-    ssize_t n = send_msg(s, req, NULL, 0) < 0 ? -1 : recv_msg(s, NULL, 0);
+    ssize_t n = send_msg(s, req.p, NULL, 0) < 0 ? -1 : recv_msg(s, NULL, 0);
+    free(req.p);
     close(s);
     if (n < 0)
         return hold("larknsd: %s", strerror(errno));

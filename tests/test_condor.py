@@ -65,6 +65,8 @@ def node(world: World) -> Iterator[tuple[Pool, Larknsd]]:
         LARKNS_CLASSES="Site = 198.18.0.0/24, 2001:db8:0:1::/64",
         # Updates every 2 s (not 60) so a test sees one.
         LARKNS_UPDATE_INTERVAL="2",
+        # The type as the site decides it from the job's ad.
+        LARKNS_NETWORK_TYPE='ifThenElse(LktLoopbackOnly =?= true, "none", "nat")',
     )
     p = Pool(world, extra_config=config, start=False)
     try:

@@ -15,21 +15,10 @@ from pathlib import Path
 import pytest
 
 from larkns.daemon import chirp, identity
-from larkns.daemon.identity import Caller, CondorDaemons, Refused
+from larkns.daemon.identity import CondorDaemons, Refused
 from larkns.daemon.server import job_ad
 
 USER = 64511
-
-
-def _sleeper(cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sleep", "60"], cwd=cwd)
-
-
-def _caller_with_starter_in(cwd: Path, uid: int = USER) -> tuple[Caller, subprocess.Popen[bytes]]:
-    """A caller whose 'starter' works in `cwd` (as the job's scratch dir)."""
-    starter = _sleeper(cwd)
-    me = identity.Held.open(os.getpid())
-    return Caller(me, uid, uid, [], 0o022, identity.Held.open(starter.pid)), starter
 
 
 @pytest.fixture()
@@ -40,58 +29,57 @@ def scratch(tmp_path: Path) -> Path:
     return d
 
 
-def test_a_fifo_for_the_job_ad_is_refused_at_once(scratch: Path) -> None:
-    os.mkfifo(scratch / ".job.ad")
-    caller, starter = _caller_with_starter_in(scratch)
+def _read(d: Path, name: str, limit: int = 1 << 20) -> bytes:
+    """What root reads of a job's scratch-dir file (.chirp.config) for it."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        t0 = time.monotonic()
-        with pytest.raises(Refused, match="not a regular file"):
-            job_ad(caller, CondorDaemons())
-        assert time.monotonic() - t0 < 5  # no thread left hanging on it
+        return identity.read_user_file(fd, name, {USER}, limit)
     finally:
-        caller.close()
-        starter.kill()
-        starter.wait()
+        os.close(fd)
+
+
+def test_a_fifo_in_the_scratch_dir_is_refused_at_once(scratch: Path) -> None:
+    os.mkfifo(scratch / ".chirp.config")
+    t0 = time.monotonic()
+    with pytest.raises(Refused, match="not a regular file"):
+        _read(scratch, ".chirp.config")
+    assert time.monotonic() - t0 < 5  # no thread left hanging on it
 
 
 def test_a_symlink_to_a_secret_is_not_followed_and_nothing_of_it_is_told(scratch: Path) -> None:
     secret = scratch.parent / "secret"
     secret.write_text("TOPSECRET-LINE\n")
     secret.chmod(0o600)
-    (scratch / ".job.ad").symlink_to(secret)
-    caller, starter = _caller_with_starter_in(scratch)
-    try:
-        with pytest.raises(Refused) as e:
-            job_ad(caller, CondorDaemons())
-        assert "TOPSECRET" not in str(e.value) and "\n" not in str(e.value)
-    finally:
-        caller.close()
-        starter.kill()
-        starter.wait()
+    (scratch / ".chirp.config").symlink_to(secret)
+    with pytest.raises(Refused) as e:
+        _read(scratch, ".chirp.config")
+    assert "TOPSECRET" not in str(e.value) and "\n" not in str(e.value)
 
 
-def test_an_endless_or_huge_or_foreign_job_ad_is_refused(scratch: Path) -> None:
-    (scratch / ".job.ad").symlink_to("/dev/zero")
-    caller, starter = _caller_with_starter_in(scratch)
-    try:
-        with pytest.raises(Refused):
-            job_ad(caller, CondorDaemons())
-        (scratch / ".job.ad").unlink()
-        big = scratch / ".job.ad"
-        big.write_bytes(b"A = 1\n" * 400_000)  # 2.4 MB
-        os.chown(big, USER, USER)
-        with pytest.raises(Refused, match="larger than"):
-            job_ad(caller, CondorDaemons())
-        big.write_text('Owner = "someone"\n')
-        os.chown(big, USER + 1, USER + 1)  # another user's file
-        with pytest.raises(Refused, match="not the job's"):
-            job_ad(caller, CondorDaemons())
-        os.chown(big, USER, USER)
-        assert job_ad(caller, CondorDaemons())["Owner"] == "someone"
-    finally:
-        caller.close()
-        starter.kill()
-        starter.wait()
+def test_an_endless_or_huge_or_foreign_file_is_refused(scratch: Path) -> None:
+    f = scratch / ".chirp.config"
+    f.symlink_to("/dev/zero")
+    with pytest.raises(Refused):
+        _read(scratch, ".chirp.config")
+    f.unlink()
+    f.write_bytes(b"A = 1\n" * 400_000)  # 2.4 MB
+    os.chown(f, USER, USER)
+    with pytest.raises(Refused, match="larger than"):
+        _read(scratch, ".chirp.config")
+    f.write_text("127.0.0.1 9 cookie\n")
+    os.chown(f, USER + 1, USER + 1)  # another user's file
+    with pytest.raises(Refused, match="not the job's"):
+        _read(scratch, ".chirp.config")
+    os.chown(f, USER, USER)
+    assert _read(scratch, ".chirp.config") == b"127.0.0.1 9 cookie\n"
+
+
+def test_the_job_ad_is_the_one_the_starter_gave_the_hook() -> None:
+    ad = job_ad('Owner = "alice"\nGlobalJobId = "ap#1.0#1"\n')
+    assert ad["Owner"] == "alice"
+    for bad in (None, "", 5, "[[["):
+        with pytest.raises(Refused, match="ad:"):
+            job_ad(bad)
 
 
 def test_a_process_named_condor_starter_is_not_a_starter() -> None:
@@ -107,7 +95,7 @@ def test_a_process_named_condor_starter_is_not_a_starter() -> None:
     fake.chmod(0o755)
     startd = tmp_path / "condor_startd"
     startd.write_bytes(b"")
-    daemons = CondorDaemons(starter=(str(fake),), startd=(str(startd),))
+    daemons = CondorDaemons(starter=(str(fake),), startd=(str(startd),), entries=(str(fake),))
     # A user runs it: it forks the would-be wrapper.
     parent = subprocess.Popen(
         [

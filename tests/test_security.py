@@ -246,6 +246,31 @@ def test_counts_changed_by_the_owner_after_the_job_show_as_forged(
     assert "changed afterwards" in verify.stdout
 
 
+def test_the_network_type_comes_from_the_starter_s_job_ad_not_the_owner_s_file(
+    pool: Pool,
+) -> None:
+    """The site decides the type from the job's ad (here: LktLoopbackOnly
+    gives "none").  A job that says so in its submit file gets it; one whose
+    owner transfers a .job.ad of their own, which replaces the starter's in
+    the scratch dir, does not: larknsd reads the ad the starter gives the
+    PREPARE_JOB hook."""
+    forged = pool.home / ".job.ad"
+    forged.write_text('LktLoopbackOnly = true\nOwner = "someone-else"\n')
+    os.chown(forged, USER_UID, USER_UID)
+    script = "ip -o link | wc -l; grep -c LktLoopbackOnly .job.ad"
+    plain = JOB.replace("should_transfer_files = NO", "should_transfer_files = YES")
+    forging = plain.replace("queue", "transfer_input_files = .job.ad\n    queue")
+    genuine = plain.replace("queue", "+LktLoopbackOnly = true\n    queue")
+    a = pool.submit(forging.format(script=script, tag="forging"))
+    b = pool.submit(genuine.format(script=script, tag="genuine"))
+    ad_a, ad_b = pool.wait_done(a), pool.wait_done(b)
+    assert ad_a["ExitCode"] == "0" and ad_b["ExitCode"] == "0", (ad_a, ad_b)
+    # The forged file was in place (the job sees it), yet the job got nat.
+    assert (pool.home / "forging.out").read_text().split() == ["2", "1"]
+    assert ad_a["LarkAssignedNetworkType"] == "nat" and ad_a["Owner"] == "lktuser"
+    assert ad_b["LarkAssignedNetworkType"] == "none"
+
+
 @pytest.fixture()
 def root_service(world: World) -> Iterator[int]:
     """A root-only service on the worker's 127.0.0.1 (its port)."""

@@ -53,6 +53,9 @@ class CondorDaemons:
     starter: tuple[str, ...] = ()  # paths of condor_starter binaries (STARTER)
     startd: tuple[str, ...] = ()  # paths of condor_startd (STARTD)
     uids: frozenset[int] = frozenset({0})  # root, and HTCondor's own (CONDOR_IDS)
+    # What the starter runs of larkns's (USER_JOB_WRAPPER, the PREPARE_JOB
+    # hook): the only programs, among a starter's children, that are served.
+    entries: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls) -> CondorDaemons:
@@ -60,7 +63,9 @@ class CondorDaemons:
         /etc/condor/condor_config); none known if there is none."""
         from larkns.config import condor_params
 
-        params = condor_params(("STARTER", "STARTD", "CONDOR_IDS"))
+        params = condor_params(
+            ("STARTER", "STARTD", "CONDOR_IDS", "USER_JOB_WRAPPER", "LARKNS_HOOK_PREPARE_JOB")
+        )
         uids = {0}
         ids = params.get("CONDOR_IDS", "")
         uid = ids.split(".")[0].strip()
@@ -75,6 +80,11 @@ class CondorDaemons:
             starter=tuple(p for p in [params.get("STARTER")] if p),
             startd=tuple(p for p in [params.get("STARTD")] if p),
             uids=frozenset(uids),
+            entries=tuple(
+                p
+                for p in (params.get("USER_JOB_WRAPPER"), params.get("LARKNS_HOOK_PREPARE_JOB"))
+                if p
+            ),
         )
 
     def describe(self) -> str:
@@ -254,10 +264,12 @@ def identify(conn: socket.socket, daemons: CondorDaemons) -> Caller:
 
 
 def verify_starter(process: Held, daemons: CondorDaemons) -> Held | None:
-    """The caller's parent if it is the node's condor_starter, open; None if not."""
+    """The caller's parent if it is the node's condor_starter and the caller
+    larkns's wrapper or hook (by its executable: the starter runs other
+    programs as the job's owner too, such as a +PreCmd), open; None if not."""
     starters = _inodes(daemons.starter)
     startds = _inodes(daemons.startd)
-    if not starters or not startds:
+    if not starters or not startds or process.exe() not in _inodes(daemons.entries):
         return None
     try:
         ppid = process.parent()

@@ -36,8 +36,6 @@ from larkns.kernel.nft import NftError
 from larkns.plan import JobNetwork
 
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
-# .job.ad of a job with a large environment and many attributes: well below this.
-_AD_LIMIT = 1 << 20
 
 # A wrapper sends its request as soon as it has connected: a connection
 # without one by then only holds a thread and a descriptor of larknsd's.
@@ -54,20 +52,17 @@ FD_RESERVE_SHARE = 16
 ACCEPT_BACKOFF = 0.1
 
 
-def job_ad(caller: Caller, daemons: CondorDaemons) -> Any:
-    """The job's ClassAd as its starter wrote it (.job.ad in the starter's
-    working directory, the job's scratch dir, which its owner controls: read
-    with care).  Raises Refused."""
+def job_ad(text: object) -> Any:
+    """The job's ClassAd from the text the PREPARE_JOB hook read on its stdin
+    (from the starter).  Raises Refused."""
     import classad2
 
-    assert caller.starter is not None
-    data = _scratch_file(caller, daemons, ".job.ad", _AD_LIMIT)
-    if data is None:
-        raise Refused(".job.ad: not in the job's scratch directory")
+    if not isinstance(text, str) or not text.strip():
+        raise Refused("ad: expected the job's ClassAd")
     try:
-        return classad2.parseOne(data.decode("utf-8", errors="replace"))
+        return classad2.parseOne(text)
     except Exception:
-        raise Refused(".job.ad: not a ClassAd") from None
+        raise Refused("ad: not a ClassAd") from None
 
 
 def _scratch_file(caller: Caller, daemons: CondorDaemons, name: str, limit: int) -> bytes | None:
@@ -249,7 +244,7 @@ class Daemon:
                         "HTCondor starter"
                     )
                 if msg.get("op") == "prepare":
-                    self._prepare(conn, caller)
+                    self._prepare(conn, caller, msg)
                 elif msg.get("op") == "launch":
                     self._launch(conn, caller, msg, fds)
                 elif msg.get("op") == "attach":
@@ -283,10 +278,12 @@ class Daemon:
             )
         wrapper = Process.of(caller.pid)
         name = f"s{caller.starter.pid}" if caller.starter else f"r{caller.pid}"
-        ad = job_ad(caller, self.daemons) if caller.starter else None
         plan = self._prepared(name, caller)
-        mode = plan.mode if plan is not None else self.settings.job_mode(ad)
-        job_id = ad.get("GlobalJobId") if ad is not None else None
+        # Without a network prepared from the job's ad (no PREPARE_JOB hook
+        # configured): the node's default type.
+        mode = plan.mode if plan is not None else self.settings.job_mode(None)
+        prepared = self.engine.journal.read(name) if plan is not None else None
+        job_id = prepared.extra.get("job_id") if prepared is not None else None
         # Read before anything is built: a job whose files are not what they
         # must be gets a reason, and nothing of it is left.
         chirp_to = job_chirp(caller, self.daemons)
@@ -529,16 +526,22 @@ class Daemon:
         modes = available_modes(self.settings)
         return {"modes": modes, "default_mode": self.settings.mode, "ipv4": v4, "ipv6": v6}
 
-    def _prepare(self, conn: socket.socket, caller: Caller) -> None:
+    def _prepare(self, conn: socket.socket, caller: Caller, msg: dict[str, Any]) -> None:
         """Build the network of the caller's job ahead of it (the PREPARE_JOB
         hook), so that a network that cannot be built puts the job on hold
-        instead of failing it.  It lives as long as the job's starter."""
+        instead of failing it.  It lives as long as the job's starter.
+
+        The job's network type comes from its ad as the starter gave it to
+        the hook (larkns's own, checked by its executable), never from the
+        scratch dir's .job.ad, which the job's owner can replace."""
         if caller.starter is None:
             raise Refused("prepare: only for a job of an HTCondor starter")
         name = f"s{caller.starter.pid}"
         plan = self._prepared(name, caller)
         if plan is None:
-            mode = self._mode(caller)
+            ad = job_ad(msg.get("ad"))
+            mode = self.settings.job_mode(ad)
+            job_id = ad.get("GlobalJobId")
             starter = Process.of(caller.starter.pid)
             with self.lock:
                 waiting = sum(1 for uid in self._prepared_for.values() if uid == caller.uid)
@@ -548,6 +551,10 @@ class Daemon:
                         f"(LARKNS_MAX_PREPARED_PER_USER = {self.settings.max_prepared_per_user})"
                     )
                 plan = self.engine.setup(name, mode, self.me, client=starter)
+                record = self.engine.journal.read(name)
+                if record is not None and isinstance(job_id, str):
+                    record.extra["job_id"] = job_id
+                    self.engine.journal.write(record)
                 self._prepared_for[name] = caller.uid
             threading.Thread(
                 target=self._until_launched, args=(name, starter), name="prepared", daemon=True
@@ -584,13 +591,6 @@ class Daemon:
         finally:
             if fd is not None:
                 os.close(fd)
-
-    def _mode(self, caller: Caller) -> str:
-        """The job's network type: the site's LARKNS_NETWORK_TYPE evaluated
-        against its ad, or what the job asks for (+LarkNetworkType) if the
-        site allows it."""
-        ad = job_ad(caller, self.daemons) if caller.starter else None
-        return self.settings.job_mode(ad)
 
     def _prepared(self, name: str, caller: Caller) -> JobNetwork | None:
         """The network the PREPARE_JOB hook had built for this caller's job."""
