@@ -26,11 +26,14 @@ def test_larknsd_under_condor_master_serves_jobs_and_goes_with_its_master(world:
     require_htcondor()
     copy = wrapper_copy()
     sock = f"/tmp/{world.prefix}-larknsd.sock"
+    # condor_master checks as the condor user that it may run LARKNSD (then
+    # runs it as root): a world-readable launcher, wherever the checkout is.
+    launcher = copy / "larknsd-under-master"
+    launcher.write_text(f'#!/bin/sh\nexec {Path(sys.executable).parent / "larknsd"} "$@"\n')
+    launcher.chmod(0o755)
     # The master gives larknsd CONDOR_CONFIG and nothing else: every knob,
     # the socket among them, comes from the configuration.
-    config = node_config(
-        world, copy, "--under-master", f"--larknsd={Path(sys.executable).parent / 'larknsd'}"
-    )
+    config = node_config(world, copy, "--under-master", f"--larknsd={launcher}")
     pool = Pool(world, extra_config=config)
     try:
         deadline = time.monotonic() + 30

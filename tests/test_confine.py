@@ -103,6 +103,8 @@ def test_with_user_the_command_has_no_capability_and_setuid_programs_stay_bounde
         "-c",
         "id -u; cat /proc/self/status",
         extra=("--user", "nobody"),
+        # nobody may not enter the checkout, wherever it is (a 0700 parent).
+        cwd="/",
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "65534"
