@@ -20,21 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests.condor import USER_UID, Pool
-from tests.test_condor import JOB, _wait_status, node
+from tests.test_condor import JOB, _wait_status, daemon, node, pool
 from tests.test_daemon import Larknsd
 from tests.world import PORT, SITE4, World, sh
 
-__all__ = ["node"]
-
-
-@pytest.fixture(scope="module")
-def pool(node: tuple[Pool, Larknsd]) -> Pool:
-    return node[0]
-
-
-@pytest.fixture(scope="module")
-def daemon(node: tuple[Pool, Larknsd]) -> Larknsd:
-    return node[1]
+# The pool's fixtures, a pool of this module's own.
+__all__ = ["daemon", "node", "pool"]
 
 
 def _as_user(world: World, script: str) -> subprocess.CompletedProcess[str]:
