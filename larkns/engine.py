@@ -710,7 +710,9 @@ class Engine:
             else:
                 if not links.is_up(self.ipr, idx):
                     problems.append(f"link {plan.host_link} is not up")
-            if not self.ruleset.has_job(name, self._classes(plan)):
+            # A bridged job's counters are in bridge larkns, the others' in inet larkns.
+            rules = self.bridge_rules if plan.mode == "bridge" else self.ruleset
+            if not rules.has_job(name, self._classes(plan)):
                 problems.append(f"nft counters of {name} are missing")
         return problems
 

@@ -472,8 +472,13 @@ def test_bridged_jobs_do_not_reach_each_other(site: World, tmp_path: Path) -> No
         sys.executable, PEER, "serve", str(PORT), knobs=KNOBS,
     )  # fmt: skip
     try:
-        plan = JobNetwork.from_dict(json.loads(site.larkns("show", "lktbother").stdout)["plan"])
+        shown = json.loads(site.larkns("show", "lktbother").stdout)
+        plan = JobNetwork.from_dict(shown["plan"])
         assert plan.ipv4_job is not None and plan.job_mac is not None
+        # A healthy bridged job is whole (its counters are in bridge larkns).
+        assert shown["problems"] == []
+        check = site.larkns("check", "lktbother")
+        assert check.returncode == 0, check.stderr
         b4 = plan.ipv4_job.ip
         script = (
             f"ip neigh replace {b4} lladdr {plan.job_mac} dev eth0 || exit 10; "

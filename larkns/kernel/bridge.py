@@ -379,6 +379,15 @@ class BridgeRuleset:
                 removed = True
         return removed
 
+    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool:
+        """Whether all of the job's counters exist (here, not in inet larkns)."""
+        maps = self._maps(classes)
+        try:
+            got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
+        except NftnlError:
+            return False
+        return len(got) == len(maps)
+
     def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
         maps = self._maps(classes)
         try:
