@@ -39,7 +39,8 @@ CLONE_NEWNET = 0x40000000
 IFA_F_TENTATIVE = 0x40
 ICMP6_FILTER = 1
 LINK_LOCAL = ipaddress.IPv6Network("fe80::/64")
-# Time for a job to become usable after link up; MEASURED.md found 5-8 ms.
+# Time for a job to become usable after link up: 5-8 ms was measured on a
+# 2-core VM (kernel 6.18) with accept_dad=0 in the job.
 USABLE_WITHIN = 0.020
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -1026,8 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     threading.Thread(target=daemon.gc_forever, args=(60.0,), name="gc", daemon=True).start()
     if args.exit_with_parent or _parent_is("condor_master"):
-        # condor_master does not always signal its daemons on a fast
-        # shutdown (FACTS.md): larknsd must not stay behind, unmanaged.
+        # condor_master did not signal a DAEMON_LIST program on a fast
+        # shutdown (condor_off -master -fast, seen on HTCondor 25.0):
+        # larknsd must not stay behind, unmanaged.
         threading.Thread(
             target=_stop_with_parent, args=(daemon,), name="parent", daemon=True
         ).start()

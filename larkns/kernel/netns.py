@@ -5,7 +5,7 @@ A named netns is a bind mount of a namespace file onto /run/netns/NAME, as
 make one by unsharing the calling *thread* (netns membership is per thread),
 bind-mounting /proc/thread-self/ns/net and returning to where we were:
 ~0.5 ms, where pyroute2's netns.create forks helpers and costs 20+ ms
-(MEASURED.md).
+(measured on a 2-core VM, kernel 6.18, pyroute2 0.9.7).
 """
 
 from __future__ import annotations
