@@ -118,6 +118,9 @@ class _Relay:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving (a second call does nothing)."""
+        if self._wake_w.fileno() < 0:
+            return
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         self._thread.join(timeout=15)

@@ -30,10 +30,9 @@ from larkns.daemon.identity import Caller, CondorDaemons, Refused
 from larkns.daemon.relay import Relay, UdpRelay, listening_ports, loopback_nameservers
 from larkns.doctor import available_modes
 from larkns.engine import Engine
-from larkns.journal import Process, start_time
+from larkns.journal import Process, Record, start_time
 from larkns.kernel import netns
 from larkns.kernel.nft import NftError
-from larkns.plan import JobNetwork
 
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
 
@@ -278,14 +277,12 @@ class Daemon:
             )
         wrapper = Process.of(caller.pid)
         name = f"s{caller.starter.pid}" if caller.starter else f"r{caller.pid}"
-        plan = self._prepared(name, caller)
+        prepared = self._prepared(name, caller)
+        plan = prepared.plan if prepared is not None else None
         # Without a network prepared from the job's ad (no PREPARE_JOB hook
         # configured): the node's default type.
         mode = plan.mode if plan is not None else self.settings.job_mode(None)
-        prepared = self.engine.journal.read(name) if plan is not None else None
         job_id = prepared.extra.get("job_id") if prepared is not None else None
-        # Read before anything is built: a job whose files are not what they
-        # must be gets a reason, and nothing of it is left.
         chirp_to = job_chirp(caller, self.daemons)
         # A loopback resolver (127.0.0.53, ...) would be the job's own
         # loopback, where nothing answers: relayed, as the starter sees it.
@@ -456,7 +453,8 @@ class Daemon:
         complete."""
         try:
             outcome = self._wait(conn, name, keeper_fd, relays, chirp_to)
-            # The relays close first: the job's chirp ends before the last word.
+            # The relays close first (again in `finally`: closing is
+            # idempotent): the job's chirp ends before the last word.
             for r in relays:
                 r.close()
             with self.lock:
@@ -537,7 +535,8 @@ class Daemon:
         if caller.starter is None:
             raise Refused("prepare: only for a job of an HTCondor starter")
         name = f"s{caller.starter.pid}"
-        plan = self._prepared(name, caller)
+        prepared = self._prepared(name, caller)
+        plan = prepared.plan if prepared is not None else None
         if plan is None:
             ad = job_ad(msg.get("ad"))
             mode = self.settings.job_mode(ad)
@@ -592,8 +591,9 @@ class Daemon:
             if fd is not None:
                 os.close(fd)
 
-    def _prepared(self, name: str, caller: Caller) -> JobNetwork | None:
-        """The network the PREPARE_JOB hook had built for this caller's job."""
+    def _prepared(self, name: str, caller: Caller) -> Record | None:
+        """The record of the network the PREPARE_JOB hook had built for this
+        caller's job (its plan is set)."""
         if caller.starter is None:
             return None
         record = self.engine.journal.read(name)
@@ -601,7 +601,7 @@ class Daemon:
             return None
         if record.client != Process.of(caller.starter.pid):
             return None
-        return record.plan
+        return record
 
     def gc_forever(self, interval: float) -> None:
         """Remove what jobs that are gone left (a starter that died after the
