@@ -28,7 +28,7 @@ from larkns.journal import Process
 from larkns.kernel import netns
 from larkns.kernel.nft import COUNTER_KEYS, COUNTER_MAPS, Ruleset
 from larkns.kernel.ra import Advertiser
-from larkns.plan import build
+from larkns.modes import nat
 from tests.world import World
 
 
@@ -76,7 +76,7 @@ class BatchCliJobs:
     def setup(self, name: str) -> None:
         assert self.prefix is not None
         self.slot = (self.slot + 1) % 4096
-        p = build(self.settings, name, "nat", self.slot, self.prefix)
+        p = nat.plan(self.settings, name, self.slot, self.prefix)
         self.plans[name] = p
         ns = p.netns
         host = "\n".join(

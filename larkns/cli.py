@@ -11,15 +11,11 @@ import traceback
 from collections.abc import Sequence
 
 from larkns import config
-from larkns.config import ConfigError, Settings
+from larkns.config import ConfigError, Settings, UsageError
 
 # larkns's own failures exit 125, as `docker run` and `timeout` do, so they
 # can be told from the command's exit status.
 EXIT_LARKNS = 125
-
-
-class UsageError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,8 +146,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             owner = f"{r.owner.pid}" + ("" if r.owner.alive() else "!")
             print(
                 f"{r.name:<13} {p.mode if p else '-':<5} {r.state:<9} {owner:<8} "
-                f"{str(p.ipv4_job.ip) if p and p.ipv4_job else '-':<16} "
-                f"{p.ipv6_job if p and p.ipv6_job else '-'}"
+                f"{str(p.planned_ipv4 or '-') if p else '-':<16} "
+                f"{str(p.planned_ipv6 or '-') if p else '-'}"
             )
     return 0
 
@@ -191,14 +187,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    from larkns.engine import Engine
+    from larkns.engine import Engine, TeardownError
 
     config.check_name(args.name, "NAME")
     _require_root("teardown")
     with Engine(_settings(args)) as engine:
-        if not engine.teardown(args.name):
-            # Like a CNI DEL: removing what is not there succeeds.
-            print(f"larkns: no job named {args.name!r}; nothing to remove", file=sys.stderr)
+        try:
+            if not engine.teardown(args.name):
+                # Like a CNI DEL: removing what is not there succeeds.
+                print(f"larkns: no job named {args.name!r}; nothing to remove", file=sys.stderr)
+        except TeardownError as e:
+            for p in e.problems:
+                print(f"larkns: {args.name}: still there: {p}", file=sys.stderr)
+            print(
+                f"larkns: {args.name}: kept in the journal (`larkns gc` tries again)",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 
@@ -207,9 +212,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     _require_root("gc")
     with Engine(_settings(args)) as engine:
-        for line in engine.gc():
-            print(f"removed {line}")
-    return 0
+        swept = engine.gc()
+    for line in swept.removed:
+        print(f"removed {line}")
+    for line in swept.left:
+        print(f"larkns: gc could not remove {line}", file=sys.stderr)
+    return 1 if swept.left else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

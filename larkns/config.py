@@ -50,6 +50,10 @@ class ConfigError(Exception):
     """A knob or argument with a value larkns cannot use."""
 
 
+class UsageError(Exception):
+    """A command line that does not say what to do."""
+
+
 @dataclass(frozen=True)
 class Settings:
     mode: str = "nat"

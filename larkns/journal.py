@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import time
@@ -24,7 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from larkns.plan import JobNetwork
+from larkns.kernel.dhcp import Lease
+from larkns.plan import JobNetwork, PlanError
+
+# 1: what a job carried besides its plan was an untyped "extra" dict.
+# 2: typed fields (job_id, dhcp, sources, relays, chirp, relayed, problems).
+VERSION = 2
 
 
 class NameInUse(Exception):
@@ -67,6 +73,25 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+@dataclass(frozen=True)
+class Relays:
+    """What a job's relays (larknsd's) connect to: enough for a restarted
+    larknsd to make them again."""
+
+    chirp: int | None  # the starter's chirp port on the worker's loopback
+    nameservers: tuple[str, ...]  # loopback resolvers relayed into the job
+
+
+@dataclass(frozen=True)
+class ChirpAccess:
+    """How larknsd speaks chirp to the job's starter (root's alone: the
+    journal is 0700)."""
+
+    port: int
+    cookie: str
+    job_id: str
+
+
 @dataclass
 class Record:
     name: str
@@ -81,7 +106,23 @@ class Record:
     # the job ended (core.spawn_kept).
     keeper: Process | None = None
     created: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The HTCondor job's GlobalJobId (from the job ad the network was
+    # prepared from).
+    job_id: str | None = None
+    # bridge mode with DHCP: the job's lease, renewed by whichever larkns
+    # process serves the job now.
+    dhcp: Lease | None = None
+    # IPv6 addresses the job took besides those its plan foresees (a host
+    # whose namespaces form stable-privacy addresses): the guard lets them
+    # through, and teardown removes them from it.
+    sources: tuple[ipaddress.IPv6Address, ...] = ()
+    relays: Relays | None = None
+    chirp: ChirpAccess | None = None
+    # Bytes the relays carried so far (in, out): a restarted larknsd counts
+    # on from there.
+    relayed: tuple[int, int] | None = None
+    # What a teardown could not remove (state "teardown-failed"): gc tries again.
+    problems: tuple[str, ...] = ()
 
     def alive(self) -> bool:
         """Whether the job still has its owner (and its client, if it has
@@ -97,39 +138,71 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": VERSION,
             "name": self.name,
-            "owner": {"pid": self.owner.pid, "start": self.owner.start},
+            "owner": _process(self.owner),
             "state": self.state,
             "plan": None if self.plan is None else self.plan.to_dict(),
-            "job": None if self.job is None else {"pid": self.job.pid, "start": self.job.start},
-            "client": None
-            if self.client is None
-            else {"pid": self.client.pid, "start": self.client.start},
-            "keeper": None
-            if self.keeper is None
-            else {"pid": self.keeper.pid, "start": self.keeper.start},
+            "job": _process(self.job),
+            "client": _process(self.client),
+            "keeper": _process(self.keeper),
             "created": self.created,
-            "extra": self.extra,
+            "job_id": self.job_id,
+            "dhcp": None if self.dhcp is None else self.dhcp.to_dict(),
+            "sources": [str(a) for a in self.sources],
+            "relays": None
+            if self.relays is None
+            else {"chirp": self.relays.chirp, "nameservers": list(self.relays.nameservers)},
+            "chirp": None if self.chirp is None else vars(self.chirp),
+            "relayed": None if self.relayed is None else list(self.relayed),
+            "problems": list(self.problems),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Record:
-        job = d.get("job")
-        client = d.get("client")
+        """A record of this version, or of version 1 (whose "extra" held
+        what version 2 has typed fields for); PlanError for any other."""
+        version = d.get("version", 1)
+        if version == 1:
+            d = {**d, **d.get("extra", {})}
+        elif version != VERSION:
+            raise PlanError(f"record version {version!r}: not one this larkns reads (1, 2)")
         plan = d.get("plan")
-        keeper = d.get("keeper")
+        lease = d.get("dhcp")
+        relays = d.get("relays")
+        chirp = d.get("chirp")
+        relayed = d.get("relayed")
         return cls(
             name=d["name"],
             owner=Process(d["owner"]["pid"], d["owner"]["start"]),
             state=d.get("state", "claimed"),
             plan=None if plan is None else JobNetwork.from_dict(plan),
-            job=None if job is None else Process(job["pid"], job["start"]),
-            client=None if client is None else Process(client["pid"], client["start"]),
-            keeper=None if keeper is None else Process(keeper["pid"], keeper["start"]),
+            job=_from_process(d.get("job")),
+            client=_from_process(d.get("client")),
+            keeper=_from_process(d.get("keeper")),
             created=d.get("created", 0.0),
-            extra=d.get("extra", {}),
+            job_id=d["job_id"] if isinstance(d.get("job_id"), str) else None,
+            dhcp=None if not lease else Lease.from_dict(lease),
+            sources=tuple(ipaddress.IPv6Address(a) for a in d.get("sources") or ()),
+            relays=None
+            if not relays
+            else Relays(relays.get("chirp"), tuple(relays.get("nameservers") or ())),
+            chirp=None
+            if not chirp
+            else ChirpAccess(
+                int(chirp["port"]), str(chirp["cookie"]), str(chirp.get("job_id", ""))
+            ),
+            relayed=None if not relayed else (int(relayed[0]), int(relayed[1])),
+            problems=tuple(str(p) for p in d.get("problems") or ()),
         )
+
+
+def _process(p: Process | None) -> dict[str, int] | None:
+    return None if p is None else {"pid": p.pid, "start": p.start}
+
+
+def _from_process(d: dict[str, int] | None) -> Process | None:
+    return None if d is None else Process(d["pid"], d["start"])
 
 
 class Journal:
@@ -173,7 +246,11 @@ class Journal:
             return None
         try:
             return Record.from_dict(json.loads(data))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except PlanError as e:
+            # A record this version cannot take over (a newer larkns wrote
+            # it, then was downgraded): gc removes the job by its name.
+            return Record(name=name, owner=Process(0, 0), state="unreadable", problems=(str(e),))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             # Records appear whole (link/rename), so this is damage from
             # outside; treat it as a claim whose owner is gone.
             return Record(name=name, owner=Process(0, 0), state="corrupt")
@@ -267,7 +344,7 @@ class Journal:
         finally:
             os.close(fd)
 
-    def remove_if_idle(self) -> bool:
+    def remove_dir_if_unused(self) -> bool:
         """Remove the state dir if no job has a record or a lease; call under
         the exclusive lock.  True if it is gone."""
         if self.names() or any(e.isdigit() for e in _listdir(self.slots)):

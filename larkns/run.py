@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 from larkns import core, report, signals
 from larkns.config import ConfigError, Settings
-from larkns.engine import Engine
+from larkns.engine import Engine, TeardownError
 from larkns.journal import Process
 from larkns.kernel import netns
-from larkns.plan import ROUTED_MODES, JobNetwork
+from larkns.modes import DRIVERS
+from larkns.plan import JobNetwork
 
 # Before the command exists, these end larkns (it tears down, exits 128+N).
 ABORTING = {
@@ -161,6 +162,7 @@ def _aborting() -> int | None:
 
 def run(settings: Settings, req: RunRequest) -> int:
     """Run req.argv in a network of its own; returns the exit status for larkns."""
+    Engine.validate(settings)
     env = dict(os.environ)
     ident = identity(req.user, env)
     job_env = ident.env if ident else env
@@ -170,7 +172,7 @@ def run(settings: Settings, req: RunRequest) -> int:
     # Blocked before any thread exists: threads inherit the mask.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGCHLD})
     advertiser = None
-    if req.mode in ROUTED_MODES:  # bridge mode: the site's router advertises
+    if DRIVERS[req.mode].advertises:  # bridge mode: the site's router advertises
         from larkns.kernel.ra import Advertiser
 
         advertiser = Advertiser()
@@ -207,14 +209,14 @@ def _run(
         )
         signum = _aborting()
         if signum is not None:
-            engine.teardown(req.name)
+            _teardown(engine, req.name)
             print(
                 f"larkns: {report.signal_name(signum)} while setting up job {req.name}; "
                 "nothing is left",
                 file=sys.stderr,
             )
             return 128 + signum
-        if slaac is None and (plan.ipv6_prefix is not None or plan.site_prefixes):
+        if slaac is None and plan.waits_for_slaac:
             print(
                 f"larkns: warning: job {req.name} got no IPv6 address by SLAAC within "
                 f"{settings.slaac_timeout} s; IPv6 may not work",
@@ -230,7 +232,7 @@ def _run(
         duration = time.monotonic() - started
         traffic = engine.stats(req.name)
     finally:
-        engine.teardown(req.name)
+        _teardown(engine, req.name)
     rep = report.build(
         name=req.name,
         mode=req.mode,
@@ -242,7 +244,7 @@ def _run(
         ipv4=addresses[0],
         ipv6=addresses[1],
         traffic=traffic,
-        inbound_ports=plan.inbound_ports,
+        inbound_ports=plan.forwarded_ports,
     )
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)
@@ -256,7 +258,19 @@ def _remove_unless_others(engine: Engine, name: str) -> None:
     """After a failed setup: remove what is ours of job `name`, never another's."""
     record = engine.journal.read(name)
     if record is None or record.owner.pid == os.getpid():
+        _teardown(engine, name)
+
+
+def _teardown(engine: Engine, name: str) -> None:
+    """Remove job `name`'s network; what is left is said, and stays in the
+    journal for `larkns gc`."""
+    try:
         engine.teardown(name)
+    except TeardownError as e:
+        for p in e.problems:
+            print(
+                f"larkns: job {name}: still there: {p} (`larkns gc` tries again)", file=sys.stderr
+            )
 
 
 def _spawn_and_wait(

@@ -465,6 +465,7 @@ def test_a_bridged_job_s_icmpv6_of_link_control_types_to_a_site_address_is_traff
 def test_bridged_jobs_do_not_reach_each_other(site: World, tmp_path: Path) -> None:
     """Not even a job that knows the other's MAC (a static neighbour entry,
     so its frames are unicast): dropped between the two ports, counted."""
+    from larkns.modes.bridge import BridgeNetwork
     from larkns.plan import JobNetwork
 
     other = site.serving(
@@ -474,7 +475,7 @@ def test_bridged_jobs_do_not_reach_each_other(site: World, tmp_path: Path) -> No
     try:
         shown = json.loads(site.larkns("show", "lktbother").stdout)
         plan = JobNetwork.from_dict(shown["plan"])
-        assert plan.ipv4_job is not None and plan.job_mac is not None
+        assert isinstance(plan, BridgeNetwork) and plan.ipv4_job is not None
         # A healthy bridged job is whole (its counters are in bridge larkns).
         assert shown["problems"] == []
         check = site.larkns("check", "lktbother")

@@ -18,6 +18,7 @@ from typing import Any
 
 from larkns import config, plan
 from larkns.kernel.nft import MARKER_PREFIX, class_marker, class_update
+from larkns.modes import nat
 from tests.world import PEER, PORT, SITE4, SITE6, World, larkns_bin, sh
 
 PY = sys.executable
@@ -29,7 +30,7 @@ SITE = "Site = 198.18.0.0/24, 2001:db8:0:1::/64"
 
 def test_a_jobs_record_names_the_classes_it_is_counted_in() -> None:
     s = config.load(environ={"LARKNS_CLASSES": f"{SITE}; Cloud = 198.19.0.0/16"})
-    p = plan.build(s, "a", "nat", 0, ipaddress.IPv6Network("fd00:6c6b:7400::/48"))
+    p = nat.plan(s, "a", 0, ipaddress.IPv6Network("fd00:6c6b:7400::/48"))
     assert p.classes == ("Site", "Cloud")
     # through the journal, which stores JSON
     assert plan.JobNetwork.from_dict(json.loads(json.dumps(p.to_dict()))) == p

@@ -154,7 +154,8 @@ def test_the_clat_runs_unprivileged_chrooted_and_without_capabilities(site: Worl
 
 
 def test_the_clat_user_falls_back_to_nobody_when_setup_did_not_make_it() -> None:
-    from larkns.engine import CLAT_USER, clat_user
+    from larkns.modes.clat import USER as CLAT_USER
+    from larkns.modes.clat import clat_user
 
     user, group = clat_user()
     try:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from larkns import config, leases
-from larkns.engine import Engine, SetupError
+from larkns.engine import Engine, SetupError, TeardownError
 from larkns.journal import Process, Record
 from larkns.kernel import netns
 from larkns.kernel.nft import Ruleset
 from larkns.kernel.ra import Advertiser
+from larkns.modes.nat import NatNetwork
 from tests.world import World, sh
 
 
@@ -48,6 +51,7 @@ def test_setup_builds_what_check_verifies_and_teardown_removes_it(
     engine: Engine, clean_world: World
 ) -> None:
     plan = engine.setup("lkte1", "nat", me())
+    assert isinstance(plan, NatNetwork)
     assert engine.check("lkte1") == []
     assert netns.exists(plan.netns)
     assert engine.wait_ready(plan, 2.0) is not None
@@ -61,7 +65,7 @@ def test_setup_builds_what_check_verifies_and_teardown_removes_it(
 
 def test_check_names_what_is_missing(engine: Engine, clean_world: World) -> None:
     plan = engine.setup("lkte2", "nat", me())
-    assert plan.host_link is not None
+    assert isinstance(plan, NatNetwork)
     sh("ip", "link", "set", plan.host_link, "down", ns=clean_world.worker)
     assert engine.check("lkte2") == [f"link {plan.host_link} is not up"]
     Ruleset().remove_job("lkte2", plan.host_link)
@@ -88,6 +92,7 @@ def test_gc_removes_orphans_without_records_and_spares_live_jobs(
 ) -> None:
     live = engine.setup("lkte4", "nat", me())
     dead = engine.setup("lkte5", "nat", me())
+    assert isinstance(dead, NatNetwork)
     # lkte5's record vanishes (as if its journal entry were lost): its
     # namespace, link, counters and lease are now orphans without a record.
     engine.journal.remove("lkte5")
@@ -97,7 +102,8 @@ def test_gc_removes_orphans_without_records_and_spares_live_jobs(
     (engine.journal.slots / str(dead.slot)).write_text(leases.Lease("lkte5", 2**22 + 1).encode())
     # and a record whose owner is dead (a pid that cannot exist now)
     engine.journal.claim(Record(name="lkte6", owner=Process(2**22 + 1, 1)))
-    removed = engine.gc()
+    removed, left = engine.gc()
+    assert left == []
     assert f"netns {dead.netns}" in removed
     assert f"link {dead.host_link}" in removed or not _link_exists(clean_world, dead.host_link)
     assert "nft counters of lkte5" in removed
@@ -105,7 +111,7 @@ def test_gc_removes_orphans_without_records_and_spares_live_jobs(
     assert any("job lkte6" in r for r in removed)
     assert engine.check("lkte4") == []  # the live job is untouched
     assert netns.exists(live.netns)
-    assert engine.gc() == []  # nothing more to do
+    assert engine.gc() == ([], [])  # nothing more to do
 
 
 def _link_exists(world: World, name: str | None) -> bool:
@@ -178,3 +184,98 @@ def test_doctor_names_the_modes_the_configuration_offers(clean_world: World) -> 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "can run here (modes: nat, routed, none)" in proc.stdout
     assert "routes 2001:db8:100::/56" in proc.stdout
+
+
+def test_a_teardown_that_cannot_remove_an_object_says_so_and_gc_tries_again(
+    engine: Engine, clean_world: World
+) -> None:
+    plan = engine.setup("lkte7", "nat", me())
+    assert plan.slot is not None
+    path = netns.path(plan.netns)
+
+    def hold() -> None:
+        # One more mount on the job's namespace file: teardown detaches the
+        # top one, and the file, still a mount point, cannot be unlinked (EBUSY).
+        subprocess.run(["mount", "--bind", path, path], check=True)
+
+    hold()
+    try:
+        with pytest.raises(TeardownError) as failed:
+            engine.teardown("lkte7")
+        assert [p for p in failed.value.problems if plan.netns in p], failed.value.problems
+        record = engine.journal.read("lkte7")
+        assert record is not None and record.state == "teardown-failed"
+        assert record.problems == tuple(failed.value.problems)
+        # Its slot stays taken while something of the job is left.
+        assert leases.leased(engine.journal)[plan.slot].name == "lkte7"
+        assert engine.check("lkte7") == [f"teardown left {p}" for p in record.problems]
+        listed = clean_world.larkns("list")
+        assert "teardown-failed" in listed.stdout, listed.stdout + listed.stderr
+        hold()
+        again = clean_world.larkns("teardown", "lkte7")
+        assert again.returncode == 1 and plan.netns in again.stderr, again.stderr
+        assert "larkns gc" in again.stderr
+    finally:
+        # The file is deletable again once only its own mount is left.
+        while subprocess.run(["umount", path], capture_output=True).returncode == 0:
+            pass
+    swept = engine.gc()
+    assert swept.left == [], swept.left
+    assert "job lkte7 (what its teardown had left)" in swept.removed, swept.removed
+    assert engine.journal.read("lkte7") is None
+    assert not os.path.exists(path)
+    assert leases.leased(engine.journal) == {}
+
+
+# A record as larkns wrote it before records had typed fields (version 1):
+# every type's plan fields in one flat dict, and an untyped "extra".
+V1_PLAN_KEYS = (
+    "name", "mode", "netns", "slot", "host_link", "job_link", "host_index", "job_index",
+    "host_mac", "job_mac", "ipv4_host", "ipv4_job", "ipv6_prefix", "classes",
+    "inbound_ports", "bridge", "gateway4", "site_prefixes", "dhcp", "nat64_prefix",
+)  # fmt: skip
+
+
+def _as_version_1(record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    plan = {k: record["plan"].get(k) for k in V1_PLAN_KEYS}
+    plan.update(site_prefixes=[], dhcp=False)
+    old = {k: record[k] for k in ("name", "owner", "state", "job", "client", "keeper", "created")}
+    return {"version": 1, **old, "plan": plan, "extra": extra}
+
+
+def test_a_job_recorded_by_the_previous_version_is_taken_over_and_torn_down(
+    engine: Engine, clean_world: World
+) -> None:
+    plan = engine.setup("lkte8", "nat", me())
+    assert isinstance(plan, NatNetwork) and plan.ipv6_prefix is not None
+    path = engine.journal.path("lkte8")
+    taken = plan.ipv6_prefix.network_address + 0x99
+    engine.ruleset.allow(plan.host_link, [taken])  # as the old version did
+    old = _as_version_1(json.loads(path.read_text()), {"sources": [str(taken)]})
+    path.write_text(json.dumps(old))
+    record = engine.journal.read("lkte8")
+    assert record is not None and record.plan == plan and record.state == "ready"
+    assert record.sources == (taken,)
+    engine.adopt(plan)
+    assert engine.check("lkte8") == []
+    assert engine.ruleset.job_objects().sources[plan.host_link].count(taken) == 1
+    assert engine.teardown("lkte8") is True
+    # The address it took is out of the guard with everything else.
+    assert "lkte8" not in engine.ruleset.job_objects().jobs
+
+
+def test_a_record_of_a_newer_version_is_refused_with_a_reason_and_left_to_gc(
+    engine: Engine, clean_world: World
+) -> None:
+    plan = engine.setup("lkte9", "nat", me())
+    path = engine.journal.path("lkte9")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 99}))
+    record = engine.journal.read("lkte9")
+    assert record is not None and record.state == "unreadable" and record.plan is None
+    assert engine.check("lkte9") == [
+        "job lkte9: record version 99: not one this larkns reads (1, 2)"
+    ]
+    swept = engine.gc()
+    assert swept.left == [] and any("job lkte9" in r for r in swept.removed), swept
+    assert not netns.exists(plan.netns)
+    assert engine.journal.read("lkte9") is None

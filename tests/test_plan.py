@@ -12,6 +12,8 @@ import pytest
 from larkns import config, leases, plan, report
 from larkns.config import ConfigError, Settings
 from larkns.journal import Journal, NameInUse, Process, Record
+from larkns.modes import nat
+from larkns.modes.none import NoNetwork
 from larkns.traffic import Count, Traffic
 
 PREFIX = ipaddress.IPv6Network("fd00:6c6b:7400::/48")
@@ -19,8 +21,8 @@ PREFIX = ipaddress.IPv6Network("fd00:6c6b:7400::/48")
 
 def test_a_slot_gives_a_job_its_own_31_and_64() -> None:
     s = Settings(ipv4_pool=ipaddress.IPv4Network("198.19.0.0/24"))
-    p0 = plan.build(s, "a", "nat", 0, PREFIX)
-    p5 = plan.build(s, "b", "nat", 5, PREFIX)
+    p0 = nat.plan(s, "a", 0, PREFIX)
+    p5 = nat.plan(s, "b", 5, PREFIX)
     assert str(p0.ipv4_host) == "198.19.0.0/31" and str(p0.ipv4_job) == "198.19.0.1/31"
     assert str(p5.ipv4_host) == "198.19.0.10/31" and str(p5.ipv4_job) == "198.19.0.11/31"
     assert str(p0.ipv6_prefix) == "fd00:6c6b:7400::/64"
@@ -29,7 +31,7 @@ def test_a_slot_gives_a_job_its_own_31_and_64() -> None:
 
 
 def test_the_slaac_address_is_known_from_the_mac() -> None:
-    p = plan.build(Settings(), "a", "nat", 258, PREFIX)
+    p = nat.plan(Settings(), "a", 258, PREFIX)
     assert p.job_mac == "06:6c:6b:00:01:02"
     # EUI-64: flip the U/L bit, put ff:fe in the middle.
     assert p.ipv6_job == ipaddress.IPv6Address("fd00:6c6b:7400:102:46c:6bff:fe00:102")
@@ -37,7 +39,7 @@ def test_the_slaac_address_is_known_from_the_mac() -> None:
 
 
 def test_names_fit_the_kernel_limits() -> None:
-    p = plan.build(Settings(), "abcdefghijkl", "nat", 0, PREFIX)
+    p = nat.plan(Settings(), "abcdefghijkl", 0, PREFIX)
     assert p.host_link is not None and len(p.host_link) <= 15
     with pytest.raises(ConfigError, match="--name"):
         config.check_name("abcdefghijklm")
@@ -47,19 +49,19 @@ def test_names_fit_the_kernel_limits() -> None:
 
 
 def test_a_plan_survives_the_journal_round_trip() -> None:
-    p = plan.build(Settings(), "a", "nat", 3, PREFIX)
+    p = nat.plan(Settings(), "a", 3, PREFIX)
     assert plan.JobNetwork.from_dict(p.to_dict()) == p
-    n = plan.build(Settings(), "b", "none", None, None)
+    n = NoNetwork(name="b", netns="lkt-b")
     assert plan.JobNetwork.from_dict(n.to_dict()) == n
     assert "fd00:6c6b:7400:3" in p.describe()
 
 
 def test_the_pools_bound_the_number_of_jobs() -> None:
     s = Settings(ipv4_pool=ipaddress.IPv4Network("198.19.0.0/30"))
-    assert plan.slot_count(s, PREFIX) == 2
-    assert plan.slot_count(Settings(), ipaddress.IPv6Network("fd00::/63")) == 2
+    assert nat.slot_count(s, PREFIX) == 2
+    assert nat.slot_count(Settings(), ipaddress.IPv6Network("fd00::/63")) == 2
     with pytest.raises(ConfigError):
-        plan.build(s, "a", "nat", 2, PREFIX)
+        nat.plan(s, "a", 2, PREFIX)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +151,7 @@ def test_slots_are_handed_out_round_robin(tmp_path: Path) -> None:
 def test_a_name_is_claimed_once_and_records_round_trip(tmp_path: Path) -> None:
     j = Journal(tmp_path)
     me = Process.of(os.getpid())
-    rec = Record(name="a", owner=me, plan=plan.build(Settings(), "a", "nat", 1, PREFIX))
+    rec = Record(name="a", owner=me, plan=nat.plan(Settings(), "a", 1, PREFIX))
     j.claim(rec)
     with pytest.raises(NameInUse):
         j.claim(Record(name="a", owner=me))
@@ -260,3 +262,77 @@ def test_traffic_classes_are_named_prefix_lists() -> None:
     ):
         with pytest.raises(ConfigError, match=words):
             config.load(environ={"LARKNS_CLASSES": bad})
+
+
+# Records as the previous version (1) wrote them: one flat plan dict with
+# every type's fields, and an untyped "extra".
+V1_NAT = {"version": 1, "name": "NAME", "owner": {"pid": 1, "start": 2}, "state": "ready", "plan": {"name": "NAME", "mode": "nat", "netns": "larkns-NAME", "slot": 7, "host_link": "lk-NAME", "job_link": "eth0", "host_index": 1000007, "job_index": 2, "host_mac": "02:6c:6b:00:00:07", "job_mac": "06:6c:6b:00:00:07", "ipv4_host": "198.19.0.14/31", "ipv4_job": "198.19.0.15/31", "ipv6_prefix": "fd00:6c6b:7400:7::/64", "classes": [], "inbound_ports": None, "bridge": None, "gateway4": None, "site_prefixes": [], "dhcp": False, "nat64_prefix": None}, "job": {"pid": 7, "start": 8}, "client": {"pid": 3, "start": 4}, "keeper": {"pid": 5, "start": 6}, "created": 1.5, "extra": {"sources": ["fd00:6c6b:7400:7::99"], "relays": {"chirp": 9618, "nameservers": ["127.0.0.53"]}, "chirp": {"port": 9618, "cookie": "c00kie", "job_id": "sched#1.0#1"}, "job_id": "sched#1.0#1", "relayed": [10, 20]}}  # noqa: E501  # fmt: skip
+V1_BRIDGE = {"version": 1, "name": "NAME", "owner": {"pid": 1, "start": 2}, "state": "ready", "plan": {"name": "NAME", "mode": "bridge", "netns": "larkns-NAME", "slot": 3, "host_link": "lk-NAME", "job_link": "eth0", "host_index": 1000003, "job_index": 2, "host_mac": "fe:6c:6b:00:00:03", "job_mac": "02:11:22:33:44:55", "ipv4_host": None, "ipv4_job": None, "ipv6_prefix": None, "classes": [], "inbound_ports": None, "bridge": "lkbr", "gateway4": None, "site_prefixes": ["2001:db8:1::/64"], "dhcp": True, "nat64_prefix": None}, "job": None, "client": None, "keeper": None, "created": 1.5, "extra": {"dhcp": {"address": "198.18.0.77/24", "router": "198.18.0.1", "server": "198.18.0.1", "seconds": 600, "t1": 300.0, "t2": 525.0, "obtained": 1.0}, "sources": ["2001:db8:1::99"]}}  # noqa: E501  # fmt: skip
+
+
+def test_a_record_of_the_previous_version_reads_into_typed_fields() -> None:
+    from larkns.journal import ChirpAccess, Relays
+    from larkns.modes.bridge import BridgeNetwork
+
+    r = Record.from_dict(V1_NAT)
+    assert r.plan == nat.plan(Settings(), "NAME", 7, PREFIX)
+    assert r.sources == (ipaddress.IPv6Address("fd00:6c6b:7400:7::99"),)
+    assert r.relays == Relays(9618, ("127.0.0.53",))
+    assert r.chirp == ChirpAccess(9618, "c00kie", "sched#1.0#1")
+    assert r.job_id == "sched#1.0#1" and r.relayed == (10, 20)
+    # written back, it is a record of this version, and reads the same
+    again = Record.from_dict(r.to_dict())
+    assert r.to_dict()["version"] == 2 and again == r
+
+    b = Record.from_dict(V1_BRIDGE)
+    assert isinstance(b.plan, BridgeNetwork) and b.plan.dhcp and b.plan.bridge == "lkbr"
+    assert b.plan.site_prefixes == (ipaddress.IPv6Network("2001:db8:1::/64"),)
+    assert b.dhcp is not None and str(b.dhcp.address) == "198.18.0.77/24"
+    assert Record.from_dict(b.to_dict()) == b
+
+
+def test_a_record_this_version_cannot_read_is_kept_for_gc_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    j = Journal(tmp_path)
+    j.ensure_dirs()
+    for name, damage in (
+        ("newer", {**V1_NAT, "version": 3}),
+        ("oddtype", {**V1_NAT, "plan": {**V1_NAT["plan"], "mode": "vxlan"}}),  # type: ignore[dict-item]
+        ("badfield", {**V1_NAT, "plan": {**V1_NAT["plan"], "ipv4_job": "not an address"}}),  # type: ignore[dict-item]
+    ):
+        j.path(name).write_text(json.dumps({**damage, "name": name}))
+        r = j.read(name)
+        assert r is not None and r.plan is None and not r.owner.alive(), name
+        assert r.state == "unreadable" and len(r.problems) == 1, (name, r)
+    assert "record version 3" in (j.read("newer") or Record("", Process(0, 0))).problems[0]
+
+
+@pytest.mark.parametrize(
+    ("knobs", "words"),
+    [
+        ({"LARKNS_BRIDGE_IPV4_POOL": "198.18.0.128/25"}, "set, but LARKNS_BRIDGE"),
+        ({"LARKNS_BRIDGE_IPV4": "dhcp"}, "set, but LARKNS_BRIDGE"),
+        ({"LARKNS_BRIDGE": "br0", "LARKNS_BRIDGE_IPV4": "static"}, "static needs"),
+        ({"LARKNS_PROXY_ND": "eth1"}, "LARKNS_PROXY_ND: set LARKNS_ROUTED"),
+        (
+            {"LARKNS_CLAT": "on", "LARKNS_ROUTED_IPV4_POOL": "198.18.5.0/24"},
+            "routed jobs need LARKNS_ROUTED_IPV6_PREFIX",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_at_start(
+    knobs: dict[str, str], words: str
+) -> None:
+    from larkns.engine import Engine
+
+    with pytest.raises(ConfigError, match=words):
+        Engine.validate(config.load(environ=knobs))
+
+
+def test_every_network_type_has_a_driver() -> None:
+    from larkns.modes import DRIVERS
+
+    assert set(DRIVERS) == set(config.MODES)

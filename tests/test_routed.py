@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from larkns.modes.routing import RoutingNetwork
 from larkns.plan import JobNetwork
 from tests.test_run import run_job
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
@@ -82,6 +83,7 @@ def _serve_in_job(world: World, name: str, knobs: dict[str, str]) -> subprocess.
 def _job_addresses(world: World, name: str) -> tuple[str, str]:
     show = json.loads(world.larkns("show", name).stdout)
     plan = JobNetwork.from_dict(show["plan"])
+    assert isinstance(plan, RoutingNetwork)
     assert plan.ipv4_job is not None and plan.ipv6_job is not None
     return str(plan.ipv4_job.ip), str(plan.ipv6_job)
 

@@ -26,7 +26,7 @@ import stat
 import sys
 from pathlib import Path
 
-from larkns.config import DEFAULT_SOCKET, KNOBS
+from larkns.config import DEFAULT_SOCKET, KNOBS, UsageError
 
 #: The job-side programs: copies of larkns-entry, each knowing its role by name.
 ENTRIES = ("larkns-wrapper", "larkns-prepare-job", "larkns-machine-ad")
@@ -71,10 +71,6 @@ JOB_TRANSFORM_LarkNS @=end
    SET WantIOProxy true
 @end
 """
-
-
-class UsageError(Exception):
-    pass
 
 
 def render(

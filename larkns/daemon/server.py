@@ -29,8 +29,8 @@ from larkns.daemon import chirp, identity, protocol
 from larkns.daemon.identity import Caller, CondorDaemons, Refused
 from larkns.daemon.relay import Relay, UdpRelay, listening_ports, loopback_nameservers
 from larkns.doctor import available_modes
-from larkns.engine import Engine
-from larkns.journal import Process, Record, start_time
+from larkns.engine import Engine, TeardownError
+from larkns.journal import ChirpAccess, Process, Record, Relays, start_time
 from larkns.kernel import netns
 from larkns.kernel.nft import NftError
 
@@ -282,7 +282,7 @@ class Daemon:
         # Without a network prepared from the job's ad (no PREPARE_JOB hook
         # configured): the node's default type.
         mode = plan.mode if plan is not None else self.settings.job_mode(None)
-        job_id = prepared.extra.get("job_id") if prepared is not None else None
+        job_id = prepared.job_id if prepared is not None else None
         chirp_to = job_chirp(caller, self.daemons)
         # A loopback resolver (127.0.0.53, ...) would be the job's own
         # loopback, where nothing answers: relayed, as the starter sees it.
@@ -311,17 +311,10 @@ class Daemon:
                 record.client = wrapper
                 record.keeper = Process(kept.keeper_pid, _start(kept.keeper_pid))
                 record.job = Process(kept.job_pid, _start(kept.job_pid))
-                record.extra["relays"] = {
-                    "chirp": chirp_to.port if chirp_to else None,
-                    "nameservers": servers,
-                }
+                record.relays = Relays(chirp_to.port if chirp_to else None, tuple(servers))
                 if chirp_to is not None:
                     # The journal is root's alone (0700).
-                    record.extra["chirp"] = {
-                        "port": chirp_to.port,
-                        "cookie": chirp_to.cookie,
-                        "job_id": job_id if isinstance(job_id, str) else "",
-                    }
+                    record.chirp = ChirpAccess(chirp_to.port, chirp_to.cookie, job_id or "")
                 self.engine.journal.write(record)
         except BaseException:
             if kept is not None:
@@ -332,7 +325,7 @@ class Daemon:
             for r in relays:
                 r.close()
             with self.lock:
-                self.engine.teardown(name)
+                self._teardown(name)
             if kept is not None:
                 os.close(kept.job_pidfd)
             raise
@@ -342,7 +335,7 @@ class Daemon:
             "pid": kept.job_pid,
             "mode": mode,
             "addresses": {"ipv4": addresses[0], "ipv6": addresses[1]},
-            "inbound_ports": plan.inbound_ports,
+            "inbound_ports": plan.forwarded_ports,
             # The wrapper runs as the job's owner and cannot read the
             # node's configuration: larknsd tells it this knob.
             "reattach_timeout": self.settings.reattach_timeout,
@@ -356,7 +349,7 @@ class Daemon:
         os.close(kept.job_pidfd)
         started = time.monotonic()
         if chirp_to is not None:
-            ports = plan.inbound_ports
+            ports = plan.forwarded_ports
             self._publish(
                 name,
                 chirp_to,
@@ -412,12 +405,8 @@ class Daemon:
             assert record is not None and record.keeper is not None
             self._attached.add(name)
             relays = self._adopted.pop(name, [])
-        found = record.extra.get("chirp") or {}
-        chirp_to = (
-            chirp.ChirpConfig(int(found["port"]), str(found["cookie"]))
-            if isinstance(found, dict) and "port" in found and "cookie" in found
-            else None
-        )
+        found = record.chirp
+        chirp_to = None if found is None else chirp.ChirpConfig(found.port, found.cookie)
         job_id = str(found.get("job_id", "")) if isinstance(found, dict) else ""
         keeper_fd: int | None = None
         try:
@@ -465,7 +454,7 @@ class Daemon:
             for r in relays:
                 r.close()
             with self.lock:
-                self.engine.teardown(name)
+                self._teardown(name)
                 self._attached.discard(name)
         if chirp_to is not None:
             final = chirp.attributes(traffic)
@@ -503,13 +492,10 @@ class Daemon:
                     # One job's trouble must not keep larknsd from serving
                     # the others: its wrapper attaches all the same.
                     print(f"larknsd: job {record.name}: not all taken over: {e}", file=sys.stderr)
-                relays = record.extra.get("relays") or {}
+                to = record.relays or Relays(None, ())
                 try:
                     self._adopted[record.name] = _relays(
-                        record.plan.netns,
-                        relays.get("chirp"),
-                        relays.get("nameservers", []),
-                        record.extra.get("relayed"),
+                        record.plan.netns, to.chirp, list(to.nameservers), record.relayed
                     )
                 except OSError as e:
                     print(f"larknsd: job {record.name}: relays not restored: {e}", file=sys.stderr)
@@ -552,7 +538,7 @@ class Daemon:
                 plan = self.engine.setup(name, mode, self.me, client=starter)
                 record = self.engine.journal.read(name)
                 if record is not None and isinstance(job_id, str):
-                    record.extra["job_id"] = job_id
+                    record.job_id = job_id
                     self.engine.journal.write(record)
                 self._prepared_for[name] = caller.uid
             threading.Thread(
@@ -584,7 +570,7 @@ class Daemon:
                         self._prepared_for.pop(name, None)
                         return  # launched (the job's keeper and wrapper rule it now), or gone
                     if not starter.alive():
-                        self.engine.teardown(name)
+                        self._teardown(name)
                         self._prepared_for.pop(name, None)
                         return
         finally:
@@ -613,8 +599,11 @@ class Daemon:
             first = False
             try:
                 with self.lock:
-                    for line in self.engine.gc():
+                    swept = self.engine.gc()
+                    for line in swept.removed:
                         print(f"larknsd: gc removed {line}", file=sys.stderr)
+                    for line in swept.left:
+                        print(f"larknsd: gc could not remove {line}", file=sys.stderr)
                     # Taken-over jobs whose wrappers never came back.
                     for name in [n for n in self._adopted if self.engine.journal.read(n) is None]:
                         for r in self._adopted.pop(name):
@@ -755,15 +744,20 @@ class Daemon:
             return {"signal": 9}
         return end
 
+    def _teardown(self, name: str) -> None:
+        """Remove job `name`'s network; what cannot be removed is logged,
+        and stays in its record for gc (which runs every minute)."""
+        try:
+            self.engine.teardown(name)
+        except TeardownError as e:
+            print(f"larknsd: {e}", file=sys.stderr)
+
     def _keep_relayed(self, name: str, relays: list[Relay | UdpRelay]) -> None:
         """What the relays carried so far, in the job's record: a restarted
         larknsd counts on from there."""
         record = self.engine.journal.read(name)
         if record is not None:
-            record.extra["relayed"] = [
-                sum(r.incoming for r in relays),
-                sum(r.outgoing for r in relays),
-            ]
+            record.relayed = (sum(r.incoming for r in relays), sum(r.outgoing for r in relays))
             self.engine.journal.write(record)
 
 
@@ -891,9 +885,12 @@ def _start(pid: int) -> int:
 
 
 def _relays(
-    ns_name: str, chirp_port: int | None, nameservers: list[str], relayed: Any = None
+    ns_name: str,
+    chirp_port: int | None,
+    nameservers: list[str],
+    relayed: tuple[int, int] | None = None,
 ) -> list[Relay | UdpRelay]:
-    """The job's relays; `relayed` ([in, out]) what earlier relays of the job
+    """The job's relays; `relayed` (in, out) what earlier relays of the job
     carried (before a restart), counted on by the first."""
     out: list[Relay | UdpRelay] = []
     try:
@@ -905,9 +902,8 @@ def _relays(
         for r in out:
             r.close()
         raise
-    if out and isinstance(relayed, list) and len(relayed) == 2:
-        with contextlib.suppress(TypeError, ValueError):
-            out[0].incoming, out[0].outgoing = int(relayed[0]), int(relayed[1])
+    if out and relayed is not None:
+        out[0].incoming, out[0].outgoing = relayed
     return out
 
 
@@ -1011,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("larknsd must run as root")
         _raise_fd_limit()
         settings = config.load()
+        Engine.validate(settings)
         daemons = CondorDaemons.from_config()
         print(f"larknsd: {daemons.describe()}", file=sys.stderr)
         daemon = Daemon(settings, args.socket or str(settings.socket), daemons)

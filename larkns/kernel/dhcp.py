@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from larkns.kernel import netns
+from larkns.kernel.mac import parse as parse_mac
 
 CLIENT_PORT = 68
 SERVER_PORT = 67
@@ -84,10 +85,6 @@ class Lease:
         )
 
 
-def _mac_bytes(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
-
-
 def packet(
     msg_type: int,
     xid: int,
@@ -96,7 +93,7 @@ def packet(
     options: dict[int, bytes] | None = None,
 ) -> bytes:
     """A BOOTREQUEST with the given DHCP message type and options."""
-    hw = _mac_bytes(mac)
+    hw = parse_mac(mac)
     head = struct.pack(
         "!BBBBIHH4s4s4s4s16s64s128s",
         1,  # BOOTREQUEST
@@ -183,7 +180,7 @@ class Client:
         xid = int.from_bytes(os.urandom(4), "big")
         deadline = time.monotonic() + timeout
         wait = 0.25
-        hw = _mac_bytes(self.mac)
+        hw = parse_mac(self.mac)
         while time.monotonic() < deadline:
             self.sock.sendto(request(xid), (dest, SERVER_PORT))
             resend = min(deadline, time.monotonic() + wait)

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from larkns.kernel import netlink
+from larkns.kernel.mac import parse as parse_mac
 from larkns.kernel.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR
 
 # netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h)
@@ -78,10 +79,6 @@ RtnlError = netlink.NetlinkError
 _attr = netlink.attr
 
 
-def _mac(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
-
-
 def _family(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
@@ -109,7 +106,7 @@ def veth(
     peer_msg = (
         _IFINFO.pack(0, 0, peer_index, 0, 0)
         + _attr(IFLA_IFNAME, peer.encode() + b"\0")
-        + _attr(IFLA_ADDRESS, _mac(peer_mac))
+        + _attr(IFLA_ADDRESS, parse_mac(peer_mac))
         + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd))
     )
     linkinfo = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(
@@ -118,7 +115,7 @@ def veth(
     body = (
         _IFINFO.pack(0, 0, host_index, 0, 0)
         + _attr(IFLA_IFNAME, host.encode() + b"\0")
-        + _attr(IFLA_ADDRESS, _mac(host_mac))
+        + _attr(IFLA_ADDRESS, parse_mac(host_mac))
         + _attr(IFLA_LINKINFO, linkinfo)
     )
     return Request(f"add veth {host}", RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
