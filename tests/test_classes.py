@@ -119,10 +119,19 @@ def _v6(n: int, size: int) -> int:
 
 
 class Background:
-    """A `larkns run` that makes traffic, then waits for a go, then more traffic."""
+    """A `larkns run` that makes traffic, then waits for a go, then more
+    traffic; with `knobs` and `extra` (options of `larkns run`) besides."""
 
     def __init__(
-        self, world: World, tmp_path: Path, name: str, classes: str, before: str, after: str
+        self,
+        world: World,
+        tmp_path: Path,
+        name: str,
+        classes: str,
+        before: str,
+        after: str,
+        knobs: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.report = tmp_path / f"{name}.json"
         self.ready = tmp_path / f"{name}.ready"
@@ -139,12 +148,13 @@ class Background:
                 name,
                 "--json-report",
                 str(self.report),
+                *extra,
                 "--",
                 "sh",
                 "-c",
                 script,
             ),
-            env=world.env() | {"LARKNS_CLASSES": classes},
+            env=world.env() | {"LARKNS_CLASSES": classes} | (knobs or {}),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
