@@ -23,10 +23,19 @@ them.  This table does the same work at the bridge's hooks:
       chain spoofed: counter name iifname map @dropped; drop
       chain fence    hook forward  priority -300  nothing from one job's port
                      to another's (unicast counted as dropped)
-      chain forward  hook forward  priority 300   count, both ends (link
-                     control first, by scope, as in inet larkns)
-      chain input    hook input    priority 300   (frames to the worker itself)
-      chain output   hook output   priority 300   (frames from the worker)
+      chain prerouting   hook prerouting  priority 300   what a job sends
+                     (iifname: link control first, by scope, as in inet larkns)
+      chain postrouting  hook postrouting priority 300   what a job receives
+                     (oifname)
+
+Each frame is counted once: where it enters the bridge from a job's port,
+and where it leaves by one.  The bridge floods a broadcast or multicast
+frame to every other port and to the worker itself; each copy passes the
+forward (or input) hook, so counting there would bill a job's broadcast
+once per port and once more for the worker.  Something the site floods to
+several jobs reaches each of them, and is counted for each.  A frame the
+fence stops between two jobs' ports was still sent: counted as sent, and
+(unicast) as dropped.
 
 Counters count L3 bytes, as in inet larkns (bridge hooks see the frame from
 its network header on); ARP is not counted, IGMP with TTL 1 to a multicast
@@ -70,11 +79,10 @@ BRIDGE = Table(
     family="bridge",
     links="ports",
     taps=(
-        # From the job, forwarded: it may go on beyond the worker.
-        Tap("forward", "iifname", None),
-        Tap("forward", "oifname", ()),
-        Tap("input", "iifname", ()),
-        Tap("output", "oifname", ()),
+        # A frame from a job to the bridge's own MAC ends at the worker (the
+        # bridge marks it PACKET_HOST before the prerouting hook).
+        Tap("prerouting", "iifname", (match(meta("pkttype"), "host"),)),
+        Tap("postrouting", "oifname", ()),
     ),
     # the frame's ethertype (the bridge family has no nfproto of IP)
     versions=(match(meta("protocol"), "ip"), match(meta("protocol"), "ip6")),
@@ -87,16 +95,15 @@ def guard_chain(job: str) -> str:
     return f"g-{job}"
 
 
-# The link-layer guard, the fence between jobs and link control by scope are
-# part of every table from this marker's version on; a table without them
-# (made by an older larkns, its jobs still running) gets them in place.
+# The link-layer guard and the fence between jobs are part of every table
+# from this marker's version on; a table without them (made by an older
+# larkns, its jobs still running) gets them in place.
 LINK_LAYER_MARKER = "schema.l2"
 
 
-def _link_layer(listing: Listing) -> list[Cmd]:
-    """What a job may send at the link layer, what it may not send to other
-    jobs, and the counting rules, as commands; for a listed table made before
-    them (`listing` not empty), added in place, in one transaction.
+def _link_layer(_listing: Listing) -> list[Cmd]:
+    """What a job may send at the link layer, and what it may not send to
+    other jobs, as commands.
 
     From a job's port only untagged IPv4, IPv6 and ARP: a VLAN tag (even
     VLAN 0, a priority tag, which the site takes for untagged) would hide a
@@ -127,10 +134,36 @@ def _link_layer(listing: Listing) -> list[Cmd]:
         t.rule("fence", from_job, to_job, {"drop": None}),
         t.counter(LINK_LAYER_MARKER),
     ]  # fmt: skip
-    flush: list[Cmd] = [{"flush": t.chain(c)} for c in t.chains()] if listing else []
-    # `insert`: at the head of the guard chain, before each job's own.
-    l2 = t.rule("guard", from_job, jump("link_layer"))
-    return flush + [{"add": o} for o in objs] + [{"insert": l2}] + counting_rules(t, listing)
+    # At the head of the guard chain, before each job's own.
+    return [{"add": o} for o in objs] + [{"insert": t.rule("guard", from_job, jump("link_layer"))}]
+
+
+# Counting at prerouting and postrouting (each frame once) is part of every
+# table from this marker's version on; tables made before it counted at
+# forward, input and output, and get their counting moved in place.
+COUNT_ONCE_MARKER = "schema.l2once"
+_OLD_COUNTING = ("forward", "input", "output")
+
+
+def _counting(listing: Listing) -> list[Cmd]:
+    """The counting chains and their rules, as commands.  For a listed table
+    that counted at forward, input and output, those chains go and the
+    link-control chains are filled again, in the same transaction: a frame
+    is counted by the old rules or by the new, and the counters keep their
+    values."""
+    t = BRIDGE
+    chains = {o["chain"]["name"] for o in listing if "chain" in o}
+    old = [c for c in _OLD_COUNTING if c in chains]
+    cmds: list[Cmd] = [
+        {"flush": t.chain(c)} for c in [*old, "control_out", "control_in"] if c in chains
+    ]
+    cmds += [{"delete": t.chain(c)} for c in old]
+    objs = [
+        t.base_chain("prerouting", "prerouting", ACCOUNT_PRIORITY),
+        t.base_chain("postrouting", "postrouting", ACCOUNT_PRIORITY),
+        t.counter(COUNT_ONCE_MARKER),
+    ]
+    return cmds + [{"add": o} for o in objs] + counting_rules(t, listing)
 
 
 def guard_rules(
@@ -171,7 +204,10 @@ class BridgeRuleset(LarknsTable):
     sets, maps, rules and markers, in this table)."""
 
     SPEC = BRIDGE
-    FEATURES = (Feature(LINK_LAYER_MARKER, "link_layer", _link_layer),)
+    FEATURES = (
+        Feature(LINK_LAYER_MARKER, "link_layer", _link_layer),
+        Feature(COUNT_ONCE_MARKER, "postrouting", _counting),
+    )
     NFPROTO = nftnl.NFPROTO_BRIDGE
 
     def _objects(self) -> list[Expr]:
@@ -185,9 +221,6 @@ class BridgeRuleset(LarknsTable):
             # each job's frames to its own guard chain (after the link
             # layer's rule, which goes to the head)
             t.rule("guard", {"vmap": {"key": meta("iifname"), "data": "@guards"}}),
-            t.base_chain("forward", "forward", ACCOUNT_PRIORITY),
-            t.base_chain("input", "input", ACCOUNT_PRIORITY),
-            t.base_chain("output", "output", ACCOUNT_PRIORITY),
         ]
 
     def add_job(
