@@ -28,12 +28,11 @@ POOL = BRIDGE_POOL
 KNOBS = {"LARKNS_BRIDGE": BRIDGE, "LARKNS_BRIDGE_IPV4_POOL": POOL, "LARKNS_SLAAC_TIMEOUT": "5"}
 
 
-@pytest.fixture(scope="module")
-def bridged() -> Iterator[World]:
+def bridged_world(prefix: str) -> Iterator[World]:
     """A world whose worker reaches the site through a bridge, and whose
     site has a router (radvd) and a DHCP server (dnsmasq)."""
     required(missing("radvd", "dnsmasq"))
-    w = World()
+    w = World(prefix)
     try:
         with bridged_site(w) as dhcp:
             w.leases = dhcp.leases  # type: ignore[attr-defined]
@@ -43,13 +42,23 @@ def bridged() -> Iterator[World]:
         w.close()
 
 
+def without_leftovers(world: World) -> Iterator[World]:
+    """`world` for one test, which fails if any of its jobs' objects are left."""
+    yield world
+    left = world.wait_no_leftovers()
+    if left:
+        world.larkns("gc", knobs=KNOBS)
+        pytest.fail(f"leaked: {left}")
+
+
+@pytest.fixture(scope="module")
+def bridged() -> Iterator[World]:
+    yield from bridged_world("lkt")
+
+
 @pytest.fixture()
 def site(bridged: World) -> Iterator[World]:
-    yield bridged
-    left = bridged.wait_no_leftovers()
-    if left:
-        bridged.larkns("gc", knobs=KNOBS)
-        pytest.fail(f"leaked: {left}")
+    yield from without_leftovers(bridged)
 
 
 def _report(

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from larkns import config, plan
-from larkns.kernel.nft import MARKER_PREFIX, class_marker, class_update
+from larkns.kernel.nft import INET
+from larkns.kernel.nftexpr import MARKER_PREFIX, class_marker, class_update
 from larkns.modes import nat
 from tests.world import PEER, PORT, SITE4, SITE6, World, larkns_bin, sh
 
@@ -66,12 +67,12 @@ def test_a_class_the_table_serves_already_is_left_alone() -> None:
         ("map", "cin_Site"),
         ("counter", class_marker("Site", site)),
     )
-    assert class_update((("Site", site),), table) == []
+    assert class_update(INET, (("Site", site),), table) == []
 
 
 def test_a_new_class_gets_sets_maps_rules_and_its_marker_each_made_once() -> None:
     far = _nets("198.18.0.1/32")
-    cmds = class_update((("Far", far),), _listed(("map", "out4")))
+    cmds = class_update(INET, (("Far", far),), _listed(("map", "out4")))
     verbs = _verbs(cmds)
     # `create`, not `add`: a second process adding the same class fails
     # instead of appending the rules again.
@@ -94,7 +95,7 @@ def test_changed_prefixes_refill_the_sets_and_replace_the_marker() -> None:
         ("counter", class_marker("Site", old)),
         ("counter", f"{MARKER_PREFIX}Site2.0123456789abcdef"),  # another class's
     )
-    verbs = _verbs(class_update((("Site", new),), table))
+    verbs = _verbs(class_update(INET, (("Site", new),), table))
     assert ("flush", "set", "cls_Site_4") in verbs  # emptied: IPv4 is no longer Site's
     assert ("create", "set", "cls_Site_6") in verbs and ("add", "element", "cls_Site_6") in verbs
     assert ("delete", "counter", class_marker("Site", old)) in verbs
@@ -119,10 +120,19 @@ def _v6(n: int, size: int) -> int:
 
 
 class Background:
-    """A `larkns run` that makes traffic, then waits for a go, then more traffic."""
+    """A `larkns run` that makes traffic, then waits for a go, then more
+    traffic; with `knobs` and `extra` (options of `larkns run`) besides."""
 
     def __init__(
-        self, world: World, tmp_path: Path, name: str, classes: str, before: str, after: str
+        self,
+        world: World,
+        tmp_path: Path,
+        name: str,
+        classes: str,
+        before: str,
+        after: str,
+        knobs: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.report = tmp_path / f"{name}.json"
         self.ready = tmp_path / f"{name}.ready"
@@ -139,12 +149,13 @@ class Background:
                 name,
                 "--json-report",
                 str(self.report),
+                *extra,
                 "--",
                 "sh",
                 "-c",
                 script,
             ),
-            env=world.env() | {"LARKNS_CLASSES": classes},
+            env=world.env() | {"LARKNS_CLASSES": classes} | (knobs or {}),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

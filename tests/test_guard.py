@@ -103,20 +103,21 @@ def test_a_job_that_keeps_to_its_own_addresses_has_nothing_dropped(
 
 
 def test_a_table_made_without_the_guard_gets_it_once() -> None:
-    from larkns.kernel import nft
+    from larkns.kernel.nft import GUARD_MARKER, INET, Ruleset
+    from larkns.kernel.nftexpr import feature_update
 
     old_table = [
         {"chain": {"name": "forward"}},
         {"chain": {"name": "postrouting"}},
         {"chain": {"name": "prerouting"}},
     ]
-    added = nft.feature_update(old_table)
+    added = feature_update(Ruleset.FEATURES, old_table)
     chains = [c["add"]["chain"]["name"] for c in added if "chain" in c.get("add", {})]
     assert chains[:2] == ["guard", "spoofed"]
     assert chains.count("guard") == 1
-    assert {"add": {"counter": {**nft._T, "name": nft.GUARD_MARKER}}} in added
+    assert {"add": INET.counter(GUARD_MARKER)} in added
     newer = [{"chain": {"name": c}} for c in ("guard", "control_out", "fence")]
-    assert nft.feature_update([*old_table, *newer]) == []
+    assert feature_update(Ruleset.FEATURES, [*old_table, *newer]) == []
 
 
 ND_TYPED = """
@@ -240,14 +241,17 @@ def test_a_job_reaches_neither_the_worker_s_services_nor_another_job(
 def test_a_table_made_before_link_control_by_scope_gets_its_counting_chains_rebuilt() -> None:
     """In place, in one transaction: the counting chains are flushed and
     filled again, with the rules of the classes the table has."""
-    from larkns.kernel import nft
+    from larkns.kernel.nft import INET, LINK_CONTROL_MARKER, Ruleset
+    from larkns.kernel.nftexpr import feature_update
 
     chains = ("forward", "input", "output", "postrouting", "prerouting", "guard", "fence")
     old_table: list[dict[str, Any]] = [{"chain": {"name": c}} for c in chains]
     old_table.append({"set": {"name": "cls_Site_4"}})
-    added = nft.feature_update(old_table)
-    assert [c["flush"]["chain"]["name"] for c in added if "flush" in c] == list(nft._HALVES)
+    added = feature_update(Ruleset.FEATURES, old_table)
+    flushed = [c["flush"]["chain"]["name"] for c in added if "flush" in c]
+    assert flushed == ["forward", "input", "output"]
     class_rules = [c for c in added if "@cls_Site_4" in json.dumps(c)]
     assert len(class_rules) == 4  # forward (both ends), input, output
-    assert {"add": {"counter": {**nft._T, "name": nft.LINK_CONTROL_MARKER}}} in added
-    assert nft.feature_update([*old_table, {"chain": {"name": "control_out"}}]) == []
+    assert {"add": INET.counter(LINK_CONTROL_MARKER)} in added
+    newer = [*old_table, {"chain": {"name": "control_out"}}]
+    assert feature_update(Ruleset.FEATURES, newer) == []

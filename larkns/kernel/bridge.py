@@ -23,10 +23,19 @@ them.  This table does the same work at the bridge's hooks:
       chain spoofed: counter name iifname map @dropped; drop
       chain fence    hook forward  priority -300  nothing from one job's port
                      to another's (unicast counted as dropped)
-      chain forward  hook forward  priority 300   count, both ends (link
-                     control first, by scope, as in inet larkns)
-      chain input    hook input    priority 300   (frames to the worker itself)
-      chain output   hook output   priority 300   (frames from the worker)
+      chain prerouting   hook prerouting  priority 300   what a job sends
+                     (iifname: link control first, by scope, as in inet larkns)
+      chain postrouting  hook postrouting priority 300   what a job receives
+                     (oifname)
+
+Each frame is counted once: where it enters the bridge from a job's port,
+and where it leaves by one.  The bridge floods a broadcast or multicast
+frame to every other port and to the worker itself; each copy passes the
+forward (or input) hook, so counting there would bill a job's broadcast
+once per port and once more for the worker.  Something the site floods to
+several jobs reaches each of them, and is counted for each.  A frame the
+fence stops between two jobs' ports was still sent: counted as sent, and
+(unicast) as dropped.
 
 Counters count L3 bytes, as in inet larkns (bridge hooks see the frame from
 its network header on); ARP is not counted, IGMP with TTL 1 to a multicast
@@ -40,131 +49,61 @@ alive.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from larkns.kernel import nftnl
-from larkns.kernel.nft import (
+from larkns.kernel.nft import LarknsTable, NftError, remove_all
+from larkns.kernel.nftexpr import (
     ACCOUNT_PRIORITY,
-    COUNTER_MAPS,
-    LINK_CONTROL_ICMPV6,
-    ROGUE_ICMPV6,
-    ROGUE_UDP_SPORTS,
-    Classes,
-    NftError,
-    _load,
-    _parse,
-    as_family,
-    base_chain,
-    class_declaration,
-    class_maps,
-    class_marker,
-    class_names,
-    class_rules,
-    class_sets_in,
-    class_update,
-    classes_in,
+    GUARD_PRIORITY,
+    Cmd,
+    Expr,
+    Feature,
+    Listing,
+    Table,
+    Tap,
     counter_name,
-    link_control_rules,
+    counting_objects,
+    counting_rules,
+    jump,
+    match,
+    meta,
+    one_or_set,
+    payload,
+    rogue,
+    spoofed,
 )
-from larkns.kernel.nftnl import Nftnl, NftnlError
-from larkns.traffic import Count
 
-FAMILY = "bridge"
-TABLE = "larkns"
-_T = {"family": FAMILY, "table": TABLE}
-GUARD_PRIORITY = -300
-# The link-layer guard, the fence between jobs and link control by scope are
-# part of every table from this marker's version on; a table without them
-# (made by an older larkns, its jobs still running) gets them in place.
-LINK_LAYER_MARKER = "schema.l2"
-_HALVES = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
+BRIDGE = Table(
+    family="bridge",
+    links="ports",
+    taps=(
+        # A frame from a job to the bridge's own MAC ends at the worker (the
+        # bridge marks it PACKET_HOST before the prerouting hook).
+        Tap("prerouting", "iifname", (match(meta("pkttype"), "host"),)),
+        Tap("postrouting", "oifname", ()),
+    ),
+    # the frame's ethertype (the bridge family has no nfproto of IP)
+    versions=(match(meta("protocol"), "ip"), match(meta("protocol"), "ip6")),
+    # a job on the site's L2 hears every multicast listener there
+    igmp=True,
+)
 
 
 def guard_chain(job: str) -> str:
     return f"g-{job}"
 
 
-def _meta(key: str) -> dict[str, Any]:
-    return {"meta": {"key": key}}
+# The link-layer guard and the fence between jobs are part of every table
+# from this marker's version on; a table without them (made by an older
+# larkns, its jobs still running) gets them in place.
+LINK_LAYER_MARKER = "schema.l2"
 
 
-def _payload(proto: str, field: str) -> dict[str, Any]:
-    return {"payload": {"protocol": proto, "field": field}}
-
-
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
-    return {"rule": {**_T, "chain": chain, "expr": list(expr)}}
-
-
-def _count_into(key: str, m: str) -> dict[str, Any]:
-    return {"counter": {"map": {"key": _meta(key), "data": f"@{m}"}}}
-
-
-def _set(values: Sequence[str]) -> Any:
-    return values[0] if len(values) == 1 else {"set": list(values)}
-
-
-def declaration() -> list[dict[str, Any]]:
-    """The table without any job, as `add` commands."""
-
-    objs: list[dict[str, Any]] = [
-        {"table": {"family": FAMILY, "name": TABLE}},
-        {"set": {**_T, "name": "ports", "type": "ifname"}},
-        {"set": {**_T, "name": "link_control", "type": "icmpv6_type"}},
-        {"element": {**_T, "name": "link_control", "elem": LINK_CONTROL_ICMPV6}},
-        {"map": {**_T, "name": "guards", "type": "ifname", "map": "verdict"}},
-    ]
-    objs += [
-        {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
-        for m in COUNTER_MAPS.values()
-    ]
-    objs += [
-        {"chain": {**_T, "name": "spoofed"}},
-        _rule("spoofed", _count_into("iifname", "dropped")),
-        _rule("spoofed", {"drop": None}),
-        base_chain(_T, "guard", "prerouting", GUARD_PRIORITY),
-        base_chain(_T, "forward", "forward", ACCOUNT_PRIORITY),
-        base_chain(_T, "input", "input", ACCOUNT_PRIORITY),
-        base_chain(_T, "output", "output", ACCOUNT_PRIORITY),
-    ]
-    return [{"add": o} for o in objs] + _link_layer([]) + _guards()
-
-
-def _guards() -> list[dict[str, Any]]:
-    """The rule of the guard chain that sends each job's frames to its own
-    guard chain (after _link_layer's)."""
-    return [{"add": _rule("guard", {"vmap": {"key": _meta("iifname"), "data": "@guards"}})}]
-
-
-def _counting(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The counting chains' rules, as `add` commands: link control first
-    (IGMP too: a job on the site's L2 hears every multicast listener there),
-    then each family, then the classes of a listed table (`listing`; empty
-    when the table is being declared, whose classes come after)."""
-    objs = link_control_rules(_T, "ports", igmp=True)
-    for chain, keys in _HALVES.items():
-        for proto, v in (("ip", "4"), ("ip6", "6")):
-            for key in keys:
-                m = ("out" if key == "iifname" else "in") + v
-                objs.append(_rule(chain, _match(_meta("protocol"), proto), _count_into(key, m)))
-    cmds = [{"add": o} for o in objs]
-    for name, version in class_sets_in(listing):
-        cmds += as_family([{"add": r} for r in class_rules(name, version)], FAMILY)
-    return cmds
-
-
-def _link_layer(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What a job may send at the link layer, what it may not send to other
-    jobs, and the counting rules, as commands; for a listed table made before
-    them (`listing` not empty), added in place, in one transaction.
+def _link_layer(_listing: Listing) -> list[Cmd]:
+    """What a job may send at the link layer, and what it may not send to
+    other jobs, as commands.
 
     From a job's port only untagged IPv4, IPv6 and ARP: a VLAN tag (even
     VLAN 0, a priority tag, which the site takes for untagged) would hide a
@@ -177,32 +116,54 @@ def _link_layer(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the bridge floods (broadcast, multicast) dropped quietly.  As in inet
     larkns, a policy that lets some jobs reach each other would go here.
     """
-    from_job = _match(_meta("iifname"), "@ports")
-    spoofed = {"jump": {"target": "spoofed"}}
-    reserved = {"&": [_payload("ether", "daddr"), "ff:ff:ff:ff:ff:f0"]}
-    group = {"&": [_payload("ether", "daddr"), "01:00:00:00:00:00"]}
-    l2 = _rule("guard", from_job, {"jump": {"target": "link_layer"}})
-    objs: list[dict[str, Any]] = [
-        {"chain": {**_T, "name": "link_layer"}},
-        _rule(
-            "link_layer",
-            _match(_payload("ether", "type"), {"set": ["ip", "ip6", "arp"]}, "!="),
-            spoofed,
-        ),
-        _rule("link_layer", _match(reserved, "01:80:c2:00:00:00"), spoofed),
-        base_chain(_T, "guard_in", "input", GUARD_PRIORITY),
-        _rule("guard_in", from_job, {"jump": {"target": "link_layer"}}),
-        base_chain(_T, "fence", "forward", GUARD_PRIORITY),
-        _rule("fence", from_job, _match(_meta("oifname"), "@ports"),
-              _match(group, "00:00:00:00:00:00"), spoofed),
-        _rule("fence", from_job, _match(_meta("oifname"), "@ports"), {"drop": None}),
-        {"counter": {**_T, "name": LINK_LAYER_MARKER}},
+    t = BRIDGE
+    from_job = match(meta("iifname"), "@ports")
+    to_job = match(meta("oifname"), "@ports")
+    to_spoofed = jump("spoofed")
+    reserved = {"&": [payload("ether", "daddr"), "ff:ff:ff:ff:ff:f0"]}
+    group = {"&": [payload("ether", "daddr"), "01:00:00:00:00:00"]}
+    objs: list[Expr] = [
+        t.chain("link_layer"),
+        t.rule("link_layer",
+               match(payload("ether", "type"), {"set": ["ip", "ip6", "arp"]}, "!="), to_spoofed),
+        t.rule("link_layer", match(reserved, "01:80:c2:00:00:00"), to_spoofed),
+        t.base_chain("guard_in", "input", GUARD_PRIORITY),
+        t.rule("guard_in", from_job, jump("link_layer")),
+        t.base_chain("fence", "forward", GUARD_PRIORITY),
+        t.rule("fence", from_job, to_job, match(group, "00:00:00:00:00:00"), to_spoofed),
+        t.rule("fence", from_job, to_job, {"drop": None}),
+        t.counter(LINK_LAYER_MARKER),
     ]  # fmt: skip
-    if not listing:
-        return [{"add": o} for o in [*objs, l2]] + _counting(listing)
-    flush = [{"flush": {"chain": {**_T, "name": c}}} for c in _HALVES]
-    # `insert`: at the head of the guard chain, before each job's own.
-    return flush + [{"add": o} for o in objs] + [{"insert": l2}] + _counting(listing)
+    # At the head of the guard chain, before each job's own.
+    return [{"add": o} for o in objs] + [{"insert": t.rule("guard", from_job, jump("link_layer"))}]
+
+
+# Counting at prerouting and postrouting (each frame once) is part of every
+# table from this marker's version on; tables made before it counted at
+# forward, input and output, and get their counting moved in place.
+COUNT_ONCE_MARKER = "schema.l2once"
+_OLD_COUNTING = ("forward", "input", "output")
+
+
+def _counting(listing: Listing) -> list[Cmd]:
+    """The counting chains and their rules, as commands.  For a listed table
+    that counted at forward, input and output, those chains go and the
+    link-control chains are filled again, in the same transaction: a frame
+    is counted by the old rules or by the new, and the counters keep their
+    values."""
+    t = BRIDGE
+    chains = {o["chain"]["name"] for o in listing if "chain" in o}
+    old = [c for c in _OLD_COUNTING if c in chains]
+    cmds: list[Cmd] = [
+        {"flush": t.chain(c)} for c in [*old, "control_out", "control_in"] if c in chains
+    ]
+    cmds += [{"delete": t.chain(c)} for c in old]
+    objs = [
+        t.base_chain("prerouting", "prerouting", ACCOUNT_PRIORITY),
+        t.base_chain("postrouting", "postrouting", ACCOUNT_PRIORITY),
+        t.counter(COUNT_ONCE_MARKER),
+    ]
+    return cmds + [{"add": o} for o in objs] + counting_rules(t, listing)
 
 
 def guard_rules(
@@ -210,104 +171,57 @@ def guard_rules(
     mac: str,
     ipv4: ipaddress.IPv4Address | None,
     ipv6: Sequence[ipaddress.IPv6Address],
-) -> list[dict[str, Any]]:
+) -> list[Expr]:
     """The rules of job `job`'s guard chain: anything else it sends is spoofed."""
+    t = BRIDGE
     chain = guard_chain(job)
-    spoofed = {"jump": {"target": "spoofed"}}
+    to_spoofed = jump("spoofed")
     v4 = ["0.0.0.0"] + ([str(ipv4)] if ipv4 else [])
     v6 = [str(a) for a in ipv6]
     # The ND target, at byte 8 of the ICMPv6 header, as a 128-bit integer.
     targets = [hex(int(a)) for a in ipv6]
     target = {"payload": {"base": "th", "offset": 64, "len": 128}}
-    rules = [
-        _rule(chain, _match(_payload("ether", "saddr"), mac, "!="), spoofed),
-        _rule(chain, _match(_payload("arp", "saddr ether"), mac, "!="), spoofed),
-        _rule(chain, _match(_payload("arp", "saddr ip"), _set(v4), "!="), spoofed),
-        _rule(chain, _match(_payload("ip", "saddr"), _set(v4), "!="), spoofed),
-        _rule(chain, _match(_payload("udp", "sport"), {"set": ROGUE_UDP_SPORTS}), spoofed),
-        _rule(chain, _match(_payload("icmpv6", "type"), {"set": ROGUE_ICMPV6}), spoofed),
-        _rule(chain, _match(_payload("ip6", "saddr"), _set(["::", *v6]), "!="), spoofed),
-        _rule(
+    return [
+        t.rule(chain, match(payload("ether", "saddr"), mac, "!="), to_spoofed),
+        t.rule(chain, match(payload("arp", "saddr ether"), mac, "!="), to_spoofed),
+        t.rule(chain, match(payload("arp", "saddr ip"), one_or_set(v4), "!="), to_spoofed),
+        t.rule(chain, match(payload("ip", "saddr"), one_or_set(v4), "!="), to_spoofed),
+        *(t.rule(chain, m, to_spoofed) for m in rogue()),
+        t.rule(chain, match(payload("ip6", "saddr"), one_or_set(["::", *v6]), "!="), to_spoofed),
+        t.rule(
             chain,
-            _match(_payload("icmpv6", "type"), "nd-neighbor-advert"),
-            _match(target, _set(targets), "!="),
-            spoofed,
+            match(payload("icmpv6", "type"), "nd-neighbor-advert"),
+            match(target, one_or_set(targets), "!="),
+            to_spoofed,
         ),
     ]
-    return rules
 
 
-class BridgeRuleset:
-    """The `bridge larkns` table in the calling thread's network namespace."""
+class BridgeRuleset(LarknsTable):
+    """The `bridge larkns` table in the calling thread's network namespace.
 
-    def __init__(self, classes: Classes = ()) -> None:
-        # The admin's traffic classes, counted as in inet larkns (the same
-        # sets, maps, rules and markers, in this table).
-        self.classes = classes
-        self._markers = [LINK_LAYER_MARKER]
-        self._markers += [class_marker(name, nets) for name, nets in classes]
-        self._nft = _load()
-        self._nl = Nftnl(nftnl.NFPROTO_BRIDGE)
+    The admin's traffic classes are counted as in inet larkns (the same
+    sets, maps, rules and markers, in this table)."""
 
-    def _maps(self, classes: Sequence[str] | None) -> dict[str, str]:
-        names = class_names(self.classes) if classes is None else classes
-        return {**COUNTER_MAPS, **class_maps(names)}
+    SPEC = BRIDGE
+    FEATURES = (
+        Feature(LINK_LAYER_MARKER, "link_layer", _link_layer),
+        Feature(COUNT_ONCE_MARKER, "postrouting", _counting),
+    )
+    NFPROTO = nftnl.NFPROTO_BRIDGE
 
-    def serves_classes(self) -> bool:
-        """Whether the table is as this process needs it: it has the
-        link-layer guard and counts this process's classes as configured."""
-        try:
-            found = self._nl.counters(TABLE, self._markers)
-        except NftnlError:
-            return False
-        return len(found) == len(self._markers)
-
-    def update_classes(self) -> None:
-        """Bring the table in line with this process's classes (under the
-        journal's exclusive lock, as for inet larkns)."""
-        if not self.has_table():
-            self.ensure_table()
-            return
-        listing = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
-        cmds = []
-        if not any(o.get("chain", {}).get("name") == "link_layer" for o in listing):
-            cmds += _link_layer(listing)
-        cmds += as_family(class_update(self.classes, as_family(listing, "inet")), FAMILY)
-        if cmds:
-            self._run(cmds)
-
-    def close(self) -> None:
-        self._nl.close()
-
-    def _run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rc, out, err = self._nft.cmd(json.dumps({"nftables": commands}))
-        if rc != 0:
-            raise NftError(err.strip().splitlines()[0] if err.strip() else f"nft failed (rc {rc})")
-        return _parse(out)
-
-    def has_table(self) -> bool:
-        rc, out, _err = self._nft.cmd(
-            json.dumps({"nftables": [{"list": {"tables": {"family": FAMILY}}}]})
-        )
-        return rc == 0 and any(o.get("table", {}).get("name") == TABLE for o in _parse(out))
-
-    def ensure_table(self) -> None:
-        """Declare the table unless it is there (whole: one transaction)."""
-        if self.has_table():
-            return
-        create = [{"create": {"table": {"family": FAMILY, "name": TABLE}}}]
-        classes = as_family(class_declaration(self.classes), FAMILY)
-        try:
-            self._run(create + declaration()[1:] + classes)
-        except NftError:
-            if not self.has_table():
-                raise
-
-    def delete_table(self) -> bool:
-        rc, _out, _err = self._nft.cmd(
-            json.dumps({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})
-        )
-        return bool(rc == 0)
+    def _objects(self) -> list[Expr]:
+        t = BRIDGE
+        return [
+            t.set("ports", "ifname"),
+            *counting_objects(t),
+            t.map("guards", "ifname", "verdict"),
+            *spoofed(t),
+            t.base_chain("guard", "prerouting", GUARD_PRIORITY),
+            # each job's frames to its own guard chain (after the link
+            # layer's rule, which goes to the head)
+            t.rule("guard", {"vmap": {"key": meta("iifname"), "data": "@guards"}}),
+        ]
 
     def add_job(
         self,
@@ -319,20 +233,16 @@ class BridgeRuleset:
     ) -> None:
         """The job's counters, map entries and guard chain, in one transaction."""
         self.ensure_table()
+        t = BRIDGE
         chain = guard_chain(job)
-        maps = self._maps(None)
-        cmds: list[dict[str, Any]] = [
-            {"add": {"counter": {**_T, "name": counter_name(job, k)}}} for k in maps
-        ]
+        cmds: list[Cmd] = [{"add": t.counter(counter_name(job, k))} for k in self.maps]
         cmds += [
-            {"add": {"element": {**_T, "name": m, "elem": [[port, counter_name(job, k)]]}}}
-            for k, m in maps.items()
+            {"add": t.element(m, [[port, counter_name(job, k)]])} for k, m in self.maps.items()
         ]
-        cmds.append({"add": {"chain": {**_T, "name": chain}}})
+        cmds.append({"add": t.chain(chain)})
         cmds += [{"add": r} for r in guard_rules(job, mac, ipv4, ipv6)]
-        verdict = {"jump": {"target": chain}}
-        cmds.append({"add": {"element": {**_T, "name": "guards", "elem": [[port, verdict]]}}})
-        cmds.append({"add": {"element": {**_T, "name": "ports", "elem": [port]}}})
+        cmds.append({"add": t.element("guards", [[port, jump(chain)]])})
+        cmds.append({"add": t.element("ports", [port])})
         try:
             self._run(cmds)
         except NftError:
@@ -348,72 +258,29 @@ class BridgeRuleset:
         ipv6: Sequence[ipaddress.IPv6Address],
     ) -> None:
         """Replace what job `job` may send from (its SLAAC addresses came)."""
-        chain = guard_chain(job)
-        cmds: list[dict[str, Any]] = [{"flush": {"chain": {**_T, "name": chain}}}]
+        cmds: list[Cmd] = [{"flush": BRIDGE.chain(guard_chain(job))}]
         cmds += [{"add": r} for r in guard_rules(job, mac, ipv4, ipv6)]
         self._run(cmds)
 
     def remove_job(self, job: str, port: str | None, classes: Sequence[str] | None = None) -> bool:
         """Remove everything of `job` (counted in `classes`: by default this
-        process's); True if anything was there.  One transaction, or object
-        by object when part of it is gone."""
+        process's); True if anything was there (remove_all)."""
+        t = BRIDGE
         maps = self._maps(classes)
-        cmds: list[dict[str, Any]] = []
+        cmds: list[Cmd] = []
         if port is not None:
-            cmds.append({"delete": {"element": {**_T, "name": "guards", "elem": [port]}}})
-            cmds.append({"delete": {"element": {**_T, "name": "ports", "elem": [port]}}})
-            cmds += [
-                {"delete": {"element": {**_T, "name": m, "elem": [port]}}} for m in maps.values()
-            ]
-        cmds.append({"delete": {"chain": {**_T, "name": guard_chain(job)}}})
-        cmds += [{"delete": {"counter": {**_T, "name": counter_name(job, k)}}} for k in maps]
-        try:
-            self._run(cmds)
-            return True
-        except NftError:
-            pass
-        removed = False
-        for c in cmds:
-            with contextlib.suppress(NftError):
-                self._run([c])
-                removed = True
-        return removed
-
-    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool:
-        """Whether all of the job's counters exist (here, not in inet larkns)."""
-        maps = self._maps(classes)
-        try:
-            got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
-        except NftnlError:
-            return False
-        return len(got) == len(maps)
-
-    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
-        maps = self._maps(classes)
-        try:
-            got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
-        except NftnlError:
-            got = {}
-        return {
-            k: Count(*got.get(counter_name(job, k), (0, 0)))  # packets, bytes
-            for k in maps
-        }
-
-    def table_classes(self) -> tuple[str, ...]:
-        """Every class the table has maps for (for orphans, whose records
-        are gone)."""
-        if not self.has_table():
-            return ()
-        listing = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
-        return classes_in(as_family(listing, "inet"))
+            cmds += [{"delete": t.element(s, [port])} for s in ("guards", "ports")]
+            cmds += [{"delete": t.element(m, [port])} for m in maps.values()]
+        cmds.append({"delete": t.chain(guard_chain(job))})
+        cmds += [{"delete": t.counter(counter_name(job, k))} for k in maps]
+        return remove_all(cmds, self._run, NftError)
 
     def jobs(self) -> set[str]:
         """Jobs with a guard chain here (for gc)."""
         if not self.has_table():
             return set()
-        listing = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
         return {
             o["chain"]["name"][2:]
-            for o in listing
+            for o in self._listing()
             if "chain" in o and o["chain"]["name"].startswith("g-")
         }

@@ -62,74 +62,58 @@ whole ruleset before each command and so gets slower with every job alive.
 
 Counters are named objects: read by name, never reset, and they could be
 re-created with their old values should someone flush the ruleset.
+
+What this table and `bridge larkns` (bridge.py) do alike is LarknsTable's;
+the JSON both are made of is nftexpr.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from larkns.kernel import nftnl
+from larkns.kernel.nftexpr import (
+    ACCOUNT_PRIORITY,
+    GUARD_PRIORITY,
+    Classes,
+    Cmd,
+    Expr,
+    Feature,
+    Listing,
+    Table,
+    Tap,
+    class_declaration,
+    class_maps,
+    class_marker,
+    class_names,
+    class_update,
+    classes_in,
+    count_into,
+    counter_name,
+    counting_objects,
+    counting_rules,
+    feature_update,
+    goto,
+    jump,
+    match,
+    meta,
+    parse,
+    payload,
+    rogue,
+    spoofed,
+)
+
+# The names bench/ knows them by.
+from larkns.kernel.nftexpr import COUNTER_KEYS as COUNTER_KEYS
+from larkns.kernel.nftexpr import COUNTER_MAPS as COUNTER_MAPS
 from larkns.kernel.nftnl import Nftnl, NftnlError
 from larkns.traffic import Count
-
-FAMILY = "inet"
-TABLE = "larkns"
-_T = {"family": FAMILY, "table": TABLE}
-
-# Counting runs after other tables' filter chains (priority 0), so a packet
-# some firewall drops is not billed to the job.
-ACCOUNT_PRIORITY = 300
-
-# ICMPv6 that keeps a link working (router and neighbour discovery, MLD):
-# counted apart from the job's traffic, so job byte counts are exactly what
-# the job sent and received beyond its link.
-LINK_CONTROL_ICMPV6 = [
-    "mld-listener-query",
-    "mld-listener-report",
-    "mld-listener-done",
-    "nd-router-solicit",
-    "nd-router-advert",
-    "nd-neighbor-solicit",
-    "nd-neighbor-advert",
-    "nd-redirect",
-    "mld2-listener-report",
-]
-
-# counter key -> the map that leads to it
-COUNTER_MAPS = {
-    "out4": "out4",
-    "out6": "out6",
-    "in4": "in4",
-    "in6": "in6",
-    "ctl-out": "ctl_out",
-    "ctl-in": "ctl_in",
-    # what the guard dropped: spoofed sources, rogue RAs and DHCP servers
-    "drop": "dropped",
-}
-COUNTER_KEYS = tuple(COUNTER_MAPS)
-# NAME-out4, NAME-ctl-in, NAME-cout-Campus, ...: the job's name is group 1.
-_COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|drop|cout-\w+|cin-\w+)")
-# class.NAME.FINGERPRINT: no "-" in it (class names and hex digits have none),
-# so it can never be taken for a job's counter, nor a job's for it.
-MARKER_PREFIX = "class."
-# The guard (chain guard, prerouting, before conntrack) is part of every
-# table from this marker's version on; a table without it (made by an older
-# larkns, its jobs still running) gets it added in place.
-GUARD_MARKER = "schema.guard.src"
-GUARD_PRIORITY = -300
-# What a job may not send: router advertisements and redirects (it would be
-# the worker's router), DHCP server replies (v4 from port 67, v6 from 547).
-ROGUE_ICMPV6 = ["nd-router-advert", "nd-redirect"]
-ROGUE_UDP_SPORTS = [67, 547]
-# the chains that count, and which end of a job's link each one sees
-_HALVES = {"forward": ("iifname", "oifname"), "input": ("iifname",), "output": ("oifname",)}
 
 
 class NftError(Exception):
@@ -154,170 +138,178 @@ def _load() -> Any:
     return nft
 
 
-def counter_name(job: str, key: str) -> str:
-    return f"{job}-{key}"
+_Op = TypeVar("_Op")
 
 
-def base_chain(
-    table: dict[str, str], name: str, hook: str, prio: int, ctype: str = "filter"
-) -> dict[str, Any]:
-    """A base chain of `table` (family and name), accepting by default."""
-    return {
-        "chain": {
-            **table,
-            "name": name,
-            "type": ctype,
-            "hook": hook,
-            "prio": prio,
-            "policy": "accept",
-        }
-    }
+def remove_all(ops: list[_Op], run: Callable[[list[_Op]], object], error: type[Exception]) -> bool:
+    """Run removals `ops` as one transaction; when part of what they remove
+    is gone already (a half-built or half-removed job), the kernel refuses
+    the whole, so then each on its own.  True if anything was removed."""
+    try:
+        run(ops)
+        return True
+    except error:
+        pass
+    removed = False
+    for op in ops:
+        with contextlib.suppress(error):
+            run([op])
+            removed = True
+    return removed
 
 
-def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
-    return {"rule": {**_T, "chain": chain, "expr": list(expr)}}
+class LarknsTable:
+    """One of larkns's tables in the calling thread's network namespace: what
+    the inet and the bridge table do alike.
 
-
-def _meta(key: str) -> dict[str, Any]:
-    return {"meta": {"key": key}}
-
-
-def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _count_into(key: str, m: str) -> dict[str, Any]:
-    return {"counter": {"map": {"key": _meta(key), "data": f"@{m}"}}}
-
-
-Classes = tuple[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]], ...]
-Net = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def class_names(classes: Classes) -> tuple[str, ...]:
-    return tuple(name for name, _ in classes)
-
-
-def class_maps(names: Iterable[str]) -> dict[str, str]:
-    """counter key -> map, for the admin's traffic classes (cout-NAME: bytes
-    the job sent to the class's prefixes; cin-NAME: received from them)."""
-    out = {}
-    for name in names:
-        out[f"cout-{name}"] = f"cout_{name}"
-        out[f"cin-{name}"] = f"cin_{name}"
-    return out
-
-
-def class_marker(name: str, nets: Sequence[Net]) -> str:
-    """The name of the marker that says class `name` is in the table with `nets`."""
-    canonical = ",".join(sorted(str(n) for n in nets))
-    return f"{MARKER_PREFIX}{name}.{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
-
-
-def class_rules(name: str, version: int) -> list[dict[str, Any]]:
-    """The rules that count a job's traffic to and from one family of a class."""
-    proto = "ip" if version == 4 else "ip6"
-    rules = []
-    for chain, keys in _HALVES.items():
-        for key in keys:
-            # From the job (iifname) to the class: its destination; to the
-            # job (oifname) from the class: its source.
-            field = "daddr" if key == "iifname" else "saddr"
-            m = f"cout_{name}" if key == "iifname" else f"cin_{name}"
-            match = _match(
-                {"payload": {"protocol": proto, "field": field}}, f"@cls_{name}_{version}"
-            )
-            rules.append(_rule(chain, match, _count_into(key, m)))
-    return rules
-
-
-def _prefixes(nets: Sequence[Net], version: int) -> list[dict[str, Any]]:
-    return [
-        {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
-        for n in nets
-        if n.version == version
-    ]
-
-
-def _class_set(name: str, version: int) -> dict[str, Any]:
-    kind = "ipv4_addr" if version == 4 else "ipv6_addr"
-    return {"set": {**_T, "name": f"cls_{name}_{version}", "type": kind, "flags": ["interval"]}}
-
-
-def _class_map(m: str) -> dict[str, Any]:
-    return {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
-
-
-def _class_declaration(classes: Classes) -> list[dict[str, Any]]:
-    """Each class's sets, maps, marker and rules, as `add` commands."""
-    cmds: list[dict[str, Any]] = []
-    for name, nets in classes:
-        for version in (4, 6):
-            elems = _prefixes(nets, version)
-            if elems:
-                cmds.append({"add": _class_set(name, version)})
-                cmds.append(
-                    {"add": {"element": {**_T, "name": f"cls_{name}_{version}", "elem": elems}}}
-                )
-        cmds += [{"add": _class_map(m)} for m in class_maps([name]).values()]
-        cmds.append({"add": {"counter": {**_T, "name": class_marker(name, nets)}}})
-        for version in (4, 6):
-            if _prefixes(nets, version):
-                cmds += [{"add": r} for r in class_rules(name, version)]
-    return cmds
-
-
-def class_update(classes: Classes, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Commands that make the listed table count `classes` as configured.
-
-    Only classes without their marker are touched.  A new class gets its
-    sets, maps and rules; rules are appended to the chains, after the
-    link-control rules (counting rules do not end the chain, so where
-    they stand among them does not matter).  A class already there gets its
-    sets refilled (flush and add, within the transaction: a packet sees the
-    old prefixes or the new ones); a family it no longer has keeps an empty
-    set, so its rules match nothing, and a family it gains gets its set and
-    rules.  Objects that should not exist yet are made with `create`, which
-    fails if they do: should a process ever get here without the journal's
-    lock, it fails rather than add a class's rules twice (counting twice).
+    A subclass names its table (SPEC), the objects it has without any job
+    (_objects) and the parts added since its first version (FEATURES), and
+    adds and removes jobs.  Here: declaring the table, bringing it in line
+    with this process's traffic classes, and reading a job's counters.
     """
-    sets = {o["set"]["name"] for o in table if "set" in o}
-    maps = {o["map"]["name"] for o in table if "map" in o}
-    markers = {
-        o["counter"]["name"]
-        for o in table
-        if "counter" in o and o["counter"]["name"].startswith(MARKER_PREFIX)
-    }
-    cmds: list[dict[str, Any]] = []
-    for name, nets in classes:
-        marker = class_marker(name, nets)
-        if marker in markers:
-            continue
-        cmds += [{"create": _class_map(m)} for m in class_maps([name]).values() if m not in maps]
-        for version in (4, 6):
-            set_name = f"cls_{name}_{version}"
-            elems = _prefixes(nets, version)
-            element = {"element": {**_T, "name": set_name, "elem": elems}}
-            if set_name in sets:
-                cmds.append({"flush": {"set": {**_T, "name": set_name}}})
-                if elems:
-                    cmds.append({"add": element})
-            elif elems:
-                cmds.append({"create": _class_set(name, version)})
-                cmds.append({"add": element})
-                cmds += [{"add": r} for r in class_rules(name, version)]
-        # The old prefixes' marker goes: a process configured with them must
-        # bring them back rather than take the table for its own.
-        cmds += [
-            {"delete": {"counter": {**_T, "name": old}}}
-            for old in sorted(markers)
-            if old.startswith(f"{MARKER_PREFIX}{name}.")
-        ]
-        cmds.append({"create": {"counter": {**_T, "name": marker}}})
-    return cmds
+
+    SPEC: ClassVar[Table]
+    FEATURES: ClassVar[tuple[Feature, ...]]
+    NFPROTO: ClassVar[int]
+
+    def __init__(self, classes: Classes = ()) -> None:
+        self.classes = classes
+        # every counter a job set up by this process gets: key -> its map
+        self.maps = {**COUNTER_MAPS, **class_maps(class_names(classes))}
+        self._markers = [f.marker for f in self.FEATURES]
+        self._markers += [class_marker(name, nets) for name, nets in classes]
+        self._nft = _load()
+        self._nl = Nftnl(self.NFPROTO)
+        self._ready = False  # the table was there at our last look
+
+    def _objects(self) -> list[Expr]:
+        """The table's objects before any feature, class or job."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._nl.close()
+
+    def _run(self, commands: list[Cmd]) -> Listing:
+        rc, out, err = self._nft.cmd(json.dumps({"nftables": commands}))
+        if rc != 0:
+            raise NftError(err.strip().splitlines()[0] if err.strip() else f"nft failed (rc {rc})")
+        return parse(out)
+
+    def _listing(self) -> Listing:
+        return self._run([self.SPEC.listing()])
+
+    def _maps(self, classes: Sequence[str] | None) -> dict[str, str]:
+        """A job's counter keys and maps: those of `classes` (the job's, from
+        its record), or by default those this process gives a new job."""
+        if classes is None:
+            return self.maps
+        return {**COUNTER_MAPS, **class_maps(classes)}
+
+    def has_table(self) -> bool:
+        # "list tables" costs the same with 1 or 500 jobs; listing the table
+        # itself would return every job's objects.
+        rc, out, _err = self._nft.cmd(
+            json.dumps({"nftables": [{"list": {"tables": {"family": self.SPEC.family}}}]})
+        )
+        return rc == 0 and any(o.get("table", {}).get("name") == self.SPEC.name for o in parse(out))
+
+    def delete_table(self) -> bool:
+        self._ready = False
+        rc, _out, _err = self._nft.cmd(json.dumps({"nftables": [{"delete": self.SPEC.table()}]}))
+        return bool(rc == 0)
+
+    def ensure_table(self) -> None:
+        """Declare the table, unless present (whole or not at all: one transaction)."""
+        if not self.has_table():
+            # "create" fails if the table exists: two jobs starting at once on
+            # an idle node must not both declare it (its rules would be there
+            # twice, and count every packet twice).
+            cmds = [{"create": self.SPEC.table()}, *({"add": o} for o in self._objects())]
+            # The counting rules come with their feature; class rules after
+            # them, as when a class is added to a live table.
+            cmds += [c for f in self.FEATURES for c in f.commands([])]
+            cmds += class_declaration(self.SPEC, self.classes)
+            try:
+                self._run(cmds)
+            except NftError:
+                if not self.has_table():
+                    raise
+        self._ready = True
+
+    def serves_classes(self) -> bool:
+        """Whether the table is as this process needs it: it has every
+        feature and counts this process's classes as configured (all their
+        markers are there).  One netlink round trip, whatever the number
+        of jobs; False if the table is missing."""
+        return len(self._nl.counters(self.SPEC.name, self._markers)) == len(self._markers)
+
+    def update_classes(self) -> None:
+        """Bring the table in line with this process's features and classes,
+        in one transaction, declaring it if missing.
+
+        Lists the whole table (slow with many jobs alive): only for when
+        serves_classes() says no, and only with every other process that
+        could do the same shut out (the caller holds the journal's exclusive
+        lock), since two that add the same class at once would count it twice.
+        """
+        if not self.has_table():
+            self.ensure_table()
+            return
+        listing = self._listing()
+        cmds = feature_update(self.FEATURES, listing)
+        cmds += class_update(self.SPEC, self.classes, listing)
+        if cmds:
+            self._run(cmds)
+        self._ready = True
+
+    def table_classes(self) -> tuple[str, ...]:
+        """Every class the table has maps for, whichever process added it:
+        for a job whose record does not say which it has (lists the whole
+        table: slow with many jobs alive)."""
+        if not self.has_table():
+            return ()
+        return classes_in(self._listing())
+
+    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
+        """The job's counters by key (out4, in6, cout-NAME, ...), for the job's
+        `classes` (by default: this process's); missing ones read as zero."""
+        maps = self._maps(classes)
+        got = self._nl.counters(self.SPEC.name, [counter_name(job, k) for k in maps])
+        return {k: Count(*got.get(counter_name(job, k), (0, 0))) for k in maps}
+
+    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool:
+        """Whether all of the job's counters exist."""
+        maps = self._maps(classes)
+        got = self._nl.counters(self.SPEC.name, [counter_name(job, k) for k in maps])
+        return len(got) == len(maps)
 
 
-def _guard() -> list[dict[str, Any]]:
+# -- inet larkns ------------------------------------------------------------
+
+INET = Table(
+    family="inet",
+    links="job_links",
+    taps=(
+        # From the job, forwarded: it may go on beyond the worker.
+        Tap("forward", "iifname", None),
+        Tap("forward", "oifname", ()),
+        Tap("input", "iifname", ()),
+        Tap("output", "oifname", ()),
+    ),
+    versions=(match(meta("nfproto"), "ipv4"), match(meta("nfproto"), "ipv6")),
+)
+TABLE = INET.name
+# NAME-out4, NAME-ctl-in, NAME-cout-Campus, ...: the job's name is group 1.
+_COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|drop|cout-\w+|cin-\w+)")
+
+
+# The guard (chain guard, prerouting, before conntrack) is part of every
+# table from this marker's version on; a table without it (made by an older
+# larkns, its jobs still running) gets it added in place.
+GUARD_MARKER = "schema.guard.src"
+
+
+def _guard(_listing: Listing) -> list[Cmd]:
     """The guard's chains, sets, map, rules and marker, as `add` commands.
 
     Anti-spoofing: a packet from a job's link must come from one of the
@@ -329,49 +321,29 @@ def _guard() -> list[dict[str, Any]]:
     Gbit/s); skipping it for established flows would let a job inject into
     another job's flow by taking its address.
     """
-    from_job = _match(_meta("iifname"), "@job_links")
-    spoofed = {"jump": {"target": "spoofed"}}
+    t = INET
+    from_job = match(meta("iifname"), "@job_links")
+    to_spoofed = jump("spoofed")
 
-    def src(proto: str) -> dict[str, Any]:
-        return {"concat": [_meta("iifname"), {"payload": {"protocol": proto, "field": "saddr"}}]}
+    def src(proto: str) -> Expr:
+        return {"concat": [meta("iifname"), payload(proto, "saddr")]}
 
-    objs: list[dict[str, Any]] = [
-        {"map": {**_T, "name": "dropped", "type": "ifname", "map": "counter"}},
-        {"set": {**_T, "name": "job_src4", "type": ["ifname", "ipv4_addr"]}},
-        {"set": {**_T, "name": "job_src6", "type": ["ifname", "ipv6_addr"]}},
-        base_chain(_T, "guard", "prerouting", GUARD_PRIORITY),
-        {"chain": {**_T, "name": "spoofed"}},
-        _rule(
+    objs: list[Expr] = [
+        t.map("dropped", "ifname", "counter"),
+        t.set("job_src4", ["ifname", "ipv4_addr"]),
+        t.set("job_src6", ["ifname", "ipv6_addr"]),
+        t.base_chain("guard", "prerouting", GUARD_PRIORITY),
+        *spoofed(t),
+        *(t.rule("guard", from_job, m, to_spoofed) for m in rogue()),
+        t.rule("guard", from_job, t.versions[0], match(src("ip"), "@job_src4", "!="), to_spoofed),
+        t.rule(
             "guard",
             from_job,
-            _match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": ROGUE_ICMPV6}),
-            spoofed,
+            match(payload("ip6", "saddr"), "::", "!="),
+            match(src("ip6"), "@job_src6", "!="),
+            to_spoofed,
         ),
-        _rule(
-            "guard",
-            from_job,
-            _match({"payload": {"protocol": "udp", "field": "sport"}}, {"set": ROGUE_UDP_SPORTS}),
-            spoofed,
-        ),
-        _rule(
-            "guard",
-            from_job,
-            _match(_meta("nfproto"), "ipv4"),
-            _match(src("ip"), "@job_src4", "!="),
-            spoofed,
-        ),
-        _rule(
-            "guard",
-            from_job,
-            _match({"payload": {"protocol": "ip6", "field": "saddr"}}, "::", "!="),
-            _match(src("ip6"), "@job_src6", "!="),
-            spoofed,
-        ),
-        # Counted apart (a job of an older table has no counter here: the
-        # lookup then ends this rule, and the next one still drops).
-        _rule("spoofed", _count_into("iifname", "dropped")),
-        _rule("spoofed", {"drop": None}),
-        {"counter": {**_T, "name": GUARD_MARKER}},
+        t.counter(GUARD_MARKER),
     ]
     return [{"add": o} for o in objs]
 
@@ -380,131 +352,44 @@ INBOUND_MARKER = "schema.inbound"
 INBOUND_PRIORITY = -100  # dstnat
 
 
-def _inbound() -> list[dict[str, Any]]:
+def _inbound(_listing: Listing) -> list[Cmd]:
     """Forwarded ports (nat mode): a new TCP or UDP connection to one of the
     worker's own addresses, on a port of a job's range, goes to that job.
     The maps are keyed by port: each job adds its ports, nothing else."""
-    dport = {"payload": {"protocol": "th", "field": "dport"}}
-    local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-    l4 = _match(_meta("l4proto"), {"set": ["tcp", "udp"]})
-    objs: list[dict[str, Any]] = [
-        {"map": {**_T, "name": "inbound4", "type": "inet_service", "map": "ipv4_addr"}},
-        {"map": {**_T, "name": "inbound6", "type": "inet_service", "map": "ipv6_addr"}},
-        base_chain(_T, "prerouting", "prerouting", INBOUND_PRIORITY, "nat"),
+    t = INET
+    dport = payload("th", "dport")
+    local = match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    l4 = match(meta("l4proto"), {"set": ["tcp", "udp"]})
+    objs: list[Expr] = [
+        t.map("inbound4", "inet_service", "ipv4_addr"),
+        t.map("inbound6", "inet_service", "ipv6_addr"),
+        t.base_chain("prerouting", "prerouting", INBOUND_PRIORITY, "nat"),
     ]
-    for fam, m in (("ip", "inbound4"), ("ip6", "inbound6")):
-        nfproto = _match(_meta("nfproto"), "ipv4" if fam == "ip" else "ipv6")
+    for fam, m, version in (("ip", "inbound4", t.versions[0]), ("ip6", "inbound6", t.versions[1])):
         dnat = {"dnat": {"family": fam, "addr": {"map": {"key": dport, "data": f"@{m}"}}}}
-        objs.append(_rule("prerouting", nfproto, local, l4, dnat))
-    objs.append({"counter": {**_T, "name": INBOUND_MARKER}})
+        objs.append(t.rule("prerouting", version, local, l4, dnat))
+    objs.append(t.counter(INBOUND_MARKER))
     return [{"add": o} for o in objs]
 
 
-# Addresses a packet never crosses a router with: nothing is forwarded from
-# the unspecified or a link-local source, nor to a link-local or
-# link-scope multicast destination (RFC 4291).
-LINK_SOURCES6: list[Any] = ["::", {"prefix": {"addr": "fe80::", "len": 10}}]
-LINK_DESTINATIONS6: list[Any] = [
-    {"prefix": {"addr": "fe80::", "len": 10}},
-    {"prefix": {"addr": "ff02::", "len": 16}},
-]
 LINK_CONTROL_MARKER = "schema.linkctl"
-# The counting chains' names, keyed by the hook they count at.
-COUNTING_CHAINS = tuple(_HALVES)
 
 
-def link_control_rules(table: dict[str, str], links: str, igmp: bool) -> list[dict[str, Any]]:
-    """Chains control_out and control_in (count into the job's link-control
-    counters), and the rules, for the head of each counting chain, that send
-    link control there (`goto`: nothing after counts it again).
-
-    Link control is ICMPv6 of a link-control type that stays on the link:
-    from a link source or to a link destination, with the hop limit ND (255)
-    or MLD (1) requires.  Towards a job, or from it to the worker itself, a
-    hop limit of 255 proves it too: no router was on the way.  Whatever else has a
-    link-control type (a job's ND-typed packets to the site, forwarded) is
-    the job's traffic.  (The forward hook sees a routed packet's hop limit
-    already decremented: 255 never passes there.)  With `igmp` (the bridge,
-    where the site's multicast listeners are heard), IGMP to a multicast
-    group with TTL 1.
-    """
-
-    def rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
-        return {"rule": {**table, "chain": chain, "expr": list(expr)}}
-
-    ctl = _match({"payload": {"protocol": "icmpv6", "field": "type"}}, "@link_control")
-
-    def hops(*values: int) -> dict[str, Any]:
-        field = {"payload": {"protocol": "ip6", "field": "hoplimit"}}
-        return _match(field, values[0] if len(values) == 1 else {"set": list(values)})
-
-    def addr(field: str, nets: list[Any]) -> dict[str, Any]:
-        return _match({"payload": {"protocol": "ip6", "field": field}}, {"set": nets})
-
-    objs: list[dict[str, Any]] = [
-        {"chain": {**table, "name": "control_out"}},
-        rule("control_out", _count_into("iifname", "ctl_out")),
-        {"chain": {**table, "name": "control_in"}},
-        rule("control_in", _count_into("oifname", "ctl_in")),
-    ]
-    for chain, keys in _HALVES.items():
-        for key in keys:
-            job = _match(_meta(key), f"@{links}")
-            to = {"goto": {"target": "control_out" if key == "iifname" else "control_in"}}
-            objs.append(rule(chain, job, ctl, hops(1, 255), addr("saddr", LINK_SOURCES6), to))
-            objs.append(rule(chain, job, ctl, hops(1, 255), addr("daddr", LINK_DESTINATIONS6), to))
-            if key == "oifname" or chain == "input":
-                # Towards the job, or ending at the worker: never forwarded.
-                objs.append(rule(chain, job, ctl, hops(255), to))
-            if igmp:
-                group = {"prefix": {"addr": "224.0.0.0", "len": 4}}
-                objs.append(
-                    rule(
-                        chain,
-                        job,
-                        _match({"payload": {"protocol": "ip", "field": "protocol"}}, "igmp"),
-                        _match({"payload": {"protocol": "ip", "field": "ttl"}}, 1),
-                        _match({"payload": {"protocol": "ip", "field": "daddr"}}, group),
-                        to,
-                    )
-                )
-    return objs
-
-
-def class_sets_in(table: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """(class, IP version) of each class set a listed table has."""
-    found = []
-    for o in table:
-        name = o.get("set", {}).get("name", "")
-        if name.startswith("cls_") and name[-2:] in ("_4", "_6"):
-            found.append((name[4:-2], int(name[-1])))
-    return sorted(found)
-
-
-def _link_control(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _link_control(listing: Listing) -> list[Cmd]:
     """The counting chains' rules, link control first (see
-    link_control_rules), as `add` commands.  For a listed table made before
-    them (`table` not empty), the chains are flushed and filled again, class
-    rules included, in the same transaction: a packet sees the old rules or
-    the new, and the counters keep their values."""
-    cmds: list[dict[str, Any]] = []
-    if table:
-        cmds += [{"flush": {"chain": {**_T, "name": c}}} for c in COUNTING_CHAINS]
-    objs = link_control_rules(_T, "job_links", igmp=False)
-    for chain, keys in _HALVES.items():
-        for fam, v in (("ipv4", "4"), ("ipv6", "6")):
-            for key in keys:
-                m = ("out" if key == "iifname" else "in") + v
-                objs.append(_rule(chain, _match(_meta("nfproto"), fam), _count_into(key, m)))
-    objs.append({"counter": {**_T, "name": LINK_CONTROL_MARKER}})
-    cmds += [{"add": o} for o in objs]
-    for name, version in class_sets_in(table):
-        cmds += [{"add": r} for r in class_rules(name, version)]
+    nftexpr.link_control_rules), as `add` commands.  For a listed table made
+    before them (`listing` not empty), the chains are flushed and filled
+    again, class rules included, in the same transaction: a packet sees the
+    old rules or the new, and the counters keep their values."""
+    cmds: list[Cmd] = []
+    if listing:
+        cmds += [{"flush": INET.chain(c)} for c in INET.chains()]
+    cmds += counting_rules(INET, listing)
+    cmds.append({"add": INET.counter(LINK_CONTROL_MARKER)})
     return cmds
 
 
 FENCE_MARKER = "schema.fence"
-FENCE_PRIORITY = -300
 # What a job may send to the worker itself: ICMP echo and errors (ping its
 # gateway, path MTU), IPv6 router and neighbour discovery and MLD (larkns's
 # own RAs answer its solicitations), IGMP.  Its relays (DNS, chirp) live in
@@ -526,7 +411,7 @@ JOB_INPUT_ICMPV6 = [
 ]
 
 
-def _fence(_table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fence(_listing: Listing) -> list[Cmd]:
     """What a job may reach besides the site and the internet.
 
     Not another job: whatever comes from one job's link and would leave by
@@ -542,116 +427,42 @@ def _fence(_table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     and multicast to the worker are dropped quietly (a job's mDNS is no
     attack).
     """
-    from_job = _match(_meta("iifname"), "@job_links")
-    refuse = {"goto": {"target": "refused"}}
-    objs: list[dict[str, Any]] = [
+    t = INET
+    from_job = match(meta("iifname"), "@job_links")
+    refuse = goto("refused")
+    accept = {"accept": None}
+    tcp = match(meta("l4proto"), "tcp")
+    objs: list[Expr] = [
         # Refused at once (a TCP reset, or ICMP administratively
         # prohibited): the job's connect fails rather than waits.  Not a
         # reset to a link-local address: the kernel routes resets without
         # the interface such an address needs, and it leaves by another
         # link; ICMPv6 errors go back by the one the packet came in by.
-        {"chain": {**_T, "name": "refused"}},
-        _rule("refused", _count_into("iifname", "dropped")),
-        _rule(
+        t.chain("refused"),
+        t.rule("refused", count_into("iifname", "dropped")),
+        t.rule("refused", tcp, t.versions[0], {"reject": {"type": "tcp reset"}}),
+        t.rule(
             "refused",
-            _match(_meta("l4proto"), "tcp"),
-            _match(_meta("nfproto"), "ipv4"),
+            tcp,
+            match(payload("ip6", "daddr"), {"prefix": {"addr": "fe80::", "len": 10}}, "!="),
             {"reject": {"type": "tcp reset"}},
         ),
-        _rule(
-            "refused",
-            _match(_meta("l4proto"), "tcp"),
-            _match(
-                {"payload": {"protocol": "ip6", "field": "daddr"}},
-                {"prefix": {"addr": "fe80::", "len": 10}},
-                "!=",
-            ),
-            {"reject": {"type": "tcp reset"}},
-        ),
-        _rule("refused", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
-        base_chain(_T, "fence", "forward", FENCE_PRIORITY),
-        _rule("fence", from_job, _match(_meta("oifname"), "@job_links"), refuse),
-        {"chain": {**_T, "name": "job_input"}},
-        base_chain(_T, "fence_in", "input", FENCE_PRIORITY),
-        _rule("fence_in", from_job, {"goto": {"target": "job_input"}}),
-        _rule(
-            "job_input",
-            _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}),
-            {"accept": None},
-        ),
-        _rule(
-            "job_input",
-            _match({"payload": {"protocol": "icmp", "field": "type"}}, {"set": JOB_INPUT_ICMP}),
-            {"accept": None},
-        ),
-        _rule(
-            "job_input",
-            _match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": JOB_INPUT_ICMPV6}),
-            {"accept": None},
-        ),
-        _rule("job_input", _match(_meta("l4proto"), "igmp"), {"accept": None}),
-        _rule("job_input", _match(_meta("pkttype"), "host"), refuse),
-        _rule("job_input", {"drop": None}),
-        {"counter": {**_T, "name": FENCE_MARKER}},
-    ]
+        t.rule("refused", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        t.base_chain("fence", "forward", GUARD_PRIORITY),
+        t.rule("fence", from_job, match(meta("oifname"), "@job_links"), refuse),
+        t.chain("job_input"),
+        t.base_chain("fence_in", "input", GUARD_PRIORITY),
+        t.rule("fence_in", from_job, goto("job_input")),
+        t.rule("job_input", match({"ct": {"key": "state"}}, {"set": ["established", "related"]}),
+               accept),
+        t.rule("job_input", match(payload("icmp", "type"), {"set": JOB_INPUT_ICMP}), accept),
+        t.rule("job_input", match(payload("icmpv6", "type"), {"set": JOB_INPUT_ICMPV6}), accept),
+        t.rule("job_input", match(meta("l4proto"), "igmp"), accept),
+        t.rule("job_input", match(meta("pkttype"), "host"), refuse),
+        t.rule("job_input", {"drop": None}),
+        t.counter(FENCE_MARKER),
+    ]  # fmt: skip
     return [{"add": o} for o in objs]
-
-
-# Parts of the table added after its first version: (marker, a chain that
-# only they make, their commands given the table's listing: empty when the
-# table is being declared).  A table made by an older larkns, its jobs still
-# running, gets the missing ones in place.
-FEATURES: tuple[tuple[str, str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]], ...] = (
-    (GUARD_MARKER, "guard", lambda _t: _guard()),
-    (INBOUND_MARKER, "prerouting", lambda _t: _inbound()),
-    (LINK_CONTROL_MARKER, "control_out", _link_control),
-    (FENCE_MARKER, "fence", _fence),
-)
-
-
-def feature_update(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What a listed table lacks of FEATURES."""
-    chains = {o["chain"]["name"] for o in table if "chain" in o}
-    cmds: list[dict[str, Any]] = []
-    for _marker, chain, objects in FEATURES:
-        if chain not in chains:
-            cmds += objects(table)
-    return cmds
-
-
-def _declaration(classes: Classes = ()) -> list[dict[str, Any]]:
-    """The whole table as `add` commands, for one transaction."""
-
-    objs: list[dict[str, Any]] = [
-        {"table": {"family": FAMILY, "name": TABLE}},
-        {"set": {**_T, "name": "link_control", "type": "icmpv6_type"}},
-        {"element": {**_T, "name": "link_control", "elem": LINK_CONTROL_ICMPV6}},
-        {"set": {**_T, "name": "job_links", "type": "ifname"}},
-        {"set": {**_T, "name": "masquerade_from", "type": "ifname"}},
-    ]
-    objs += [
-        {"map": {**_T, "name": m, "type": "ifname", "map": "counter"}}
-        for m in COUNTER_MAPS.values()
-    ]
-    objs += [
-        base_chain(_T, "forward", "forward", ACCOUNT_PRIORITY),
-        base_chain(_T, "input", "input", ACCOUNT_PRIORITY),
-        base_chain(_T, "output", "output", ACCOUNT_PRIORITY),
-        base_chain(_T, "postrouting", "postrouting", 100, "nat"),
-    ]
-    objs.append(
-        _rule(
-            "postrouting",
-            _match(_meta("iifname"), "@masquerade_from"),
-            _match(_meta("oifname"), "@job_links", "!="),
-            {"masquerade": None},
-        )
-    )
-    # The counting rules come with the link-control feature (which rebuilt
-    # them in tables made before it); class rules after them, as when a
-    # class is added to a live table.
-    features = [c for _m, _chain, objects in FEATURES for c in objects([])]
-    return [{"add": o} for o in objs] + features + _class_declaration(classes)
 
 
 class Inbound(NamedTuple):
@@ -672,90 +483,35 @@ class TableJobs(NamedTuple):
     sources: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]
 
 
-class Ruleset:
+class Ruleset(LarknsTable):
     """The `inet larkns` table in the calling thread's network namespace."""
 
-    def __init__(self, classes: Classes = ()) -> None:
-        self.classes = classes
-        # every counter a job set up by this process gets: key -> its map
-        self.maps = {**COUNTER_MAPS, **class_maps(class_names(classes))}
-        self._markers = [m for m, _c, _o in FEATURES]
-        self._markers += [class_marker(name, nets) for name, nets in classes]
-        self._nft = _load()
-        self._nl = Nftnl()
-        self._ready = False  # the table was there at our last look
+    SPEC = INET
+    FEATURES = (
+        Feature(GUARD_MARKER, "guard", _guard),
+        Feature(INBOUND_MARKER, "prerouting", _inbound),
+        Feature(LINK_CONTROL_MARKER, "control_out", _link_control),
+        Feature(FENCE_MARKER, "fence", _fence),
+    )
+    NFPROTO = nftnl.NFPROTO_INET
 
-    def close(self) -> None:
-        self._nl.close()
-
-    def _run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rc, out, err = self._nft.cmd(json.dumps({"nftables": commands}))
-        if rc != 0:
-            raise NftError(err.strip().splitlines()[0] if err.strip() else f"nft failed (rc {rc})")
-        return _parse(out)
-
-    def _maps(self, classes: Sequence[str] | None) -> dict[str, str]:
-        """A job's counter keys and maps: those of `classes` (the job's, from
-        its record), or by default those this process gives a new job."""
-        if classes is None:
-            return self.maps
-        return {**COUNTER_MAPS, **class_maps(classes)}
-
-    def ensure_table(self) -> None:
-        """Declare the table, unless present (whole or not at all: one transaction)."""
-        if not self.has_table():
-            # "create" fails if the table exists: two jobs starting at once on
-            # an idle node must not both declare it (its rules would be there
-            # twice, and count every packet twice).
-            create = [{"create": {"table": {"family": FAMILY, "name": TABLE}}}]
-            try:
-                self._run(create + _declaration(self.classes)[1:])
-            except NftError:
-                if not self.has_table():
-                    raise
-        self._ready = True
-
-    def serves_classes(self) -> bool:
-        """Whether the table is as this process needs it: it has the guard
-        and counts this process's classes as configured (all their markers
-        are there).  One netlink round trip, whatever the number
-        of jobs; False if the table is missing."""
-        return len(self._nl.counters(TABLE, self._markers)) == len(self._markers)
-
-    def update_classes(self) -> None:
-        """Bring the table in line with this process's classes, in one
-        transaction, declaring it if missing.
-
-        Lists the whole table (slow with many jobs alive): only for when
-        serves_classes() says no, and only with every other process that
-        could do the same shut out (the caller holds the journal's exclusive
-        lock), since two that add the same class at once would count it twice.
-        """
-        if not self.has_table():
-            self.ensure_table()
-            return
-        table = self._listing()
-        cmds = feature_update(table) + class_update(self.classes, table)
-        if cmds:
-            self._run(cmds)
-        self._ready = True
-
-    def has_table(self) -> bool:
-        # "list tables" costs the same with 1 or 500 jobs; listing the table
-        # itself would return every job's objects.
-        rc, out, _err = self._nft.cmd(
-            json.dumps({"nftables": [{"list": {"tables": {"family": FAMILY}}}]})
-        )
-        if rc != 0:
-            return False
-        return any(o.get("table", {}).get("name") == TABLE for o in _parse(out))
-
-    def delete_table(self) -> bool:
-        self._ready = False
-        rc, _out, _err = self._nft.cmd(
-            json.dumps({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})
-        )
-        return bool(rc == 0)
+    def _objects(self) -> list[Expr]:
+        t = INET
+        return [
+            *counting_objects(t),
+            t.set("job_links", "ifname"),
+            t.set("masquerade_from", "ifname"),
+            t.base_chain("forward", "forward", ACCOUNT_PRIORITY),
+            t.base_chain("input", "input", ACCOUNT_PRIORITY),
+            t.base_chain("output", "output", ACCOUNT_PRIORITY),
+            t.base_chain("postrouting", "postrouting", 100, "nat"),
+            t.rule(
+                "postrouting",
+                match(meta("iifname"), "@masquerade_from"),
+                match(meta("oifname"), "@job_links", "!="),
+                {"masquerade": None},
+            ),
+        ]
 
     def add_job(
         self,
@@ -833,12 +589,7 @@ class Ruleset:
         sources: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     ) -> bool:
         """Remove everything of `job`, whose counters cover `classes` (by
-        default: this process's); True if anything was there.
-
-        One transaction in the common case; when part of it is already gone
-        (a half-built or half-removed job), the kernel refuses the batch, so
-        each object is then removed on its own.
-        """
+        default: this process's); True if anything was there (remove_all)."""
         maps = self._maps(classes)
         ops = []
         if inbound is not None:
@@ -854,57 +605,19 @@ class Ruleset:
             sets = ("job_links", "masquerade_from") if masquerade else ("job_links",)
             ops += [nftnl.delete_element(TABLE, s, key) for s in sets]
         ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in maps]
-        try:
-            self._nl.batch(ops)
-            return True
-        except NftnlError:
-            pass
-        removed = False
-        for op in ops:
-            with contextlib.suppress(NftnlError):
-                self._nl.batch([op])
-                removed = True
-        return removed
-
-    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
-        """The job's counters by key (out4, in6, cout-NAME, ...), for the job's
-        `classes` (by default: this process's); missing ones read as zero."""
-        maps = self._maps(classes)
-        got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
-        out = {}
-        for k in maps:
-            packets, nbytes = got.get(counter_name(job, k), (0, 0))
-            out[k] = Count(packets, nbytes)
-        return out
-
-    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool:
-        """Whether all of the job's counters exist."""
-        maps = self._maps(classes)
-        got = self._nl.counters(TABLE, [counter_name(job, k) for k in maps])
-        return len(got) == len(maps)
-
-    def _listing(self) -> list[dict[str, Any]]:
-        return self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
-
-    def table_classes(self) -> tuple[str, ...]:
-        """Every class the table has maps for, whichever process added it:
-        for a job whose record does not say which it has (lists the whole
-        table: slow with many jobs alive)."""
-        if not self.has_table():
-            return ()
-        return _classes_in(self._listing())
+        return remove_all(ops, self._nl.batch, NftnlError)
 
     def job_objects(self) -> TableJobs:
         """What jobs own in the table, for gc."""
         if not self.has_table():
             return TableJobs(set(), set(), (), {})
-        table = self._listing()
-        classes = _classes_in(table)
+        listing = self._listing()
+        classes = classes_in(listing)
         jobs: set[str] = set()
         links: set[str] = set()
         sources: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
         maps = set(self._maps(classes).values()) | {"job_links", "masquerade_from"}
-        for obj in table:
+        for obj in listing:
             if "counter" in obj:
                 name = obj["counter"]["name"]
                 found = _COUNTER_NAME.fullmatch(name)
@@ -922,50 +635,3 @@ class Ruleset:
                         links.add(link)
                         sources.setdefault(link, []).append(ipaddress.ip_address(addr))
         return TableJobs(jobs, links, classes, sources)
-
-
-def as_family(cmds: Any, family: str) -> Any:
-    """Commands for the inet table, made for the same-named table of another
-    family (the bridge table counts classes with the same objects)."""
-    if isinstance(cmds, dict):
-        return {
-            k: (family if k == "family" and v == FAMILY else as_family(v, family))
-            for k, v in cmds.items()
-        }
-    if isinstance(cmds, list):
-        return [as_family(c, family) for c in cmds]
-    return cmds
-
-
-def class_declaration(classes: Classes) -> list[dict[str, Any]]:
-    return _class_declaration(classes)
-
-
-def classes_in(table: list[dict[str, Any]]) -> tuple[str, ...]:
-    return _classes_in(table)
-
-
-def _classes_in(table: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The classes a listed table has maps for."""
-    return tuple(
-        sorted(
-            o["map"]["name"][len("cout_") :]
-            for o in table
-            if "map" in o and o["map"]["name"].startswith("cout_")
-        )
-    )
-
-
-def _parse(out: str) -> list[dict[str, Any]]:
-    """Objects of nft's JSON output, which is one document per listing command."""
-    objs: list[dict[str, Any]] = []
-    dec = json.JSONDecoder()
-    pos = 0
-    out = out.strip()
-    while pos < len(out):
-        doc, end = dec.raw_decode(out, pos)
-        objs.extend(o for o in doc.get("nftables", []) if "metainfo" not in o)
-        pos = end
-        while pos < len(out) and out[pos].isspace():
-            pos += 1
-    return objs
