@@ -111,12 +111,12 @@ struct lk_clone_args {
 
 /* No stack is given, so the child returns from syscall() on a copy of the
  * parent's stack, exactly as after fork(). */
-static pid_t lk_raw_clone3(uint64_t flags, int cgroup_fd, int *pidfd)
+static pid_t lk_raw_clone3(int cgroup_fd, int *pidfd)
 {
     struct lk_clone_args args;
 
     memset(&args, 0, sizeof args);
-    args.flags = flags | CLONE_PIDFD;
+    args.flags = CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)pidfd;
     args.exit_signal = SIGCHLD;
     if (cgroup_fd >= 0) {
@@ -124,43 +124,6 @@ static pid_t lk_raw_clone3(uint64_t flags, int cgroup_fd, int *pidfd)
         args.cgroup = (uint64_t)cgroup_fd;
     }
     return (pid_t)syscall(SYS_clone3, &args, sizeof args);
-}
-
-int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out)
-{
-    *pidfd_out = -1; /* the child keeps this value: the kernel fills in the parent's copy only */
-    return lk_raw_clone3(flags, cgroup_fd, pidfd_out);
-}
-
-int lk_setns(int fd, int nstype)
-{
-    return setns(fd, nstype);
-}
-
-int lk_unshare(int flags)
-{
-    return unshare(flags);
-}
-
-int lk_pidfd_open(int pid, unsigned int flags)
-{
-    return (int)syscall(SYS_pidfd_open, pid, flags);
-}
-
-int lk_pidfd_send_signal(int pidfd, int sig)
-{
-    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0U);
-}
-
-int lk_mount(const char *source, const char *target, const char *fstype,
-             unsigned long flags, const char *data)
-{
-    return mount(source, target, fstype, flags, data);
-}
-
-int lk_umount2(const char *target, int flags)
-{
-    return umount2(target, flags);
 }
 
 /* ---- lk_spawn ---------------------------------------------------------- */
@@ -514,7 +477,7 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
      * (Python's writes to the parent's wakeup fd) inside the child. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    pid = lk_raw_clone3(0, a->cgroup_fd, &pidfd);
+    pid = lk_raw_clone3(a->cgroup_fd, &pidfd);
     if (pid == 0) {
         close(p[0]);
         spawn_child(a, p[1], parent, parent_fd);
@@ -830,7 +793,7 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
     /* As in lk_spawn: no handler of the parent's may run in the keeper. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    kpid = lk_raw_clone3(0, k->cgroup_fd, &kpidfd);
+    kpid = lk_raw_clone3(k->cgroup_fd, &kpidfd);
     if (kpid == 0) {
         close(sv[0]);
         keeper(a, k, sv[1]);

@@ -1,6 +1,6 @@
 /*
- * larkns C core: thin wrappers around the syscalls Python 3.11 lacks, and one
- * posix_spawn-like primitive that runs setup steps between clone3 and execve.
+ * larkns C core: one posix_spawn-like primitive that runs setup steps between
+ * clone3 and execve, and the keeper of a job.
  *
  * No policy lives here: every decision (which namespaces, which ids, which
  * signals) is made by the caller and passed in.  Every function returns -1 and
@@ -17,7 +17,6 @@
 #define LK_STAGE_CLONE 1
 #define LK_STAGE_SETNS 2
 #define LK_STAGE_SETSID 3
-#define LK_STAGE_UMASK 4
 #define LK_STAGE_SETGROUPS 5
 #define LK_STAGE_SETGID 6
 #define LK_STAGE_SETUID 7
@@ -70,14 +69,6 @@ struct lk_keep_attr {
     int pid_ns_fd;           /* >= 0: the job starts in this pid namespace */
 };
 
-int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out);
-int lk_setns(int fd, int nstype);
-int lk_unshare(int flags);
-int lk_pidfd_open(int pid, unsigned int flags);
-int lk_pidfd_send_signal(int pidfd, int sig);
-int lk_mount(const char *source, const char *target, const char *fstype,
-             unsigned long flags, const char *data);
-int lk_umount2(const char *target, int flags);
 int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
              int *err_errno);
 int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,

@@ -18,49 +18,24 @@ from larkns._core import ffi, lib
 
 CLONE_NEWNET: Final[int] = int(lib.CLONE_NEWNET)
 CLONE_NEWNS: Final[int] = int(lib.CLONE_NEWNS)
-CLONE_NEWPID: Final[int] = int(lib.CLONE_NEWPID)
-CLONE_NEWIPC: Final[int] = int(lib.CLONE_NEWIPC)
-CLONE_NEWUTS: Final[int] = int(lib.CLONE_NEWUTS)
-CLONE_NEWCGROUP: Final[int] = int(lib.CLONE_NEWCGROUP)
-CLONE_NEWUSER: Final[int] = int(lib.CLONE_NEWUSER)
 MS_BIND: Final[int] = int(lib.MS_BIND)
 MS_REC: Final[int] = int(lib.MS_REC)
 MS_SHARED: Final[int] = int(lib.MS_SHARED)
-MS_SLAVE: Final[int] = int(lib.MS_SLAVE)
 MS_PRIVATE: Final[int] = int(lib.MS_PRIVATE)
 MNT_DETACH: Final[int] = int(lib.MNT_DETACH)
 
 # Capabilities by name (linux/capability.h), for SpawnSpec.caps.
 CAP_CHOWN: Final[int] = int(lib.CAP_CHOWN)
 CAP_DAC_OVERRIDE: Final[int] = int(lib.CAP_DAC_OVERRIDE)
-CAP_DAC_READ_SEARCH: Final[int] = int(lib.CAP_DAC_READ_SEARCH)
 CAP_FOWNER: Final[int] = int(lib.CAP_FOWNER)
 CAP_FSETID: Final[int] = int(lib.CAP_FSETID)
-CAP_KILL: Final[int] = int(lib.CAP_KILL)
 CAP_SETGID: Final[int] = int(lib.CAP_SETGID)
 CAP_SETUID: Final[int] = int(lib.CAP_SETUID)
-CAP_SETPCAP: Final[int] = int(lib.CAP_SETPCAP)
 CAP_NET_BIND_SERVICE: Final[int] = int(lib.CAP_NET_BIND_SERVICE)
 CAP_NET_ADMIN: Final[int] = int(lib.CAP_NET_ADMIN)
 CAP_NET_RAW: Final[int] = int(lib.CAP_NET_RAW)
 CAP_SYS_CHROOT: Final[int] = int(lib.CAP_SYS_CHROOT)
-CAP_SYS_ADMIN: Final[int] = int(lib.CAP_SYS_ADMIN)
-CAP_SYS_PTRACE: Final[int] = int(lib.CAP_SYS_PTRACE)
 CAP_AUDIT_WRITE: Final[int] = int(lib.CAP_AUDIT_WRITE)
-
-# clone3() continues running Python in the child, so only flags that leave the
-# child a normal forked process (its own memory, files, signal handlers) are
-# accepted; anything else (CLONE_VM, CLONE_THREAD, ...) would corrupt the
-# interpreter.
-_NS_FLAGS: Final[int] = (
-    CLONE_NEWNET
-    | CLONE_NEWNS
-    | CLONE_NEWPID
-    | CLONE_NEWIPC
-    | CLONE_NEWUTS
-    | CLONE_NEWCGROUP
-    | CLONE_NEWUSER
-)
 
 _MAX_SIGNAL: Final[int] = 64
 _NO_ID: Final[int] = 2**32 - 1  # (uid_t)-1 means "unchanged" to the kernel
@@ -79,7 +54,6 @@ STAGES: Final[Mapping[int, str]] = {
     int(lib.LK_STAGE_CLONE): "clone",
     int(lib.LK_STAGE_SETNS): "setns",
     int(lib.LK_STAGE_SETSID): "setsid",
-    int(lib.LK_STAGE_UMASK): "umask",
     int(lib.LK_STAGE_SETGROUPS): "setgroups",
     int(lib.LK_STAGE_SETGID): "setgid",
     int(lib.LK_STAGE_SETUID): "setuid",
@@ -103,54 +77,20 @@ def _error(call: str) -> CoreError:
     return CoreError(err, f"{call} failed: {os.strerror(err)}")
 
 
-def clone3(flags: int = 0, cgroup_fd: int | None = None) -> tuple[int, int]:
-    """Fork with clone3: returns (pid, pidfd) in the parent, (0, -1) in the child.
-
-    ``flags`` may hold CLONE_NEW* flags only; with ``cgroup_fd`` (an fd of a
-    cgroup v2 directory) the child starts in that cgroup, with no window in which
-    it runs elsewhere.  The child gets the same treatment as after os.fork()
-    (at-fork callbacks, threading state), but glibc's own fork handlers do not
-    run: if other threads exist, the child should only exec or ``os._exit``.
-    """
-    if flags & ~_NS_FLAGS:
-        raise ValueError(f"clone3: only CLONE_NEW* flags are allowed, got {flags:#x}")
-    if cgroup_fd is not None and cgroup_fd < 0:
-        raise ValueError(f"clone3: bad cgroup fd {cgroup_fd}")
-    pidfd = ffi.new("int *", -1)
-    pid = int(lib.lk_py_clone3(flags, -1 if cgroup_fd is None else cgroup_fd, pidfd))
-    if pid < 0:
-        raise _error(f"clone3(flags={flags:#x}, cgroup_fd={cgroup_fd})")
-    return pid, int(pidfd[0])
-
-
 def setns(fd: int, nstype: int = 0) -> None:
     """Move the calling thread into the namespace(s) of ``fd``.
 
     ``fd`` is a namespace fd (``nstype`` 0 accepts any type) or a pidfd (then
     ``nstype`` must name the namespaces to join, several at once if wanted).
     """
-    if lib.lk_setns(fd, nstype) < 0:
+    if lib.setns(fd, nstype) < 0:
         raise _error(f"setns(fd={fd}, nstype={nstype:#x})")
 
 
 def unshare(flags: int) -> None:
     """Give the calling thread new namespaces (CLONE_NEW* flags)."""
-    if lib.lk_unshare(flags) < 0:
+    if lib.unshare(flags) < 0:
         raise _error(f"unshare({flags:#x})")
-
-
-def pidfd_open(pid: int) -> int:
-    """Return a close-on-exec pidfd for ``pid``."""
-    fd = int(lib.lk_pidfd_open(pid, 0))
-    if fd < 0:
-        raise _error(f"pidfd_open({pid})")
-    return fd
-
-
-def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    """Signal the process of ``pidfd``: unlike kill(), never a recycled pid."""
-    if lib.lk_pidfd_send_signal(pidfd, sig) < 0:
-        raise _error(f"pidfd_send_signal({pidfd}, {sig})")
 
 
 def _opt_cstr(s: str | None) -> Any:
@@ -165,13 +105,13 @@ def mount(
     c_target = ffi.new("char[]", _encode(target, "mount target"))
     c_fstype = _opt_cstr(fstype)
     c_data = _opt_cstr(data)
-    if lib.lk_mount(c_source, c_target, c_fstype, flags, c_data) < 0:
+    if lib.mount(c_source, c_target, c_fstype, flags, c_data) < 0:
         raise _error(f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x}, {data!r})")
 
 
 def umount2(target: str, flags: int = 0) -> None:
     """umount2(2)."""
-    if lib.lk_umount2(ffi.new("char[]", _encode(target, "umount target")), flags) < 0:
+    if lib.umount2(ffi.new("char[]", _encode(target, "umount target")), flags) < 0:
         raise _error(f"umount2({target!r}, {flags:#x})")
 
 

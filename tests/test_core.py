@@ -85,7 +85,7 @@ def wait_pidfd(pidfd: int, timeout: float = TIMEOUT_S) -> int:
     """
     try:
         if not select.select([pidfd], [], [], timeout)[0]:
-            core.pidfd_send_signal(pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
             pytest.fail(f"child did not exit within {timeout} s")
         res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
@@ -97,26 +97,37 @@ def wait_pidfd(pidfd: int, timeout: float = TIMEOUT_S) -> int:
 
 def kill_and_reap(pidfd: int) -> None:
     """Teardown for a child that may still run."""
-    with contextlib.suppress(core.CoreError):
-        core.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         wait_pidfd(pidfd)
 
 
-def fork_child(
-    fn: Callable[[], int], flags: int = 0, cgroup_fd: int | None = None
-) -> tuple[int, int]:
-    """clone3 a child that runs ``fn`` and exits with its result, never returning."""
-    pid, pidfd = core.clone3(flags, cgroup_fd)
+def fork_child(fn: Callable[[], int], unshare: int = 0) -> tuple[int, int]:
+    """Fork a child that runs ``fn`` and exits with its result, never returning;
+    (pid, pidfd).  With ``unshare`` (CLONE_NEW* flags), the child is in new
+    namespaces of those kinds by the time this returns."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
     if pid == 0:
         code = 100
         try:
+            os.close(ready_r)
+            if unshare:
+                core.unshare(unshare)
+            os.close(ready_w)
             code = fn()
         except BaseException as e:
             print(f"lkc child failed: {e!r}", file=sys.stderr)
         finally:
             os._exit(code)
-    return pid, pidfd
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)  # EOF once the child has unshared (or died)
+    finally:
+        os.close(ready_r)
+    # Not yet reaped, so the pid is still that child's.
+    return pid, os.pidfd_open(pid)
 
 
 def read_all(fd: int) -> bytes:
@@ -232,95 +243,11 @@ def cgroup_dir() -> Iterator[Path]:
 def test_constants_come_from_the_kernel_headers() -> None:
     assert core.CLONE_NEWNET == 0x40000000
     assert core.CLONE_NEWNS == 0x00020000
-    assert core.CLONE_NEWPID == 0x20000000
-    assert core.CLONE_NEWUSER == 0x10000000
     assert core.MS_BIND == 4096
     assert core.MS_REC == 16384
     assert core.MS_PRIVATE == 1 << 18
     assert core.MNT_DETACH == 2
     assert set(core.STAGES.values()) >= {"clone", "setns", "chdir", "exec", "setuid"}
-
-
-# ---- clone3 ------------------------------------------------------------------
-
-
-def test_clone3_child_runs_and_parent_gets_a_working_pidfd() -> None:
-    pid, pidfd = fork_child(lambda: 7)
-    try:
-        assert pid > 0
-        assert not os.get_inheritable(pidfd), "pidfd must be close-on-exec"
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        assert poller.poll(TIMEOUT_S * 1000), "pidfd never became readable"
-        res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-        assert res is not None
-        assert (res.si_pid, res.si_code, res.si_status) == (pid, os.CLD_EXITED, 7)
-    finally:
-        os.close(pidfd)
-
-
-def test_clone3_child_gets_the_os_fork_protocol_even_with_threads_alive() -> None:
-    """at-fork callbacks run and the threading module forgets the other threads."""
-    stop = threading.Event()
-    t = threading.Thread(target=stop.wait, name="lkc-idle")
-    t.start()
-    try:
-
-        def child() -> int:
-            return 0 if threading.active_count() == 1 and fork_marks == ["before", "child"] else 1
-
-        fork_marks.clear()
-        _, pidfd = fork_child(child)
-        assert wait_pidfd(pidfd) == 0
-        assert fork_marks == ["before", "parent"]
-    finally:
-        stop.set()
-        t.join()
-
-
-fork_marks: list[str] = []
-os.register_at_fork(
-    before=lambda: fork_marks.append("before"),
-    after_in_parent=lambda: fork_marks.append("parent"),
-    after_in_child=lambda: fork_marks.append("child"),
-)
-
-
-def test_clone3_new_netns_child_is_in_another_netns() -> None:
-    mine = ns_link("/proc/self/ns/net")
-    _pid, pidfd = fork_child(
-        lambda: 0 if ns_link("/proc/self/ns/net") != mine else 1, core.CLONE_NEWNET
-    )
-    assert wait_pidfd(pidfd) == 0
-
-
-def test_clone3_rejects_flags_that_would_corrupt_the_child() -> None:
-    with pytest.raises(ValueError):
-        core.clone3(0x100)  # CLONE_VM
-
-
-def test_clone3_into_cgroup_starts_the_child_there(cgroup_dir: Path) -> None:
-    cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    r, w = os.pipe()
-    try:
-        pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, cgroup_fd=cg)
-        try:
-            line = next(
-                ln
-                for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                if ln.startswith("0::")
-            )
-            assert line.endswith("/" + cgroup_dir.name)
-            assert str(pid) in (cgroup_dir / "cgroup.procs").read_text().split()
-            os.write(w, b"x")
-            assert wait_pidfd(pidfd) == 0
-        except BaseException:
-            kill_and_reap(pidfd)
-            raise
-    finally:
-        os.close(cg)
-        os.close(r)
-        os.close(w)
 
 
 # ---- setns / unshare ---------------------------------------------------------
@@ -354,7 +281,7 @@ def test_setns_with_the_wrong_type_fails_with_einval(netns: str) -> None:
 
 def test_setns_by_pidfd_joins_that_process_netns() -> None:
     r, w = os.pipe()
-    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, core.CLONE_NEWNET)
+    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, unshare=core.CLONE_NEWNET)
     try:
         target = ns_link(f"/proc/{pid}/ns/net")
         assert target != ns_link("/proc/self/ns/net")
@@ -389,38 +316,6 @@ def test_unshare_netns_in_a_thread_gives_it_a_fresh_loopback_only_netns() -> Non
     assert link != main_before
     assert names == ["lo"]
     assert ns_link("/proc/thread-self/ns/net") == main_before
-
-
-# ---- pidfd -------------------------------------------------------------------
-
-
-def test_pidfd_open_and_send_signal_kill_a_sleep() -> None:
-    p = subprocess.Popen(["/bin/sleep", "60"])
-    try:
-        fd = core.pidfd_open(p.pid)
-        try:
-            assert not os.get_inheritable(fd)
-            core.pidfd_send_signal(fd, signal.SIGKILL)
-            assert p.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
-            # Reaped: the pidfd still names that process, never a recycled pid.
-            with pytest.raises(core.CoreError) as ei:
-                core.pidfd_send_signal(fd, signal.SIGKILL)
-            assert ei.value.errno == errno.ESRCH
-        finally:
-            os.close(fd)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def test_pidfd_open_of_a_gone_process_fails_with_esrch() -> None:
-    p = subprocess.Popen(["/bin/true"])
-    p.wait()
-    with pytest.raises(core.CoreError) as ei:
-        core.pidfd_open(p.pid)
-    assert ei.value.errno == errno.ESRCH
-    assert "pidfd_open" in str(ei.value)
 
 
 # ---- mount / umount2 ---------------------------------------------------------
@@ -465,7 +360,7 @@ def test_mount_in_a_private_mount_ns_stays_there(tmpdir_lkc: Path) -> None:
         (tmpdir_lkc / "lkc-inside").write_text("x")
         return 0 if mounted(tmpdir_lkc) else 1
 
-    _, pidfd = fork_child(child, core.CLONE_NEWNS)
+    _, pidfd = fork_child(child, unshare=core.CLONE_NEWNS)
     assert wait_pidfd(pidfd) == 0
     assert not mounted(tmpdir_lkc)
     assert not (tmpdir_lkc / "lkc-inside").exists()
@@ -483,7 +378,7 @@ def test_spawn_returns_pid_and_pidfd_and_the_exit_code() -> None:
 
 def test_spawn_job_killed_by_a_signal() -> None:
     _pid, pidfd = core.spawn(core.SpawnSpec("/bin/sleep", ["sleep", "60"], ENV))
-    core.pidfd_send_signal(pidfd, signal.SIGTERM)
+    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
     assert wait_pidfd(pidfd) == -signal.SIGTERM
 
 
@@ -617,7 +512,7 @@ def test_spawn_keeps_only_the_given_capabilities_in_every_set() -> None:
 # (this test machine's mounts are private): a new sysfs on a shared /sys
 # would appear in the namespace the job came from.
 _OWN_SYSFS = r"""
-import json, os, sys, time
+import json, os, signal, sys, time
 from larkns import core
 def sys_mounts():
     with open("/proc/self/mountinfo") as f:
@@ -634,7 +529,7 @@ out = b""
 while not out.endswith(b"end\n"):
     out += os.read(r, 4096)
 during = sys_mounts()
-core.pidfd_send_signal(pidfd, 9)
+signal.pidfd_send_signal(pidfd, 9)
 os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
 print(json.dumps({"out": out.decode(), "same": before == during,
                   "shared": "shared:" in before[0]}))
@@ -691,7 +586,7 @@ def test_spawn_joins_a_netns_by_fd(netns: str) -> None:
 
 def test_spawn_joins_a_netns_by_pidfd() -> None:
     r, w = os.pipe()
-    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, core.CLONE_NEWNET)
+    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, unshare=core.CLONE_NEWNET)
     try:
         spec = core.SpawnSpec(
             "/usr/bin/readlink",
@@ -811,7 +706,7 @@ def test_spawn_pdeathsig_kills_the_job_when_its_parent_dies(pdeathsig: int) -> N
     try:
         assert helper.stdout is not None
         job = int(helper.stdout.readline())
-        jfd = core.pidfd_open(job)
+        jfd = os.pidfd_open(job)
         assert not select.select([jfd], [], [], 0)[0], "job died early"
         helper.kill()
         helper.wait(TIMEOUT_S)
@@ -824,8 +719,8 @@ def test_spawn_pdeathsig_kills_the_job_when_its_parent_dies(pdeathsig: int) -> N
         if helper.stdout is not None:
             helper.stdout.close()
         if jfd >= 0:
-            with contextlib.suppress(core.CoreError):
-                core.pidfd_send_signal(jfd, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(jfd, signal.SIGKILL)
             os.close(jfd)
 
 
@@ -967,7 +862,7 @@ def test_a_keeper_holds_only_what_it_needs_and_ignores_all_but_sigkill(
         assert Path(f"/proc/{kept.job_pid}").exists()
         assert not (d / "j.exit").exists()
     finally:
-        core.pidfd_send_signal(kept.job_pidfd, signal.SIGTERM)
+        signal.pidfd_send_signal(kept.job_pidfd, signal.SIGTERM)
         _reap_keeper(kept)
     assert (d / "j.exit").read_text() == f"signal {int(signal.SIGTERM)}\n"
 
@@ -992,7 +887,7 @@ def test_a_kept_job_dies_with_its_keeper(status_dir: tuple[Path, int]) -> None:
     spec = core.SpawnSpec(path="/bin/sleep", argv=["sleep", "30"], env={}, pdeathsig=9)
     kept = core.spawn_kept(spec, fd, "j.exit")
     job = kept.job_pidfd
-    core.pidfd_send_signal(kept.keeper_pidfd, signal.SIGKILL)
+    signal.pidfd_send_signal(kept.keeper_pidfd, signal.SIGKILL)
     ready, _, _ = select.select([job], [], [], 10)
     assert ready, "the job outlived its keeper"
     _reap_keeper(kept)
