@@ -6,7 +6,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 
-# Must match csrc/core.h; cffi checks every value and layout against the real
+# Must match csrc/spawn.h; cffi checks every value and layout against the real
 # headers when it compiles the module, so a mismatch fails the build.  setns,
 # unshare, mount and umount2 are the C library's own: os.setns and os.unshare
 # came in Python 3.12, and os has no mount at all.
@@ -26,6 +26,7 @@ CDEF = """
 #define LK_STAGE_EXEC ...
 #define LK_STAGE_SYSFS ...
 #define LK_STAGE_CAPS ...
+#define LK_STAGE_KEEPER ...
 
 #define CLONE_NEWNET ...
 #define CLONE_NEWNS ...
@@ -70,6 +71,7 @@ struct lk_spawn_attr {
 };
 
 struct lk_keep_attr {
+    int exe_fd;
     int watch_pidfd;
     int status_dirfd;
     const char *status_name;
@@ -94,11 +96,11 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 # The C is embedded rather than listed in sources= so that setuptools needs no
-# path relative to the build directory; core.c comes after Python.h, which
+# path relative to the build directory; spawn.c comes after Python.h, which
 # already defines _GNU_SOURCE.
 ffibuilder.set_source(
     "larkns._core",
-    (HERE / "core.c").read_text(),
+    (HERE / "spawn.c").read_text(),
     include_dirs=[str(HERE)],
     extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

@@ -9,6 +9,7 @@ decided here, in Python, where they can be read.
 import errno
 import os
 import signal
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,6 +37,10 @@ CAP_NET_ADMIN: Final[int] = int(lib.CAP_NET_ADMIN)
 CAP_NET_RAW: Final[int] = int(lib.CAP_NET_RAW)
 CAP_SYS_CHROOT: Final[int] = int(lib.CAP_SYS_CHROOT)
 CAP_AUDIT_WRITE: Final[int] = int(lib.CAP_AUDIT_WRITE)
+
+#: The program every job's keeper runs (csrc/keeper.c), built beside this
+#: module; it runs as root, so spawn_kept checks who may write it.
+KEEPER: Final[str] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "larkns-keeper")
 
 _MAX_SIGNAL: Final[int] = 64
 _NO_ID: Final[int] = 2**32 - 1  # (uid_t)-1 means "unchanged" to the kernel
@@ -65,6 +70,7 @@ STAGES: Final[Mapping[int, str]] = {
     int(lib.LK_STAGE_EXEC): "exec",
     int(lib.LK_STAGE_SYSFS): "sysfs",
     int(lib.LK_STAGE_CAPS): "caps",
+    int(lib.LK_STAGE_KEEPER): "keeper",
 }
 
 
@@ -222,6 +228,8 @@ def _describe(spec: SpawnSpec, stage: str, err: int) -> str:
         return "cannot give the job a /sys of its own network"
     if stage == "caps":
         return "cannot drop the job's capabilities"
+    if stage == "keeper":
+        return f"cannot start the job's keeper {KEEPER}"
     return f"cannot prepare the job ({stage})"
 
 
@@ -344,6 +352,40 @@ class Kept:
     job_pidfd: int
 
 
+def _open_keeper() -> int:
+    """An fd of the keeper program, for execveat: what was checked is what
+    runs, whatever is renamed into its place meanwhile.
+
+    larknsd is root and runs it as root, so it must be a regular file that
+    only root (or this process's own user, who gains nothing) can write: one
+    whose contents someone else can replace would run their code as root
+    beside every job."""
+    try:
+        fd = os.open(KEEPER, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SpawnError(
+            "keeper", e.errno or 0, f"cannot open the job's keeper {KEEPER}: {e.strerror}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "it is not a regular file"
+    elif st.st_uid not in (0, os.geteuid()):
+        problem = f"it belongs to uid {st.st_uid}, not to root"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"others than its owner may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        os.close(fd)
+        raise SpawnError(
+            "keeper", errno.EPERM, f"refusing to run the job's keeper {KEEPER}: {problem}"
+        )
+    return fd
+
+
 def spawn_kept(
     spec: SpawnSpec,
     status_dir_fd: int,
@@ -360,12 +402,16 @@ def spawn_kept(
     in the directory ``status_dir_fd`` once it has.  The keeper is the
     caller's child until the caller dies, and should be reaped.
 
-    The keeper starts in ``cgroup_fd``'s cgroup (the job's own is
-    ``spec.cgroup_fd``); the job starts in the pid namespace of ``pid_ns_fd``
-    (the keeper stays in the caller's).  The keeper sets up no other
-    namespaces, ids or limits of its own, and holds no fd but the three it
-    needs.  Set ``spec.pdeathsig``: the job
-    should not outlive a keeper killed by SIGKILL.
+    The keeper is the program ``KEEPER``, executed right after the fork: it
+    shares no memory with the caller.  It starts in ``cgroup_fd``'s cgroup
+    (the job's own is ``spec.cgroup_fd``); the job starts in the pid namespace
+    of ``pid_ns_fd`` (the keeper stays in the caller's).  The keeper sets up
+    no other namespaces, ids or limits of its own, and holds no fd but the
+    three it needs.  Set ``spec.pdeathsig``: the job should not outlive a
+    keeper killed by SIGKILL.
+
+    SpawnError with stage "keeper": the keeper program is missing, may be
+    written by someone other than root (then it is not run), or did not start.
     """
     if "/" in status_name or status_name in ("", ".", ".."):
         raise ValueError(f"spawn_kept: bad status file name {status_name!r}")
@@ -386,7 +432,11 @@ def spawn_kept(
     out = [ffi.new("int *", -1) for _ in range(3)]
     err_stage = ffi.new("int *", 0)
     err_errno = ffi.new("int *", 0)
-    pid = int(lib.lk_spawn_kept(attr, k, out[0], out[1], out[2], err_stage, err_errno))
+    k.exe_fd = _open_keeper()
+    try:
+        pid = int(lib.lk_spawn_kept(attr, k, out[0], out[1], out[2], err_stage, err_errno))
+    finally:
+        os.close(k.exe_fd)
     if pid < 0:
         raise _failed(spec, err_stage, err_errno)
     return Kept(pid, int(out[0][0]), int(out[1][0]), int(out[2][0]))

@@ -1,4 +1,5 @@
-"""The C core against the real kernel: each wrapper, and spawn() step by step.
+"""The C core against the real kernel: each wrapper, spawn() step by step, and
+the keeper of spawn_kept().
 
 Needs root.  Every kernel object made here is named lkc-<random> and removed in
 teardown; every process started here is stopped by its own pid/pidfd.
@@ -908,3 +909,181 @@ def test_a_kept_job_that_cannot_start_leaves_no_keeper(status_dir: tuple[Path, i
     assert e.value.stage == "exec" and e.value.errno == errno.ENOENT
     assert children() == before  # the keeper is gone, and reaped
     assert not list(d.iterdir())
+
+
+# -- spawn_kept: the keeper is a program of its own --------------------------
+
+
+def lktk_name() -> str:
+    return f"lktk-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def lktk_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="lktk-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def lktk_netns() -> Iterator[str]:
+    """A throwaway named netns lktk-<random>; yields its /run/netns path."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 `ip` is not installed")
+    name = lktk_name()
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def run_kept(spec: core.SpawnSpec, status_dir: tuple[Path, int]) -> tuple[int, str]:
+    """spawn_kept ``spec`` with stdout+stderr to a pipe and stdin on /dev/null:
+    (exit code as its keeper wrote it down, output)."""
+    d, fd = status_dir
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        kept = core.spawn_kept(dataclasses.replace(spec, stdio=(null, w, w)), fd, "j.exit")
+        os.close(w)
+        w = -1
+        out = read_all(r).decode()
+        _reap_keeper(kept)
+        word, code = (d / "j.exit").read_text().split()
+        return int(code) if word == "code" else -int(code), out
+    finally:
+        os.close(r)
+        os.close(null)
+        if w >= 0:
+            os.close(w)
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup, in kB."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines)}
+
+
+_SHOW = r"""
+printf '<%s>\n' "$0" "$@"
+env | LC_ALL=C sort
+pwd; umask; id -u; id -g; id -G
+readlink /proc/self/ns/net; ls /sys/class/net
+grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|SigIgn|SigBlk)' /proc/$$/status
+[ "$(cut -d' ' -f6 /proc/$$/stat)" = $$ ] && echo session leader
+"""
+
+
+def test_a_kept_job_starts_exactly_as_a_spawned_one(
+    status_dir: tuple[Path, int], lktk_netns: str
+) -> None:
+    """Every attribute reaches the job through the keeper's spec, an
+    environment larger than any socket message (100 kB) included."""
+    ns = os.open(lktk_netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        spec = core.SpawnSpec(
+            "/bin/sh",
+            ["sh", "-c", _SHOW, "zero", "a b", "", "ü", "k=v"],
+            {"PATH": ENV["PATH"], "EQ": "x=y", "EMPTY": "", "U": "ü", "BIG": "b" * 100_000},
+            ns_fds=[(ns, core.CLONE_NEWNET)],
+            uid=NOBODY,
+            gid=NOBODY,
+            groups=[NOBODY, 4321],
+            umask=0o027,
+            cwd="/",
+            pdeathsig=signal.SIGKILL,
+            new_session=True,
+            own_sysfs=True,
+            caps=frozenset({core.CAP_NET_RAW}),
+        )
+        spawned = run(spec)
+        kept = run_kept(spec, status_dir)
+    finally:
+        os.close(ns)
+    assert kept == spawned
+    code, out = kept
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[:5] == ["<zero>", "<a b>", "<>", "<ü>", "<k=v>"]
+    assert "BIG=" + "b" * 100_000 in lines and "EQ=x=y" in lines and "EMPTY=" in lines
+    at = lines.index("0027") - 1
+    assert lines[at : at + 6] == ["/", "0027", "65534", "65534", "65534 4321", ns_id_of(lktk_netns)]
+    assert "lo" in lines and "session leader" in lines
+
+
+def test_a_keeper_is_a_small_program_that_keeps_the_job_s_environment_private(
+    status_dir: tuple[Path, int],
+) -> None:
+    _, fd = status_dir
+    secret = lktk_name()
+    spec = core.SpawnSpec("/bin/sleep", ["sleep", "30"], {"LKTK_TOKEN": secret}, pdeathsig=9)
+    kept = core.spawn_kept(spec, fd, "j.exit")
+    try:
+        keeper = f"/proc/{kept.keeper_pid}"
+        assert os.readlink(f"{keeper}/exe") == os.path.realpath(core.KEEPER)
+        # Not a copy of this process (tens of MB): the 1 MB a keeper may cost.
+        assert smaps_rollup(kept.keeper_pid)["Pss"] < 1024
+        # Anyone may read a command line; only the job's owner its environment.
+        assert secret.encode() not in Path(f"{keeper}/cmdline").read_bytes()
+        assert Path(f"{keeper}/environ").read_bytes() == b""
+    finally:
+        signal.pidfd_send_signal(kept.job_pidfd, signal.SIGKILL)
+        _reap_keeper(kept)
+
+
+def test_a_keeper_that_cannot_be_executed_fails_the_spawn_and_leaves_nothing(
+    status_dir: tuple[Path, int], lktk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, fd = status_dir
+    fake = lktk_dir / "larkns-keeper"
+    fake.write_text("not a program\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(core, "KEEPER", str(fake))
+    marker = lktk_dir / "lktk-ran"
+    spec = core.SpawnSpec("/bin/sh", ["sh", "-c", f"touch {marker}"], ENV, pdeathsig=9)
+    kids, fds = children(), sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(core.SpawnError) as ei:
+        core.spawn_kept(spec, fd, "j.exit")
+    assert (ei.value.stage, ei.value.errno) == ("keeper", errno.ENOEXEC)
+    assert str(ei.value) == f"cannot start the job's keeper {fake}: Exec format error"
+    assert children() == kids, "a keeper process was left behind"
+    assert sorted(os.listdir("/proc/self/fd")) == fds, "an fd was left open"
+    assert not marker.exists() and not list(d.iterdir())
+
+
+@pytest.mark.parametrize("how", ["group-writable", "not root's", "a symlink", "missing"])
+def test_a_keeper_program_that_others_could_change_is_not_run(
+    how: str, status_dir: tuple[Path, int], lktk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, fd = status_dir
+    copy = lktk_dir / "larkns-keeper"
+    shutil.copy(core.KEEPER, copy)
+    if how == "group-writable":
+        copy.chmod(0o775)
+    elif how == "not root's":
+        os.chown(copy, NOBODY, NOBODY)
+    else:
+        copy.unlink()
+        if how == "a symlink":
+            copy.symlink_to(core.KEEPER)
+    monkeypatch.setattr(core, "KEEPER", str(copy))
+    kids = children()
+    with pytest.raises(core.SpawnError) as ei:
+        core.spawn_kept(core.SpawnSpec("/bin/true", ["true"], ENV, pdeathsig=9), fd, "j.exit")
+    assert ei.value.stage == "keeper"
+    if how == "missing":
+        assert ei.value.errno == errno.ENOENT
+        assert str(ei.value).startswith(f"cannot open the job's keeper {copy}:")
+    else:
+        assert ei.value.errno == errno.EPERM
+        assert str(ei.value).startswith(f"refusing to run the job's keeper {copy}: ")
+    assert children() == kids
+
+
+def test_a_keeper_run_by_hand_does_nothing() -> None:
+    proc = subprocess.run([core.KEEPER], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 127
+    assert proc.stderr == "larkns-keeper: started by larkns only, never by hand\n"
