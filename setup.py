@@ -1,6 +1,7 @@
 # cffi's API-mode build hooks into setuptools through cffi_modules, which
-# pyproject.toml alone cannot express; so does the static build of
-# larkns-entry, the program HTCondor runs as the job's wrapper and hooks.
+# pyproject.toml alone cannot express; so do the static builds of
+# larkns-entry, the program HTCondor runs as the job's wrapper and hooks, and
+# of larkns-keeper, the program every job's keeper runs.
 import os
 import subprocess
 from pathlib import Path
@@ -9,19 +10,26 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
 
 
-class build_ext_and_entry(build_ext):
-    """Also builds csrc/entry.c into larkns/larkns-entry beside the C core.
+class build_ext_and_programs(build_ext):
+    """Also builds the C programs into larkns/ beside the C core.
 
-    Statically linked: HTCondor starts it with the job's environment, and a
-    dynamically linked program would load LD_PRELOAD's code before its first
-    line (see csrc/entry.c)."""
+    Statically linked.  larkns-entry: HTCondor starts it with the job's
+    environment, and a dynamically linked program would load LD_PRELOAD's
+    code before its first line (see csrc/entry.c).  larkns-keeper: one runs
+    as root for every live job, for as long as the job, and needs no loader
+    nor shared library that an upgrade could change under it."""
 
     def run(self) -> None:
         super().run()
-        out = Path(self.get_ext_fullpath("larkns._core")).parent / "larkns-entry"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        pkg = Path(self.get_ext_fullpath("larkns._core")).parent
+        pkg.mkdir(parents=True, exist_ok=True)
+        self._program(pkg / "larkns-entry", [CSRC / "entry.c"])
+        self._program(pkg / "larkns-keeper", [CSRC / "keeper.c", CSRC / "spawn.c"])
+
+    def _program(self, out: Path, sources: list[Path]) -> None:
         cc = os.environ.get("CC", "cc")
         subprocess.run(
             [
@@ -30,15 +38,18 @@ class build_ext_and_entry(build_ext):
                 "-O2",
                 "-Wall",
                 "-Wextra",
+                f"-I{CSRC}",
                 "-o",
                 str(out),
-                str(HERE / "csrc" / "entry.c"),
+                *map(str, sources),
             ],
             check=True,
         )
+        # larknsd runs the keeper as root only if no one else may write it.
+        out.chmod(0o755)
 
 
 setup(
     cffi_modules=["csrc/build_core.py:ffibuilder"],
-    cmdclass={"build_ext": build_ext_and_entry},
+    cmdclass={"build_ext": build_ext_and_programs},
 )

@@ -9,6 +9,7 @@ decided here, in Python, where they can be read.
 import errno
 import os
 import signal
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -18,49 +19,28 @@ from larkns._core import ffi, lib
 
 CLONE_NEWNET: Final[int] = int(lib.CLONE_NEWNET)
 CLONE_NEWNS: Final[int] = int(lib.CLONE_NEWNS)
-CLONE_NEWPID: Final[int] = int(lib.CLONE_NEWPID)
-CLONE_NEWIPC: Final[int] = int(lib.CLONE_NEWIPC)
-CLONE_NEWUTS: Final[int] = int(lib.CLONE_NEWUTS)
-CLONE_NEWCGROUP: Final[int] = int(lib.CLONE_NEWCGROUP)
-CLONE_NEWUSER: Final[int] = int(lib.CLONE_NEWUSER)
 MS_BIND: Final[int] = int(lib.MS_BIND)
 MS_REC: Final[int] = int(lib.MS_REC)
 MS_SHARED: Final[int] = int(lib.MS_SHARED)
-MS_SLAVE: Final[int] = int(lib.MS_SLAVE)
 MS_PRIVATE: Final[int] = int(lib.MS_PRIVATE)
 MNT_DETACH: Final[int] = int(lib.MNT_DETACH)
 
 # Capabilities by name (linux/capability.h), for SpawnSpec.caps.
 CAP_CHOWN: Final[int] = int(lib.CAP_CHOWN)
 CAP_DAC_OVERRIDE: Final[int] = int(lib.CAP_DAC_OVERRIDE)
-CAP_DAC_READ_SEARCH: Final[int] = int(lib.CAP_DAC_READ_SEARCH)
 CAP_FOWNER: Final[int] = int(lib.CAP_FOWNER)
 CAP_FSETID: Final[int] = int(lib.CAP_FSETID)
-CAP_KILL: Final[int] = int(lib.CAP_KILL)
 CAP_SETGID: Final[int] = int(lib.CAP_SETGID)
 CAP_SETUID: Final[int] = int(lib.CAP_SETUID)
-CAP_SETPCAP: Final[int] = int(lib.CAP_SETPCAP)
 CAP_NET_BIND_SERVICE: Final[int] = int(lib.CAP_NET_BIND_SERVICE)
 CAP_NET_ADMIN: Final[int] = int(lib.CAP_NET_ADMIN)
 CAP_NET_RAW: Final[int] = int(lib.CAP_NET_RAW)
 CAP_SYS_CHROOT: Final[int] = int(lib.CAP_SYS_CHROOT)
-CAP_SYS_ADMIN: Final[int] = int(lib.CAP_SYS_ADMIN)
-CAP_SYS_PTRACE: Final[int] = int(lib.CAP_SYS_PTRACE)
 CAP_AUDIT_WRITE: Final[int] = int(lib.CAP_AUDIT_WRITE)
 
-# clone3() continues running Python in the child, so only flags that leave the
-# child a normal forked process (its own memory, files, signal handlers) are
-# accepted; anything else (CLONE_VM, CLONE_THREAD, ...) would corrupt the
-# interpreter.
-_NS_FLAGS: Final[int] = (
-    CLONE_NEWNET
-    | CLONE_NEWNS
-    | CLONE_NEWPID
-    | CLONE_NEWIPC
-    | CLONE_NEWUTS
-    | CLONE_NEWCGROUP
-    | CLONE_NEWUSER
-)
+#: The program every job's keeper runs (csrc/keeper.c), built beside this
+#: module; it runs as root, so spawn_kept checks who may write it.
+KEEPER: Final[str] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "larkns-keeper")
 
 _MAX_SIGNAL: Final[int] = 64
 _NO_ID: Final[int] = 2**32 - 1  # (uid_t)-1 means "unchanged" to the kernel
@@ -79,7 +59,6 @@ STAGES: Final[Mapping[int, str]] = {
     int(lib.LK_STAGE_CLONE): "clone",
     int(lib.LK_STAGE_SETNS): "setns",
     int(lib.LK_STAGE_SETSID): "setsid",
-    int(lib.LK_STAGE_UMASK): "umask",
     int(lib.LK_STAGE_SETGROUPS): "setgroups",
     int(lib.LK_STAGE_SETGID): "setgid",
     int(lib.LK_STAGE_SETUID): "setuid",
@@ -91,6 +70,7 @@ STAGES: Final[Mapping[int, str]] = {
     int(lib.LK_STAGE_EXEC): "exec",
     int(lib.LK_STAGE_SYSFS): "sysfs",
     int(lib.LK_STAGE_CAPS): "caps",
+    int(lib.LK_STAGE_KEEPER): "keeper",
 }
 
 
@@ -103,54 +83,20 @@ def _error(call: str) -> CoreError:
     return CoreError(err, f"{call} failed: {os.strerror(err)}")
 
 
-def clone3(flags: int = 0, cgroup_fd: int | None = None) -> tuple[int, int]:
-    """Fork with clone3: returns (pid, pidfd) in the parent, (0, -1) in the child.
-
-    ``flags`` may hold CLONE_NEW* flags only; with ``cgroup_fd`` (an fd of a
-    cgroup v2 directory) the child starts in that cgroup, with no window in which
-    it runs elsewhere.  The child gets the same treatment as after os.fork()
-    (at-fork callbacks, threading state), but glibc's own fork handlers do not
-    run: if other threads exist, the child should only exec or ``os._exit``.
-    """
-    if flags & ~_NS_FLAGS:
-        raise ValueError(f"clone3: only CLONE_NEW* flags are allowed, got {flags:#x}")
-    if cgroup_fd is not None and cgroup_fd < 0:
-        raise ValueError(f"clone3: bad cgroup fd {cgroup_fd}")
-    pidfd = ffi.new("int *", -1)
-    pid = int(lib.lk_py_clone3(flags, -1 if cgroup_fd is None else cgroup_fd, pidfd))
-    if pid < 0:
-        raise _error(f"clone3(flags={flags:#x}, cgroup_fd={cgroup_fd})")
-    return pid, int(pidfd[0])
-
-
 def setns(fd: int, nstype: int = 0) -> None:
     """Move the calling thread into the namespace(s) of ``fd``.
 
     ``fd`` is a namespace fd (``nstype`` 0 accepts any type) or a pidfd (then
     ``nstype`` must name the namespaces to join, several at once if wanted).
     """
-    if lib.lk_setns(fd, nstype) < 0:
+    if lib.setns(fd, nstype) < 0:
         raise _error(f"setns(fd={fd}, nstype={nstype:#x})")
 
 
 def unshare(flags: int) -> None:
     """Give the calling thread new namespaces (CLONE_NEW* flags)."""
-    if lib.lk_unshare(flags) < 0:
+    if lib.unshare(flags) < 0:
         raise _error(f"unshare({flags:#x})")
-
-
-def pidfd_open(pid: int) -> int:
-    """Return a close-on-exec pidfd for ``pid``."""
-    fd = int(lib.lk_pidfd_open(pid, 0))
-    if fd < 0:
-        raise _error(f"pidfd_open({pid})")
-    return fd
-
-
-def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    """Signal the process of ``pidfd``: unlike kill(), never a recycled pid."""
-    if lib.lk_pidfd_send_signal(pidfd, sig) < 0:
-        raise _error(f"pidfd_send_signal({pidfd}, {sig})")
 
 
 def _opt_cstr(s: str | None) -> Any:
@@ -165,13 +111,13 @@ def mount(
     c_target = ffi.new("char[]", _encode(target, "mount target"))
     c_fstype = _opt_cstr(fstype)
     c_data = _opt_cstr(data)
-    if lib.lk_mount(c_source, c_target, c_fstype, flags, c_data) < 0:
+    if lib.mount(c_source, c_target, c_fstype, flags, c_data) < 0:
         raise _error(f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x}, {data!r})")
 
 
 def umount2(target: str, flags: int = 0) -> None:
     """umount2(2)."""
-    if lib.lk_umount2(ffi.new("char[]", _encode(target, "umount target")), flags) < 0:
+    if lib.umount2(ffi.new("char[]", _encode(target, "umount target")), flags) < 0:
         raise _error(f"umount2({target!r}, {flags:#x})")
 
 
@@ -282,6 +228,8 @@ def _describe(spec: SpawnSpec, stage: str, err: int) -> str:
         return "cannot give the job a /sys of its own network"
     if stage == "caps":
         return "cannot drop the job's capabilities"
+    if stage == "keeper":
+        return f"cannot start the job's keeper {KEEPER}"
     return f"cannot prepare the job ({stage})"
 
 
@@ -404,6 +352,40 @@ class Kept:
     job_pidfd: int
 
 
+def _open_keeper() -> int:
+    """An fd of the keeper program, for execveat: what was checked is what
+    runs, whatever is renamed into its place meanwhile.
+
+    larknsd is root and runs it as root, so it must be a regular file that
+    only root (or this process's own user, who gains nothing) can write: one
+    whose contents someone else can replace would run their code as root
+    beside every job."""
+    try:
+        fd = os.open(KEEPER, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SpawnError(
+            "keeper", e.errno or 0, f"cannot open the job's keeper {KEEPER}: {e.strerror}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "it is not a regular file"
+    elif st.st_uid not in (0, os.geteuid()):
+        problem = f"it belongs to uid {st.st_uid}, not to root"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"others than its owner may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        os.close(fd)
+        raise SpawnError(
+            "keeper", errno.EPERM, f"refusing to run the job's keeper {KEEPER}: {problem}"
+        )
+    return fd
+
+
 def spawn_kept(
     spec: SpawnSpec,
     status_dir_fd: int,
@@ -420,12 +402,16 @@ def spawn_kept(
     in the directory ``status_dir_fd`` once it has.  The keeper is the
     caller's child until the caller dies, and should be reaped.
 
-    The keeper starts in ``cgroup_fd``'s cgroup (the job's own is
-    ``spec.cgroup_fd``); the job starts in the pid namespace of ``pid_ns_fd``
-    (the keeper stays in the caller's).  The keeper sets up no other
-    namespaces, ids or limits of its own, and holds no fd but the three it
-    needs.  Set ``spec.pdeathsig``: the job
-    should not outlive a keeper killed by SIGKILL.
+    The keeper is the program ``KEEPER``, executed right after the fork: it
+    shares no memory with the caller.  It starts in ``cgroup_fd``'s cgroup
+    (the job's own is ``spec.cgroup_fd``); the job starts in the pid namespace
+    of ``pid_ns_fd`` (the keeper stays in the caller's).  The keeper sets up
+    no other namespaces, ids or limits of its own, and holds no fd but the
+    three it needs.  Set ``spec.pdeathsig``: the job should not outlive a
+    keeper killed by SIGKILL.
+
+    SpawnError with stage "keeper": the keeper program is missing, may be
+    written by someone other than root (then it is not run), or did not start.
     """
     if "/" in status_name or status_name in ("", ".", ".."):
         raise ValueError(f"spawn_kept: bad status file name {status_name!r}")
@@ -446,7 +432,11 @@ def spawn_kept(
     out = [ffi.new("int *", -1) for _ in range(3)]
     err_stage = ffi.new("int *", 0)
     err_errno = ffi.new("int *", 0)
-    pid = int(lib.lk_spawn_kept(attr, k, out[0], out[1], out[2], err_stage, err_errno))
+    k.exe_fd = _open_keeper()
+    try:
+        pid = int(lib.lk_spawn_kept(attr, k, out[0], out[1], out[2], err_stage, err_errno))
+    finally:
+        os.close(k.exe_fd)
     if pid < 0:
         raise _failed(spec, err_stage, err_errno)
     return Kept(pid, int(out[0][0]), int(out[1][0]), int(out[2][0]))

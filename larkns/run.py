@@ -363,7 +363,7 @@ def _wait(keeper_fd: int, job_fd: int) -> None:
         if sig.si_signo in _FROM_TERMINAL and sig.si_code == SI_KERNEL:
             continue
         try:
-            core.pidfd_send_signal(job_fd, sig.si_signo)
+            signal.pidfd_send_signal(job_fd, sig.si_signo)
         except OSError as e:
             if e.errno != errno.ESRCH:
                 raise

@@ -1,4 +1,5 @@
-"""The C core against the real kernel: each wrapper, and spawn() step by step.
+"""The C core against the real kernel: each wrapper, spawn() step by step, and
+the keeper of spawn_kept().
 
 Needs root.  Every kernel object made here is named lkc-<random> and removed in
 teardown; every process started here is stopped by its own pid/pidfd.
@@ -85,7 +86,7 @@ def wait_pidfd(pidfd: int, timeout: float = TIMEOUT_S) -> int:
     """
     try:
         if not select.select([pidfd], [], [], timeout)[0]:
-            core.pidfd_send_signal(pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
             pytest.fail(f"child did not exit within {timeout} s")
         res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
@@ -97,26 +98,37 @@ def wait_pidfd(pidfd: int, timeout: float = TIMEOUT_S) -> int:
 
 def kill_and_reap(pidfd: int) -> None:
     """Teardown for a child that may still run."""
-    with contextlib.suppress(core.CoreError):
-        core.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         wait_pidfd(pidfd)
 
 
-def fork_child(
-    fn: Callable[[], int], flags: int = 0, cgroup_fd: int | None = None
-) -> tuple[int, int]:
-    """clone3 a child that runs ``fn`` and exits with its result, never returning."""
-    pid, pidfd = core.clone3(flags, cgroup_fd)
+def fork_child(fn: Callable[[], int], unshare: int = 0) -> tuple[int, int]:
+    """Fork a child that runs ``fn`` and exits with its result, never returning;
+    (pid, pidfd).  With ``unshare`` (CLONE_NEW* flags), the child is in new
+    namespaces of those kinds by the time this returns."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
     if pid == 0:
         code = 100
         try:
+            os.close(ready_r)
+            if unshare:
+                core.unshare(unshare)
+            os.close(ready_w)
             code = fn()
         except BaseException as e:
             print(f"lkc child failed: {e!r}", file=sys.stderr)
         finally:
             os._exit(code)
-    return pid, pidfd
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)  # EOF once the child has unshared (or died)
+    finally:
+        os.close(ready_r)
+    # Not yet reaped, so the pid is still that child's.
+    return pid, os.pidfd_open(pid)
 
 
 def read_all(fd: int) -> bytes:
@@ -232,95 +244,11 @@ def cgroup_dir() -> Iterator[Path]:
 def test_constants_come_from_the_kernel_headers() -> None:
     assert core.CLONE_NEWNET == 0x40000000
     assert core.CLONE_NEWNS == 0x00020000
-    assert core.CLONE_NEWPID == 0x20000000
-    assert core.CLONE_NEWUSER == 0x10000000
     assert core.MS_BIND == 4096
     assert core.MS_REC == 16384
     assert core.MS_PRIVATE == 1 << 18
     assert core.MNT_DETACH == 2
     assert set(core.STAGES.values()) >= {"clone", "setns", "chdir", "exec", "setuid"}
-
-
-# ---- clone3 ------------------------------------------------------------------
-
-
-def test_clone3_child_runs_and_parent_gets_a_working_pidfd() -> None:
-    pid, pidfd = fork_child(lambda: 7)
-    try:
-        assert pid > 0
-        assert not os.get_inheritable(pidfd), "pidfd must be close-on-exec"
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        assert poller.poll(TIMEOUT_S * 1000), "pidfd never became readable"
-        res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-        assert res is not None
-        assert (res.si_pid, res.si_code, res.si_status) == (pid, os.CLD_EXITED, 7)
-    finally:
-        os.close(pidfd)
-
-
-def test_clone3_child_gets_the_os_fork_protocol_even_with_threads_alive() -> None:
-    """at-fork callbacks run and the threading module forgets the other threads."""
-    stop = threading.Event()
-    t = threading.Thread(target=stop.wait, name="lkc-idle")
-    t.start()
-    try:
-
-        def child() -> int:
-            return 0 if threading.active_count() == 1 and fork_marks == ["before", "child"] else 1
-
-        fork_marks.clear()
-        _, pidfd = fork_child(child)
-        assert wait_pidfd(pidfd) == 0
-        assert fork_marks == ["before", "parent"]
-    finally:
-        stop.set()
-        t.join()
-
-
-fork_marks: list[str] = []
-os.register_at_fork(
-    before=lambda: fork_marks.append("before"),
-    after_in_parent=lambda: fork_marks.append("parent"),
-    after_in_child=lambda: fork_marks.append("child"),
-)
-
-
-def test_clone3_new_netns_child_is_in_another_netns() -> None:
-    mine = ns_link("/proc/self/ns/net")
-    _pid, pidfd = fork_child(
-        lambda: 0 if ns_link("/proc/self/ns/net") != mine else 1, core.CLONE_NEWNET
-    )
-    assert wait_pidfd(pidfd) == 0
-
-
-def test_clone3_rejects_flags_that_would_corrupt_the_child() -> None:
-    with pytest.raises(ValueError):
-        core.clone3(0x100)  # CLONE_VM
-
-
-def test_clone3_into_cgroup_starts_the_child_there(cgroup_dir: Path) -> None:
-    cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    r, w = os.pipe()
-    try:
-        pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, cgroup_fd=cg)
-        try:
-            line = next(
-                ln
-                for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                if ln.startswith("0::")
-            )
-            assert line.endswith("/" + cgroup_dir.name)
-            assert str(pid) in (cgroup_dir / "cgroup.procs").read_text().split()
-            os.write(w, b"x")
-            assert wait_pidfd(pidfd) == 0
-        except BaseException:
-            kill_and_reap(pidfd)
-            raise
-    finally:
-        os.close(cg)
-        os.close(r)
-        os.close(w)
 
 
 # ---- setns / unshare ---------------------------------------------------------
@@ -354,7 +282,7 @@ def test_setns_with_the_wrong_type_fails_with_einval(netns: str) -> None:
 
 def test_setns_by_pidfd_joins_that_process_netns() -> None:
     r, w = os.pipe()
-    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, core.CLONE_NEWNET)
+    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, unshare=core.CLONE_NEWNET)
     try:
         target = ns_link(f"/proc/{pid}/ns/net")
         assert target != ns_link("/proc/self/ns/net")
@@ -389,38 +317,6 @@ def test_unshare_netns_in_a_thread_gives_it_a_fresh_loopback_only_netns() -> Non
     assert link != main_before
     assert names == ["lo"]
     assert ns_link("/proc/thread-self/ns/net") == main_before
-
-
-# ---- pidfd -------------------------------------------------------------------
-
-
-def test_pidfd_open_and_send_signal_kill_a_sleep() -> None:
-    p = subprocess.Popen(["/bin/sleep", "60"])
-    try:
-        fd = core.pidfd_open(p.pid)
-        try:
-            assert not os.get_inheritable(fd)
-            core.pidfd_send_signal(fd, signal.SIGKILL)
-            assert p.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
-            # Reaped: the pidfd still names that process, never a recycled pid.
-            with pytest.raises(core.CoreError) as ei:
-                core.pidfd_send_signal(fd, signal.SIGKILL)
-            assert ei.value.errno == errno.ESRCH
-        finally:
-            os.close(fd)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def test_pidfd_open_of_a_gone_process_fails_with_esrch() -> None:
-    p = subprocess.Popen(["/bin/true"])
-    p.wait()
-    with pytest.raises(core.CoreError) as ei:
-        core.pidfd_open(p.pid)
-    assert ei.value.errno == errno.ESRCH
-    assert "pidfd_open" in str(ei.value)
 
 
 # ---- mount / umount2 ---------------------------------------------------------
@@ -465,7 +361,7 @@ def test_mount_in_a_private_mount_ns_stays_there(tmpdir_lkc: Path) -> None:
         (tmpdir_lkc / "lkc-inside").write_text("x")
         return 0 if mounted(tmpdir_lkc) else 1
 
-    _, pidfd = fork_child(child, core.CLONE_NEWNS)
+    _, pidfd = fork_child(child, unshare=core.CLONE_NEWNS)
     assert wait_pidfd(pidfd) == 0
     assert not mounted(tmpdir_lkc)
     assert not (tmpdir_lkc / "lkc-inside").exists()
@@ -483,7 +379,7 @@ def test_spawn_returns_pid_and_pidfd_and_the_exit_code() -> None:
 
 def test_spawn_job_killed_by_a_signal() -> None:
     _pid, pidfd = core.spawn(core.SpawnSpec("/bin/sleep", ["sleep", "60"], ENV))
-    core.pidfd_send_signal(pidfd, signal.SIGTERM)
+    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
     assert wait_pidfd(pidfd) == -signal.SIGTERM
 
 
@@ -617,7 +513,7 @@ def test_spawn_keeps_only_the_given_capabilities_in_every_set() -> None:
 # (this test machine's mounts are private): a new sysfs on a shared /sys
 # would appear in the namespace the job came from.
 _OWN_SYSFS = r"""
-import json, os, sys, time
+import json, os, signal, sys, time
 from larkns import core
 def sys_mounts():
     with open("/proc/self/mountinfo") as f:
@@ -634,7 +530,7 @@ out = b""
 while not out.endswith(b"end\n"):
     out += os.read(r, 4096)
 during = sys_mounts()
-core.pidfd_send_signal(pidfd, 9)
+signal.pidfd_send_signal(pidfd, 9)
 os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
 print(json.dumps({"out": out.decode(), "same": before == during,
                   "shared": "shared:" in before[0]}))
@@ -691,7 +587,7 @@ def test_spawn_joins_a_netns_by_fd(netns: str) -> None:
 
 def test_spawn_joins_a_netns_by_pidfd() -> None:
     r, w = os.pipe()
-    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, core.CLONE_NEWNET)
+    pid, pidfd = fork_child(lambda: len(os.read(r, 1)) - 1, unshare=core.CLONE_NEWNET)
     try:
         spec = core.SpawnSpec(
             "/usr/bin/readlink",
@@ -811,7 +707,7 @@ def test_spawn_pdeathsig_kills_the_job_when_its_parent_dies(pdeathsig: int) -> N
     try:
         assert helper.stdout is not None
         job = int(helper.stdout.readline())
-        jfd = core.pidfd_open(job)
+        jfd = os.pidfd_open(job)
         assert not select.select([jfd], [], [], 0)[0], "job died early"
         helper.kill()
         helper.wait(TIMEOUT_S)
@@ -824,8 +720,8 @@ def test_spawn_pdeathsig_kills_the_job_when_its_parent_dies(pdeathsig: int) -> N
         if helper.stdout is not None:
             helper.stdout.close()
         if jfd >= 0:
-            with contextlib.suppress(core.CoreError):
-                core.pidfd_send_signal(jfd, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(jfd, signal.SIGKILL)
             os.close(jfd)
 
 
@@ -967,7 +863,7 @@ def test_a_keeper_holds_only_what_it_needs_and_ignores_all_but_sigkill(
         assert Path(f"/proc/{kept.job_pid}").exists()
         assert not (d / "j.exit").exists()
     finally:
-        core.pidfd_send_signal(kept.job_pidfd, signal.SIGTERM)
+        signal.pidfd_send_signal(kept.job_pidfd, signal.SIGTERM)
         _reap_keeper(kept)
     assert (d / "j.exit").read_text() == f"signal {int(signal.SIGTERM)}\n"
 
@@ -992,7 +888,7 @@ def test_a_kept_job_dies_with_its_keeper(status_dir: tuple[Path, int]) -> None:
     spec = core.SpawnSpec(path="/bin/sleep", argv=["sleep", "30"], env={}, pdeathsig=9)
     kept = core.spawn_kept(spec, fd, "j.exit")
     job = kept.job_pidfd
-    core.pidfd_send_signal(kept.keeper_pidfd, signal.SIGKILL)
+    signal.pidfd_send_signal(kept.keeper_pidfd, signal.SIGKILL)
     ready, _, _ = select.select([job], [], [], 10)
     assert ready, "the job outlived its keeper"
     _reap_keeper(kept)
@@ -1013,3 +909,181 @@ def test_a_kept_job_that_cannot_start_leaves_no_keeper(status_dir: tuple[Path, i
     assert e.value.stage == "exec" and e.value.errno == errno.ENOENT
     assert children() == before  # the keeper is gone, and reaped
     assert not list(d.iterdir())
+
+
+# -- spawn_kept: the keeper is a program of its own --------------------------
+
+
+def lktk_name() -> str:
+    return f"lktk-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def lktk_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="lktk-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def lktk_netns() -> Iterator[str]:
+    """A throwaway named netns lktk-<random>; yields its /run/netns path."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 `ip` is not installed")
+    name = lktk_name()
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def run_kept(spec: core.SpawnSpec, status_dir: tuple[Path, int]) -> tuple[int, str]:
+    """spawn_kept ``spec`` with stdout+stderr to a pipe and stdin on /dev/null:
+    (exit code as its keeper wrote it down, output)."""
+    d, fd = status_dir
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        kept = core.spawn_kept(dataclasses.replace(spec, stdio=(null, w, w)), fd, "j.exit")
+        os.close(w)
+        w = -1
+        out = read_all(r).decode()
+        _reap_keeper(kept)
+        word, code = (d / "j.exit").read_text().split()
+        return int(code) if word == "code" else -int(code), out
+    finally:
+        os.close(r)
+        os.close(null)
+        if w >= 0:
+            os.close(w)
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup, in kB."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines)}
+
+
+_SHOW = r"""
+printf '<%s>\n' "$0" "$@"
+env | LC_ALL=C sort
+pwd; umask; id -u; id -g; id -G
+readlink /proc/self/ns/net; ls /sys/class/net
+grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|SigIgn|SigBlk)' /proc/$$/status
+[ "$(cut -d' ' -f6 /proc/$$/stat)" = $$ ] && echo session leader
+"""
+
+
+def test_a_kept_job_starts_exactly_as_a_spawned_one(
+    status_dir: tuple[Path, int], lktk_netns: str
+) -> None:
+    """Every attribute reaches the job through the keeper's spec, an
+    environment larger than any socket message (100 kB) included."""
+    ns = os.open(lktk_netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        spec = core.SpawnSpec(
+            "/bin/sh",
+            ["sh", "-c", _SHOW, "zero", "a b", "", "ü", "k=v"],
+            {"PATH": ENV["PATH"], "EQ": "x=y", "EMPTY": "", "U": "ü", "BIG": "b" * 100_000},
+            ns_fds=[(ns, core.CLONE_NEWNET)],
+            uid=NOBODY,
+            gid=NOBODY,
+            groups=[NOBODY, 4321],
+            umask=0o027,
+            cwd="/",
+            pdeathsig=signal.SIGKILL,
+            new_session=True,
+            own_sysfs=True,
+            caps=frozenset({core.CAP_NET_RAW}),
+        )
+        spawned = run(spec)
+        kept = run_kept(spec, status_dir)
+    finally:
+        os.close(ns)
+    assert kept == spawned
+    code, out = kept
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[:5] == ["<zero>", "<a b>", "<>", "<ü>", "<k=v>"]
+    assert "BIG=" + "b" * 100_000 in lines and "EQ=x=y" in lines and "EMPTY=" in lines
+    at = lines.index("0027") - 1
+    assert lines[at : at + 6] == ["/", "0027", "65534", "65534", "65534 4321", ns_id_of(lktk_netns)]
+    assert "lo" in lines and "session leader" in lines
+
+
+def test_a_keeper_is_a_small_program_that_keeps_the_job_s_environment_private(
+    status_dir: tuple[Path, int],
+) -> None:
+    _, fd = status_dir
+    secret = lktk_name()
+    spec = core.SpawnSpec("/bin/sleep", ["sleep", "30"], {"LKTK_TOKEN": secret}, pdeathsig=9)
+    kept = core.spawn_kept(spec, fd, "j.exit")
+    try:
+        keeper = f"/proc/{kept.keeper_pid}"
+        assert os.readlink(f"{keeper}/exe") == os.path.realpath(core.KEEPER)
+        # Not a copy of this process (tens of MB): the 1 MB a keeper may cost.
+        assert smaps_rollup(kept.keeper_pid)["Pss"] < 1024
+        # Anyone may read a command line; only the job's owner its environment.
+        assert secret.encode() not in Path(f"{keeper}/cmdline").read_bytes()
+        assert Path(f"{keeper}/environ").read_bytes() == b""
+    finally:
+        signal.pidfd_send_signal(kept.job_pidfd, signal.SIGKILL)
+        _reap_keeper(kept)
+
+
+def test_a_keeper_that_cannot_be_executed_fails_the_spawn_and_leaves_nothing(
+    status_dir: tuple[Path, int], lktk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, fd = status_dir
+    fake = lktk_dir / "larkns-keeper"
+    fake.write_text("not a program\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(core, "KEEPER", str(fake))
+    marker = lktk_dir / "lktk-ran"
+    spec = core.SpawnSpec("/bin/sh", ["sh", "-c", f"touch {marker}"], ENV, pdeathsig=9)
+    kids, fds = children(), sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(core.SpawnError) as ei:
+        core.spawn_kept(spec, fd, "j.exit")
+    assert (ei.value.stage, ei.value.errno) == ("keeper", errno.ENOEXEC)
+    assert str(ei.value) == f"cannot start the job's keeper {fake}: Exec format error"
+    assert children() == kids, "a keeper process was left behind"
+    assert sorted(os.listdir("/proc/self/fd")) == fds, "an fd was left open"
+    assert not marker.exists() and not list(d.iterdir())
+
+
+@pytest.mark.parametrize("how", ["group-writable", "not root's", "a symlink", "missing"])
+def test_a_keeper_program_that_others_could_change_is_not_run(
+    how: str, status_dir: tuple[Path, int], lktk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, fd = status_dir
+    copy = lktk_dir / "larkns-keeper"
+    shutil.copy(core.KEEPER, copy)
+    if how == "group-writable":
+        copy.chmod(0o775)
+    elif how == "not root's":
+        os.chown(copy, NOBODY, NOBODY)
+    else:
+        copy.unlink()
+        if how == "a symlink":
+            copy.symlink_to(core.KEEPER)
+    monkeypatch.setattr(core, "KEEPER", str(copy))
+    kids = children()
+    with pytest.raises(core.SpawnError) as ei:
+        core.spawn_kept(core.SpawnSpec("/bin/true", ["true"], ENV, pdeathsig=9), fd, "j.exit")
+    assert ei.value.stage == "keeper"
+    if how == "missing":
+        assert ei.value.errno == errno.ENOENT
+        assert str(ei.value).startswith(f"cannot open the job's keeper {copy}:")
+    else:
+        assert ei.value.errno == errno.EPERM
+        assert str(ei.value).startswith(f"refusing to run the job's keeper {copy}: ")
+    assert children() == kids
+
+
+def test_a_keeper_run_by_hand_does_nothing() -> None:
+    proc = subprocess.run([core.KEEPER], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 127
+    assert proc.stderr == "larkns-keeper: started by larkns only, never by hand\n"

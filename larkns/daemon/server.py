@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import select
+import signal
 import socket
 import sys
 import threading
@@ -319,7 +320,7 @@ class Daemon:
         except BaseException:
             if kept is not None:
                 with contextlib.suppress(OSError):
-                    core.pidfd_send_signal(kept.job_pidfd, 9)
+                    signal.pidfd_send_signal(kept.job_pidfd, signal.SIGKILL)
                 os.waitid(os.P_PIDFD, kept.keeper_pidfd, os.WEXITED)
                 os.close(kept.keeper_pidfd)
             for r in relays:
@@ -990,7 +991,6 @@ def _raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import signal
 
     from larkns import config
 

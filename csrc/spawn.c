@@ -1,12 +1,14 @@
 /*
- * larkns C core.  See core.h.
+ * Starting a job, and its keeper.  See spawn.h.
  *
- * The child side of lk_spawn runs in a copy of a (possibly multithreaded)
- * Python process made by a raw clone3: glibc's fork handlers did not run, so
- * any lock another thread held (malloc, stdio, the GIL) stays locked forever
- * in the child.  It therefore calls only async-signal-safe functions, and for
+ * The child side of lk_spawn, and of lk_spawn_kept until the keeper program
+ * is executed, runs in a copy of a (possibly multithreaded) Python process
+ * made by a raw clone3: glibc's fork handlers did not run, so any lock
+ * another thread held (malloc, stdio, the GIL) stays locked forever in the
+ * child.  It therefore calls only async-signal-safe functions, and for
  * credentials it uses raw syscalls: glibc's setuid()/setgid()/setgroups()
- * would try to broadcast the change to threads that do not exist in the child.
+ * would try to broadcast the change to threads that do not exist in the
+ * child.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1 /* Python.h defines it when this file is built by cffi */
@@ -18,8 +20,10 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -32,7 +36,7 @@
 #include <unistd.h>
 #include <linux/capability.h>
 
-#include "core.h"
+#include "spawn.h"
 
 /* Older headers lack these; the values are the kernel ABI. */
 #ifndef CLONE_PIDFD
@@ -44,18 +48,14 @@
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
-/* Syscalls added since 5.1 share one number on every architecture but alpha. */
-#ifndef SYS_pidfd_send_signal
-#define SYS_pidfd_send_signal 424
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
 #endif
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
 #ifndef SYS_clone3
 #define SYS_clone3 435
-#endif
-#ifndef SYS_close_range
-#define SYS_close_range 436
 #endif
 #ifndef SYS_open_tree
 #define SYS_open_tree 428
@@ -91,8 +91,6 @@
 #define LK_SYS_setgroups SYS_setgroups
 #endif
 
-#define LK_MAX_SIGNAL 64
-
 /* struct clone_args up to CLONE_ARGS_SIZE_VER2, spelled out so that the build
  * does not depend on how recent linux/sched.h is. */
 struct lk_clone_args {
@@ -111,12 +109,12 @@ struct lk_clone_args {
 
 /* No stack is given, so the child returns from syscall() on a copy of the
  * parent's stack, exactly as after fork(). */
-static pid_t lk_raw_clone3(uint64_t flags, int cgroup_fd, int *pidfd)
+static pid_t lk_raw_clone3(int cgroup_fd, int *pidfd)
 {
     struct lk_clone_args args;
 
     memset(&args, 0, sizeof args);
-    args.flags = flags | CLONE_PIDFD;
+    args.flags = CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)pidfd;
     args.exit_signal = SIGCHLD;
     if (cgroup_fd >= 0) {
@@ -124,43 +122,6 @@ static pid_t lk_raw_clone3(uint64_t flags, int cgroup_fd, int *pidfd)
         args.cgroup = (uint64_t)cgroup_fd;
     }
     return (pid_t)syscall(SYS_clone3, &args, sizeof args);
-}
-
-int lk_clone3(uint64_t flags, int cgroup_fd, int *pidfd_out)
-{
-    *pidfd_out = -1; /* the child keeps this value: the kernel fills in the parent's copy only */
-    return lk_raw_clone3(flags, cgroup_fd, pidfd_out);
-}
-
-int lk_setns(int fd, int nstype)
-{
-    return setns(fd, nstype);
-}
-
-int lk_unshare(int flags)
-{
-    return unshare(flags);
-}
-
-int lk_pidfd_open(int pid, unsigned int flags)
-{
-    return (int)syscall(SYS_pidfd_open, pid, flags);
-}
-
-int lk_pidfd_send_signal(int pidfd, int sig)
-{
-    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0U);
-}
-
-int lk_mount(const char *source, const char *target, const char *fstype,
-             unsigned long flags, const char *data)
-{
-    return mount(source, target, fstype, flags, data);
-}
-
-int lk_umount2(const char *target, int flags)
-{
-    return umount2(target, flags);
 }
 
 /* ---- lk_spawn ---------------------------------------------------------- */
@@ -425,9 +386,10 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
     child_fail(errfd, LK_STAGE_EXEC);
 }
 
-/* The status pipe's write end must not be 0, 1 or 2, or the stdio step in
- * the child would overwrite it. */
-static int fd_above_stdio(int fd)
+/* `fd`, or a copy of it above 2 (`fd` is then closed): the status pipe's
+ * write end must not be 0, 1 or 2, or the stdio step in the child would
+ * overwrite it. */
+int lk_fd_above_stdio(int fd)
 {
     int nfd;
     int e;
@@ -449,24 +411,19 @@ static void reap(pid_t pid)
         ;
 }
 
-/* A child that reported a failure (`told`: at `stage` with `err`), or that
- * could not be heard (then `unheard` is the error): in the second case its
- * state is unknown, so it must not run on unsupervised.  It is reaped
- * either way; returns -1 with errno set. */
-static int child_failed(pid_t pid, int pidfd, int told, int stage, int err, int unheard,
-                        int *err_stage, int *err_errno)
+/* A child that failed at `stage` with `err`, reaped.  One that could not be
+ * heard (`unheard`) is killed first: its state is unknown, so it must not
+ * run on unsupervised.  Returns -1 with errno set. */
+static int child_failed(pid_t pid, int pidfd, int unheard, int stage, int err, int *err_stage,
+                        int *err_errno)
 {
-    if (told) {
-        *err_stage = stage;
-        *err_errno = err;
-    } else {
-        *err_stage = LK_STAGE_CLONE;
-        *err_errno = unheard;
+    *err_stage = stage;
+    *err_errno = err;
+    if (unheard)
         (void)syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0U);
-    }
     reap(pid);
     close(pidfd);
-    errno = *err_errno;
+    errno = err;
     return -1;
 }
 
@@ -490,8 +447,8 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
 
     if (pipe2(p, O_CLOEXEC) < 0)
         goto fail_clone;
-    p[0] = fd_above_stdio(p[0]);
-    p[1] = fd_above_stdio(p[1]);
+    p[0] = lk_fd_above_stdio(p[0]);
+    p[1] = lk_fd_above_stdio(p[1]);
     if (p[0] < 0 || p[1] < 0) {
         e = errno;
         if (p[0] >= 0)
@@ -506,7 +463,7 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
         /* Not fatal if missing (< 5.3): the child then compares getppid(). */
         parent_fd = (int)syscall(SYS_pidfd_open, parent, 0U);
         if (parent_fd >= 0)
-            parent_fd = fd_above_stdio(parent_fd);
+            parent_fd = lk_fd_above_stdio(parent_fd);
     }
 
     /* Blocked until the child has put its signal handlers back to default:
@@ -514,7 +471,7 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
      * (Python's writes to the parent's wakeup fd) inside the child. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    pid = lk_raw_clone3(0, a->cgroup_fd, &pidfd);
+    pid = lk_raw_clone3(a->cgroup_fd, &pidfd);
     if (pid == 0) {
         close(p[0]);
         spawn_child(a, p[1], parent, parent_fd);
@@ -549,8 +506,9 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
         return pid;
     }
 
-    return child_failed(pid, pidfd, got == sizeof msg, msg[0], msg[1], rerr ? rerr : EPIPE,
-                        err_stage, err_errno);
+    if (got == sizeof msg)
+        return child_failed(pid, pidfd, 0, msg[0], msg[1], err_stage, err_errno);
+    return child_failed(pid, pidfd, 1, LK_STAGE_CLONE, rerr ? rerr : EPIPE, err_stage, err_errno);
 
 fail_clone:
     *err_stage = LK_STAGE_CLONE;
@@ -558,53 +516,12 @@ fail_clone:
     return -1;
 }
 
-/* ---- lk_spawn_kept ------------------------------------------------------ */
 
-#ifndef P_PIDFD
-#define P_PIDFD 3
-#endif
+/* ---- lk_spawn_kept: starting the keeper --------------------------------- */
 
-struct keeper_msg {
-    int pid;   /* the job's pid, or -1 */
-    int stage; /* where the job's spawn failed (LK_STAGE_*) */
-    int err;
-};
-
-/* Closes every fd but those in keep[] (ascending, all > 2), then puts
- * /dev/null on 0, 1 and 2: a keeper must hold none of the daemon's sockets
- * or pipes open (a wrapper waits for EOF on its connection, a test or a
- * service manager on the daemon's stdout). */
-static void keep_only(const int *keep, int n)
+size_t lk_utoa(char *buf, uint64_t v)
 {
-    unsigned int lo = 0;
-    int i;
-    int fd;
-
-    for (i = 0; i <= n; i++) {
-        unsigned int hi = i < n ? (unsigned int)keep[i] : ~0U;
-
-        if (hi > lo && syscall(SYS_close_range, lo, i < n ? hi - 1 : hi, 0U) < 0) {
-            long f;
-            long max = i < n ? (long)hi : 1L << 20;
-
-            for (f = (long)lo; f < max; f++)
-                (void)close((int)f);
-        }
-        lo = i < n ? hi + 1 : lo;
-    }
-    fd = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (fd >= 0) {
-        for (i = 0; i < 3; i++)
-            if (fd != i)
-                (void)dup2(fd, i);
-        if (fd > 2)
-            close(fd);
-    }
-}
-
-static size_t put_uint(char *buf, unsigned int v)
-{
-    char tmp[16];
+    char tmp[24];
     size_t n = 0;
     size_t i;
 
@@ -617,33 +534,7 @@ static size_t put_uint(char *buf, unsigned int v)
     return n;
 }
 
-/* "code N\n" or "signal N\n", written whole under a temporary name and
- * renamed, so a reader sees the whole line or no file. */
-static void write_status(const struct lk_keep_attr *k, int dirfd, const siginfo_t *info)
-{
-    char line[32];
-    size_t n;
-    int fd;
-    const char *word = info->si_code == CLD_EXITED ? "code " : "signal ";
-
-    n = strlen(word);
-    memcpy(line, word, n);
-    n += put_uint(line + n, (unsigned int)info->si_status);
-    line[n++] = '\n';
-    fd = openat(dirfd, k->status_tmp,
-                O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd < 0)
-        return;
-    if (write(fd, line, n) != (ssize_t)n) {
-        close(fd);
-        (void)unlinkat(dirfd, k->status_tmp, 0);
-        return;
-    }
-    close(fd);
-    (void)renameat(dirfd, k->status_tmp, dirfd, k->status_name);
-}
-
-static void send_report(int chan, const struct keeper_msg *m, int fd)
+void lk_send_report(int chan, const struct lk_keeper_msg *m, int fd)
 {
     struct msghdr mh;
     struct iovec iov;
@@ -675,139 +566,285 @@ static void send_report(int chan, const struct keeper_msg *m, int fd)
         ;
 }
 
-__attribute__((noreturn)) static void keeper(const struct lk_spawn_attr *a,
-                                             const struct lk_keep_attr *k, int chan)
+/* The job's attributes as the keeper reads them (spawn.h), written to the
+ * spec memfd through a buffer: one write per 4 KiB, not one per word. */
+struct spec_out {
+    int fd;
+    int err; /* the first write error */
+    size_t n;
+    char buf[4096];
+};
+
+static void out_flush(struct spec_out *o)
 {
-    struct keeper_msg m;
-    struct sigaction sa;
-    sigset_t empty;
-    siginfo_t info;
-    int jpidfd = -1;
-    int watch = k->watch_pidfd;
-    int dirfd = k->status_dirfd;
-    int keep[4];
-    int n = 0;
-    int sig;
+    size_t off = 0;
 
-    /* Its own session: a signal to the daemon's process group or terminal
-     * (a service manager stopping it, a ^C) is not for the keeper. */
-    (void)setsid();
-    if (k->comm)
-        (void)prctl(PR_SET_NAME, (unsigned long)k->comm, 0UL, 0UL, 0UL);
-    /* Only SIGKILL stops a keeper before its job ends.  SIGCHLD keeps its
-     * default: ignoring it would reap the job before waitid could see it. */
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = SIG_IGN;
-    sigemptyset(&sa.sa_mask);
-    for (sig = 1; sig <= LK_MAX_SIGNAL; sig++) {
-        if (sig == SIGKILL || sig == SIGSTOP || sig == SIGCHLD)
+    while (off < o->n && !o->err) {
+        ssize_t w = write(o->fd, o->buf + off, o->n - off);
+
+        if (w < 0) {
+            if (errno != EINTR)
+                o->err = errno;
             continue;
-        (void)sigaction(sig, &sa, NULL);
-    }
-    sa.sa_handler = SIG_DFL;
-    (void)sigaction(SIGCHLD, &sa, NULL);
-    sigemptyset(&empty);
-    (void)sigprocmask(SIG_SETMASK, &empty, NULL);
-
-    /* A pid namespace joined applies to the children made afterwards: the
-     * job, not the keeper, which stays where its caller can wait for it. */
-    if (k->pid_ns_fd >= 0 && setns(k->pid_ns_fd, CLONE_NEWPID) < 0) {
-        m.pid = -1;
-        m.stage = LK_STAGE_SETNS;
-        m.err = errno;
-        send_report(chan, &m, -1);
-        _exit(1);
-    }
-    m.pid = lk_spawn(a, &jpidfd, &m.stage, &m.err);
-    if (m.pid < 0) {
-        send_report(chan, &m, -1);
-        _exit(1);
-    }
-
-    /* Above stdio, which keep_only puts /dev/null on (a daemon started
-     * with 0-2 closed would have handed out those numbers). */
-    jpidfd = fd_above_stdio(jpidfd);
-    chan = fd_above_stdio(chan);
-    if (watch >= 0)
-        watch = fd_above_stdio(watch);
-    if (dirfd >= 0)
-        dirfd = fd_above_stdio(dirfd);
-    if (jpidfd < 0 || chan < 0) {
-        if (jpidfd >= 0)
-            (void)syscall(SYS_pidfd_send_signal, jpidfd, SIGKILL, NULL, 0U);
-        _exit(4);
-    }
-
-    /* Closed before the report: once the caller has its answer, the keeper
-     * holds none of its fds. */
-    keep[n++] = jpidfd;
-    keep[n++] = chan;
-    if (dirfd >= 0)
-        keep[n++] = dirfd;
-    if (watch >= 0)
-        keep[n++] = watch;
-    /* ascending, as keep_only wants (four items at most) */
-    for (sig = 1; sig < n; sig++) {
-        int v = keep[sig];
-        int j = sig - 1;
-
-        while (j >= 0 && keep[j] > v) {
-            keep[j + 1] = keep[j];
-            j--;
         }
-        keep[j + 1] = v;
+        off += (size_t)w;
     }
-    keep_only(keep, n);
-    send_report(chan, &m, jpidfd);
-    close(chan);
+    o->n = 0;
+}
 
-    for (;;) {
-        struct pollfd p[2];
-        int np = 1;
+static void out_bytes(struct spec_out *o, const char *s, size_t n)
+{
+    while (n > 0) {
+        size_t k = sizeof o->buf - o->n;
 
-        p[0].fd = jpidfd;
-        p[0].events = POLLIN;
-        p[0].revents = 0;
-        if (watch >= 0) {
-            p[1].fd = watch;
-            p[1].events = POLLIN;
-            p[1].revents = 0;
-            np = 2;
+        if (k == 0) {
+            out_flush(o);
+            k = sizeof o->buf;
         }
-        if (poll(p, (nfds_t)np, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            _exit(2);
-        }
-        if (np == 2 && p[1].revents) {
-            /* The process the job is for (its wrapper) is gone: so is the job. */
-            (void)syscall(SYS_pidfd_send_signal, jpidfd, SIGKILL, NULL, 0U);
-            close(watch);
-            watch = -1;
-        }
-        if (p[0].revents)
-            break;
+        if (k > n)
+            k = n;
+        memcpy(o->buf + o->n, s, k);
+        o->n += k;
+        s += k;
+        n -= k;
     }
-    memset(&info, 0, sizeof info);
-    while (waitid((idtype_t)P_PIDFD, (id_t)jpidfd, &info, WEXITED) < 0) {
-        if (errno != EINTR)
-            _exit(3);
+}
+
+static void out_int(struct spec_out *o, int64_t v)
+{
+    char num[24];
+
+    if (v < 0) {
+        out_bytes(o, "-", 1);
+        out_bytes(o, num, lk_utoa(num, (uint64_t)0 - (uint64_t)v));
+    } else {
+        out_bytes(o, num, lk_utoa(num, (uint64_t)v));
     }
-    if (dirfd >= 0)
-        write_status(k, dirfd, &info);
-    _exit(0);
+}
+
+static void out_word(struct spec_out *o, const char *key, const char *val)
+{
+    out_bytes(o, key, strlen(key));
+    out_bytes(o, val, strlen(val) + 1);
+}
+
+static void out_num(struct spec_out *o, const char *key, int64_t v)
+{
+    out_bytes(o, key, strlen(key));
+    out_int(o, v);
+    out_bytes(o, "", 1);
+}
+
+static void out_u64(struct spec_out *o, const char *key, uint64_t v)
+{
+    char num[24];
+
+    out_bytes(o, key, strlen(key));
+    out_bytes(o, num, lk_utoa(num, v));
+    out_bytes(o, "", 1);
+}
+
+static int write_spec(int fd, const struct lk_spawn_attr *a)
+{
+    static const char *const stdio_key[3] = {LK_SPEC_STDIN, LK_SPEC_STDOUT, LK_SPEC_STDERR};
+    struct spec_out o;
+    int i;
+
+    o.fd = fd;
+    o.err = 0;
+    o.n = 0;
+    out_word(&o, LK_SPEC_PATH, a->path);
+    for (i = 0; a->argv[i]; i++)
+        out_word(&o, LK_SPEC_ARG, a->argv[i]);
+    for (i = 0; a->envp[i]; i++)
+        out_word(&o, LK_SPEC_ENV, a->envp[i]);
+    for (i = 0; i < a->n_ns; i++) {
+        out_bytes(&o, LK_SPEC_NS, strlen(LK_SPEC_NS));
+        out_int(&o, a->ns_fds[i]);
+        out_bytes(&o, ":", 1);
+        out_int(&o, a->ns_types ? (uint32_t)a->ns_types[i] : 0);
+        out_bytes(&o, "", 1);
+    }
+    if (a->cgroup_fd >= 0)
+        out_num(&o, LK_SPEC_CGROUP, a->cgroup_fd);
+    if (a->new_session)
+        out_bytes(&o, LK_SPEC_SESSION, sizeof LK_SPEC_SESSION);
+    if (a->umask >= 0)
+        out_num(&o, LK_SPEC_UMASK, a->umask);
+    if (a->uid >= 0)
+        out_num(&o, LK_SPEC_UID, a->uid);
+    if (a->gid >= 0)
+        out_num(&o, LK_SPEC_GID, a->gid);
+    if (a->n_groups >= 0) {
+        out_bytes(&o, LK_SPEC_GROUPS, strlen(LK_SPEC_GROUPS));
+        for (i = 0; i < a->n_groups; i++) {
+            if (i)
+                out_bytes(&o, ",", 1);
+            out_int(&o, a->groups[i]);
+        }
+        out_bytes(&o, "", 1);
+    }
+    if (a->cwd)
+        out_word(&o, LK_SPEC_CWD, a->cwd);
+    for (i = 0; i < 3; i++)
+        if (a->stdio[i] >= 0)
+            out_num(&o, stdio_key[i], a->stdio[i]);
+    if (a->pdeathsig > 0)
+        out_num(&o, LK_SPEC_PDEATHSIG, a->pdeathsig);
+    if (a->sigdefault)
+        out_u64(&o, LK_SPEC_SIGDEFAULT, a->sigdefault);
+    if (a->own_sysfs)
+        out_bytes(&o, LK_SPEC_SYSFS, sizeof LK_SPEC_SYSFS);
+    if (a->confine_caps)
+        out_u64(&o, LK_SPEC_CAPS, a->cap_keep);
+    out_flush(&o);
+    if (o.err) {
+        errno = o.err;
+        return -1;
+    }
+    return 0;
+}
+
+/* The keeper's argv (spawn.h): its name, then LK_KEEP_* words. */
+#define KEEPER_ARGS 8
+
+static char *keeper_word(const char *key, const char *val)
+{
+    size_t kn = strlen(key);
+    size_t vn = strlen(val);
+    char *w = malloc(kn + vn + 1);
+
+    if (w) {
+        memcpy(w, key, kn);
+        memcpy(w + kn, val, vn + 1);
+    }
+    return w;
+}
+
+static char *keeper_fd_word(const char *key, int fd)
+{
+    char num[24];
+
+    num[lk_utoa(num, (uint64_t)fd)] = '\0';
+    return keeper_word(key, num);
+}
+
+/* What lk_spawn_kept prepares before the fork, and frees after it. */
+struct keeper_start {
+    int chan[2];  /* [0] the caller's end, [1] the keeper's */
+    int spec;     /* the memfd of the job's attributes */
+    char *argv[KEEPER_ARGS + 1];
+    int *pass;    /* the fds the keeper inherits */
+    int n_pass;
+};
+
+static void start_free(struct keeper_start *s)
+{
+    int i;
+
+    for (i = 0; i < KEEPER_ARGS; i++)
+        free(s->argv[i]);
+    free(s->pass);
+    if (s->spec >= 0)
+        close(s->spec);
+    if (s->chan[1] >= 0)
+        close(s->chan[1]);
+}
+
+static int start_prepare(struct keeper_start *s, const struct lk_spawn_attr *a,
+                         const struct lk_keep_attr *k)
+{
+    int n = 0;
+    int i;
+
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, s->chan) < 0)
+        return -1;
+    /* Above stdio, as the job's fds may be: a keeper's own fd on 0-2 would
+     * be the job's stdin, stdout or stderr when those are inherited. */
+    s->chan[0] = lk_fd_above_stdio(s->chan[0]);
+    s->chan[1] = lk_fd_above_stdio(s->chan[1]);
+    if (s->chan[0] < 0 || s->chan[1] < 0)
+        return -1;
+    s->spec = (int)syscall(SYS_memfd_create, "larkns-job", MFD_CLOEXEC);
+    if (s->spec >= 0)
+        s->spec = lk_fd_above_stdio(s->spec);
+    if (s->spec < 0 || write_spec(s->spec, a) < 0)
+        return -1;
+
+    s->argv[n++] = keeper_word("", k->comm ? k->comm : "larkns-keeper");
+    s->argv[n++] = keeper_fd_word(LK_KEEP_CHAN, s->chan[1]);
+    s->argv[n++] = keeper_fd_word(LK_KEEP_SPEC, s->spec);
+    if (k->status_dirfd >= 0) {
+        s->argv[n++] = keeper_fd_word(LK_KEEP_STATUS_DIR, k->status_dirfd);
+        s->argv[n++] = keeper_word(LK_KEEP_STATUS_NAME, k->status_name);
+        s->argv[n++] = keeper_word(LK_KEEP_STATUS_TMP, k->status_tmp);
+    }
+    if (k->watch_pidfd >= 0)
+        s->argv[n++] = keeper_fd_word(LK_KEEP_WATCH, k->watch_pidfd);
+    if (k->pid_ns_fd >= 0)
+        s->argv[n++] = keeper_fd_word(LK_KEEP_PID_NS, k->pid_ns_fd);
+    for (i = 0; i < n; i++)
+        if (!s->argv[i])
+            return -1; /* malloc set ENOMEM */
+
+    s->pass = malloc(sizeof(int) * (size_t)(a->n_ns + 9));
+    if (!s->pass)
+        return -1;
+    s->pass[s->n_pass++] = s->chan[1];
+    s->pass[s->n_pass++] = s->spec;
+    s->pass[s->n_pass++] = k->status_dirfd;
+    s->pass[s->n_pass++] = k->watch_pidfd;
+    s->pass[s->n_pass++] = k->pid_ns_fd;
+    s->pass[s->n_pass++] = a->cgroup_fd;
+    for (i = 0; i < 3; i++)
+        s->pass[s->n_pass++] = a->stdio[i];
+    for (i = 0; i < a->n_ns; i++)
+        s->pass[s->n_pass++] = a->ns_fds[i];
+    return 0;
+}
+
+/* The child of lk_spawn_kept until it is the keeper program: it keeps
+ * exactly the fds in s->pass (and 0-2, the job's when inherited) and
+ * executes the program the caller checked.  The signals stay blocked
+ * across execve, until the keeper has set its own dispositions. */
+__attribute__((noreturn)) static void exec_keeper(const struct keeper_start *s, int exe_fd)
+{
+    static char *const no_env[] = {NULL};
+    struct lk_keeper_msg m;
+    int i;
+
+    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+        if (errno != ENOSYS && errno != EINVAL)
+            goto fail;
+        cloexec_from_3_slow();
+    }
+    /* An fd that is not open stays so: the keeper fails at the step that
+     * uses it, with EBADF, as lk_spawn would. */
+    for (i = 0; i < s->n_pass; i++)
+        if (s->pass[i] >= 0)
+            (void)fcntl(s->pass[i], F_SETFD, 0);
+    /* exe_fd is close-on-exec: for a program (not a script) the kernel has
+     * no use for it once execveat has opened it, and the keeper holds no
+     * fd of its own binary. */
+    (void)syscall(SYS_execveat, exe_fd, "", s->argv, no_env, AT_EMPTY_PATH);
+fail:
+    m.pid = -1;
+    m.stage = LK_STAGE_KEEPER;
+    m.err = errno;
+    lk_send_report(s->chan[1], &m, -1);
+    _exit(127);
 }
 
 int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
                   int *keeper_pidfd, int *job_pid, int *job_pidfd, int *err_stage,
                   int *err_errno)
 {
-    int sv[2];
+    struct keeper_start s;
     int kpidfd = -1;
     int e;
     pid_t kpid;
     sigset_t all, old;
-    struct keeper_msg m;
+    struct lk_keeper_msg m;
     struct msghdr mh;
     struct iovec iov;
     union {
@@ -818,28 +855,36 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
     int fd = -1;
 
     memset(&m, 0, sizeof m);
+    memset(&s, 0, sizeof s);
+    s.chan[0] = s.chan[1] = s.spec = -1;
     *keeper_pidfd = -1;
     *job_pid = -1;
     *job_pidfd = -1;
     *err_stage = LK_STAGE_NONE;
     *err_errno = 0;
 
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+    if (start_prepare(&s, a, k) < 0) {
+        e = errno;
+        start_free(&s);
+        if (s.chan[0] >= 0)
+            close(s.chan[0]);
+        errno = e;
         goto fail_clone;
+    }
 
-    /* As in lk_spawn: no handler of the parent's may run in the keeper. */
+    /* As in lk_spawn: no handler of the parent's may run in the child. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    kpid = lk_raw_clone3(0, k->cgroup_fd, &kpidfd);
+    kpid = lk_raw_clone3(k->cgroup_fd, &kpidfd);
     if (kpid == 0) {
-        close(sv[0]);
-        keeper(a, k, sv[1]);
+        close(s.chan[0]);
+        exec_keeper(&s, k->exe_fd);
     }
     e = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    close(sv[1]);
+    start_free(&s);
     if (kpid < 0) {
-        close(sv[0]);
+        close(s.chan[0]);
         errno = e;
         goto fail_clone;
     }
@@ -853,7 +898,7 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
     mh.msg_control = u.buf;
     mh.msg_controllen = sizeof u.buf;
     do {
-        got = recvmsg(sv[0], &mh, MSG_CMSG_CLOEXEC);
+        got = recvmsg(s.chan[0], &mh, MSG_CMSG_CLOEXEC);
     } while (got < 0 && errno == EINTR);
     e = errno;
     if (got == (ssize_t)sizeof m) {
@@ -863,10 +908,10 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
         if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
             memcpy(&fd, CMSG_DATA(c), sizeof fd);
         /* Until the keeper closes its end: then it holds nothing of ours. */
-        while (recv(sv[0], &eof, 1, 0) < 0 && errno == EINTR)
+        while (recv(s.chan[0], &eof, 1, 0) < 0 && errno == EINTR)
             ;
     }
-    close(sv[0]);
+    close(s.chan[0]);
     if (got == (ssize_t)sizeof m && m.pid > 0 && fd >= 0) {
         *keeper_pidfd = kpidfd;
         *job_pid = m.pid;
@@ -875,10 +920,12 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
     }
     if (fd >= 0)
         close(fd);
+    if (got == (ssize_t)sizeof m && m.pid < 0)
+        return child_failed(kpid, kpidfd, 0, m.stage, m.err, err_stage, err_errno);
     /* A keeper that said nothing sensible is killed, and its job with it
      * (by its parent-death signal). */
-    return child_failed(kpid, kpidfd, got == (ssize_t)sizeof m && m.pid < 0, m.stage, m.err,
-                        got < 0 ? e : EPIPE, err_stage, err_errno);
+    return child_failed(kpid, kpidfd, 1, LK_STAGE_KEEPER, got < 0 ? e : EPIPE, err_stage,
+                        err_errno);
 
 fail_clone:
     *err_stage = LK_STAGE_CLONE;
