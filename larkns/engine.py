@@ -469,7 +469,7 @@ class Engine:
         for d in self.drivers():
             if d.table is not None and d.table not in swept:
                 swept.add(d.table)
-                removed += d.sweep(live)
+                removed += d.sweep(live, left)
         for slot, lease in sorted(leases.leased(self.journal).items()):
             # A lease is taken just before its job's record is claimed: one
             # without a record is orphaned only once its leaser is gone.

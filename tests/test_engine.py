@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -279,3 +280,25 @@ def test_a_record_of_a_newer_version_is_refused_with_a_reason_and_left_to_gc(
     assert swept.left == [] and any("job lkte9" in r for r in swept.removed), swept
     assert not netns.exists(plan.netns)
     assert engine.journal.read("lkte9") is None
+
+
+def test_removals_pass_over_what_is_gone_and_name_what_was_refused() -> None:
+    from larkns.kernel.nft import NftError, remove_all
+    from larkns.kernel.nftnl import NftnlError
+
+    done: list[str] = []
+
+    def run(ops: list[str]) -> None:
+        if len(ops) > 1:
+            raise NftnlError(errno.ENOENT, "batch")  # the kernel refuses the whole
+        if ops[0] == "gone":
+            raise NftnlError(errno.ENOENT, "delete gone")
+        if ops[0] == "busy":
+            raise NftnlError(errno.EBUSY, "delete busy")
+        done.append(ops[0])
+
+    assert remove_all(["a", "gone", "b"], run, NftnlError) is True
+    with pytest.raises(NftError, match="delete busy: Device or resource busy"):
+        remove_all(["a", "busy", "gone", "b"], run, NftnlError)
+    # every other removal was still tried
+    assert done == ["a", "b", "a", "b"]

@@ -69,7 +69,6 @@ the JSON both are made of is nftexpr.py's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import json
@@ -144,18 +143,35 @@ _Op = TypeVar("_Op")
 def remove_all(ops: list[_Op], run: Callable[[list[_Op]], object], error: type[Exception]) -> bool:
     """Run removals `ops` as one transaction; when part of what they remove
     is gone already (a half-built or half-removed job), the kernel refuses
-    the whole, so then each on its own.  True if anything was removed."""
+    the whole, so then each on its own.  True if anything was removed.
+
+    A removal refused for any other reason than "already gone" is not
+    passed over: an NftError names each, after the others were tried."""
     try:
         run(ops)
         return True
     except error:
         pass
     removed = False
+    refused: list[str] = []
     for op in ops:
-        with contextlib.suppress(error):
+        try:
             run([op])
             removed = True
+        except error as e:
+            if not _gone(e):
+                refused.append(str(e))
+    if refused:
+        raise NftError("; ".join(refused))
     return removed
+
+
+def _gone(e: Exception) -> bool:
+    """Whether a removal failed only because its object is not there: the
+    kernel's ENOENT (nfnetlink), or libnftables' message for it."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno == errno.ENOENT
+    return "No such file or directory" in str(e)
 
 
 class LarknsTable:

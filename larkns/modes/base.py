@@ -134,8 +134,9 @@ class Driver(Generic[P]):
     def remove(self, name: str, plan: P | None, record: Record | None, failures: Failures) -> None:
         """Teardown, after the job's namespace is gone."""
 
-    def sweep(self, live: set[str]) -> list[str]:
-        """gc: remove what jobs not in `live` left in the type's table."""
+    def sweep(self, live: set[str], left: list[str]) -> list[str]:
+        """gc: remove what jobs not in `live` left in the type's table;
+        what was removed, one line each (what could not be: on `left`)."""
         return []
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from larkns.config import ConfigError, Settings, host_ula_prefix
 from larkns.journal import Record
 from larkns.kernel import addrs, dhcp, links, netns, rtnl
 from larkns.kernel.bridge import BridgeRuleset
+from larkns.kernel.nft import NftError
 from larkns.kernel.rtnl import Rtnl
 from larkns.modes.base import Failures, SetupError, all_classes, classes_of
 from larkns.modes.link import LinkedDriver
@@ -394,17 +395,20 @@ class BridgeDriver(LinkedDriver[BridgeNetwork]):
             elif rules.has_table():
                 rules.remove_job(name, HOST_LINK_PREFIX + name, all_classes(rules, self.settings))
 
-    def sweep(self, live: set[str]) -> list[str]:
+    def sweep(self, live: set[str], left: list[str]) -> list[str]:
         try:
             rules = self.rules()
             orphans = rules.jobs() - live
+            classes = rules.table_classes() if orphans else ()
         except Exception:
             return []
-        classes = rules.table_classes() if orphans else ()
         removed = []
         for job in sorted(orphans):
-            rules.remove_job(job, HOST_LINK_PREFIX + job, classes)
-            removed.append(f"bridge guard and counters of {job}")
+            try:
+                rules.remove_job(job, HOST_LINK_PREFIX + job, classes)
+                removed.append(f"bridge guard and counters of {job}")
+            except NftError as e:
+                left.append(f"bridge guard and counters of {job}: {e}")
         return removed
 
     def close(self) -> None:

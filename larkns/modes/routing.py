@@ -15,7 +15,7 @@ from larkns.config import host_ula_prefix
 from larkns.journal import Record
 from larkns.kernel import addrs, sysctl
 from larkns.kernel.mac import parse as parse_mac
-from larkns.kernel.nft import Inbound, Ruleset
+from larkns.kernel.nft import Inbound, NftError, Ruleset
 from larkns.kernel.rtnl import Rtnl
 from larkns.modes import clat
 from larkns.modes.base import Failures, all_classes, classes_of
@@ -261,7 +261,7 @@ class RoutingDriver(LinkedDriver[R]):
                 sources=[*plan.sources(), *taken],
             )
 
-    def sweep(self, live: set[str]) -> list[str]:
+    def sweep(self, live: set[str], left: list[str]) -> list[str]:
         removed: list[str] = []
         try:
             rules = self.rules()
@@ -269,13 +269,20 @@ class RoutingDriver(LinkedDriver[R]):
         except Exception:
             return removed
         # An orphan has no record to say which classes it has: every class
-        # in the table, whichever configuration added it.
-        for job in sorted(table.jobs - live):
-            rules.remove_job(job, None, table.classes)
-            removed.append(f"nft counters of {job}")
+        # in the table, whichever configuration added it.  Map entries
+        # first: they hold references to the counters (EBUSY).
         for link in sorted(table.links):
             job = link[len(HOST_LINK_PREFIX) :]
             if job not in live:
-                rules.remove_job(job, link, table.classes, sources=table.sources.get(link, []))
-                removed.append(f"nft map entries of {link}")
+                try:
+                    rules.remove_job(job, link, table.classes, sources=table.sources.get(link, []))
+                    removed.append(f"nft map entries of {link}")
+                except NftError as e:
+                    left.append(f"nft map entries of {link}: {e}")
+        for job in sorted(table.jobs - live):
+            try:
+                rules.remove_job(job, None, table.classes)
+                removed.append(f"nft counters of {job}")
+            except NftError as e:
+                left.append(f"nft counters of {job}: {e}")
         return removed
