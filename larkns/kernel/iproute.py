@@ -69,7 +69,7 @@ class PinnedIPRoute:
     def link_lookup(self, ifname: str) -> list[int]:
         """[index of link `ifname`], or [] if there is none."""
         found = self.link(name=ifname)
-        return [] if found is None else [found.index]
+        return [] if found is None else [found.ifindex]
 
     def get_addr(self, family: int, index: int) -> list[Message]:
         with self._lock:

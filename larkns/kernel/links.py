@@ -49,7 +49,7 @@ def create_veth(
 
 def index(ipr: PinnedIPRoute, name: str) -> int | None:
     found = ipr.link(name=name)
-    return None if found is None else found.index
+    return None if found is None else found.ifindex
 
 
 def delete(ipr: PinnedIPRoute, name: str) -> bool:
