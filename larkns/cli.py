@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import secrets
 import sys
-import traceback
 from collections.abc import Sequence
 
 from larkns import config
@@ -122,7 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("larkns run: no command given (larkns run [options] -- CMD [ARG...])")
     settings = _settings(args)
     _require_root("run")
-    name = "j" + secrets.token_hex(4) if args.name is None else config.check_name(args.name)
+    # os.urandom, as secrets.token_hex does: importing secrets (hmac, OpenSSL's
+    # _hashlib) costs ~4 ms of every `larkns run`.
+    name = "j" + os.urandom(4).hex() if args.name is None else config.check_name(args.name)
     return run(
         settings,
         RunRequest(
@@ -157,6 +156,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    import json
+
     from larkns.engine import Engine
 
     config.check_name(args.name, "NAME")
@@ -273,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"larkns: error: {_message(e)}", file=sys.stderr)
         return EXIT_LARKNS
