@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import pwd
 import shutil
@@ -296,6 +297,9 @@ def _spawn_and_wait(
     finally:
         for fd in (ns_fd, me, status_dir):
             os.close(fd)
+    # The `larkns` program starts without a garbage collector (cli.console);
+    # from here on larkns waits, maybe for days, while its threads work.
+    gc.enable()
     try:
         with engine.lock:  # a DHCP renewer may write the record too
             _record_started(engine, req.name, kept)
