@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, NoReturn
 
 from larkns import config
 from larkns.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    import argparse
 
 # larkns's own failures exit 125, as `docker run` and `timeout` do, so they
 # can be told from the command's exit status.
@@ -22,12 +25,18 @@ class UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+# `larkns run`'s options that take a value (`--privileged` takes none), for
+# quick_run below; parser() declares them.
+RUN_VALUE_OPTIONS = ("--mode", "--name", "--user", "--json-report", "--ipv4-pool", "--ipv6-prefix")
 
 
 def parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(f"{self.prog}: {message}")
+
     p = _Parser(
         prog="larkns",
         description="A network namespace of its own for every job, accounted byte by byte.",
@@ -98,7 +107,7 @@ _FLAG_KNOBS = {
 }
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: SimpleNamespace) -> Settings:
     settings = config.load()
     for attr, knob in _FLAG_KNOBS.items():
         value = getattr(args, attr, None)
@@ -112,7 +121,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: SimpleNamespace) -> int:
     from larkns.run import RunRequest, run
 
     argv = list(args.argv)
@@ -138,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def cmd_list(args: SimpleNamespace) -> int:
     from larkns.engine import Engine
 
     _require_root("list")
@@ -158,7 +167,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def cmd_show(args: SimpleNamespace) -> int:
     import json
 
     from larkns.engine import Engine
@@ -182,7 +191,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: SimpleNamespace) -> int:
     from larkns.engine import Engine
 
     config.check_name(args.name, "NAME")
@@ -194,7 +203,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_teardown(args: argparse.Namespace) -> int:
+def cmd_teardown(args: SimpleNamespace) -> int:
     from larkns.engine import Engine
 
     config.check_name(args.name, "NAME")
@@ -206,7 +215,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
+def cmd_gc(args: SimpleNamespace) -> int:
     from larkns.engine import Engine
 
     _require_root("gc")
@@ -216,13 +225,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
+def cmd_doctor(args: SimpleNamespace) -> int:
     from larkns import doctor
 
     return doctor.main(_settings(args))
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: SimpleNamespace) -> int:
     """0: sealed and intact; 1: changed after larknsd published them; 2: no seal."""
     from larkns import seal
 
@@ -261,6 +270,39 @@ VERBS = {
 }
 
 
+def quick_run(argv: list[str]) -> SimpleNamespace | None:
+    """`[--debug] run [OPTION VALUE | OPTION=VALUE | --privileged]... [CMD...]`,
+    parsed as parser() would, without argparse: importing it and building
+    the parser cost ~5 ms of every `larkns run`.  None for anything else
+    (help, an abbreviated or unknown option, a value that starts with "-", a
+    missing value), which argparse then parses, or explains."""
+    i = 1 if argv[:1] == ["--debug"] else 0
+    if argv[i : i + 1] != ["run"]:
+        return None
+    args = SimpleNamespace(debug=i == 1, verb="run", privileged=False)
+    for option in RUN_VALUE_OPTIONS:
+        setattr(args, option[2:].replace("-", "_"), None)
+    i += 1
+    # As argparse.REMAINDER: the command is everything from "--" (kept) or
+    # from the first word that is no option.
+    while i < len(argv) and argv[i] != "--" and argv[i].startswith("-"):
+        option, eq, value = argv[i].partition("=")
+        if option == "--privileged" and not eq:
+            args.privileged = True
+        elif option in RUN_VALUE_OPTIONS:
+            if not eq:
+                if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+                    return None
+                i += 1
+                value = argv[i]
+            setattr(args, option[2:].replace("-", "_"), value)
+        else:
+            return None
+        i += 1
+    args.argv = argv[i:]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = (
@@ -269,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else "--debug" in args_list
     )
     try:
-        args = parser().parse_args(args_list)
+        args = quick_run(args_list) or parser().parse_args(args_list, SimpleNamespace())
         return VERBS[args.verb](args)
     except SystemExit as e:  # --help
         return int(e.code or 0)

@@ -4,9 +4,15 @@ of ~300)."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from types import SimpleNamespace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from larkns import cli
 from tests.world import World
 
 # Loaded by the code under test, then the names of every module it loaded.
@@ -56,3 +62,33 @@ def test_the_command_line_alone_loads_no_verb() -> None:
     modules = out.stdout.split()
     verbs = ("larkns.run", "larkns.engine", *OTHER_VERBS, *NEVER_AT_START)
     assert _loaded(modules, verbs) == []
+
+
+_WORDS = [
+    *("run", "--", "--debug", "true", "x", "", "=", "-", "-1", "-h", "--help", "--priv"),
+    *("--privileged", "--privileged=1", "--mode=nat", "--name=", "--user=root", "--mode="),
+    *cli.RUN_VALUE_OPTIONS,
+]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.sampled_from([["run"], ["--debug", "run"], []]),
+    st.lists(st.sampled_from(_WORDS), max_size=8),
+)
+def test_a_run_command_line_reads_the_same_without_argparse(
+    head: list[str], rest: list[str]
+) -> None:
+    argv = head + rest
+    quick = cli.quick_run(argv)
+    if quick is not None:
+        assert vars(quick) == vars(cli.parser().parse_args(argv, SimpleNamespace()))
+
+
+def test_every_option_of_run_is_read_without_argparse() -> None:
+    (verbs,) = [a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    run = verbs.choices["run"]
+    options = [o for a in run._actions for o in a.option_strings if o not in ("-h", "--help")]
+    for option in options:
+        argv = ["run", option] if option == "--privileged" else ["run", option, "v"]
+        assert cli.quick_run([*argv, "--", "true"]) is not None, option
