@@ -20,7 +20,6 @@ import ipaddress
 import os
 import pwd
 import select
-import shutil
 import socket
 import sys
 import threading
@@ -379,6 +378,8 @@ class Engine:
         goes out as IPv6 from the job's CLAT address toward the site's NAT64
         prefix, and back.  The host routes the CLAT address to the job."""
         assert plan.ipv6_clat and plan.nat64_prefix and plan.job_mac and plan.job_index
+        import shutil
+
         tayga = shutil.which("tayga", path="/usr/sbin:/usr/bin:/sbin:/bin")
         if tayga is None:
             raise SetupError(

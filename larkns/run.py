@@ -22,7 +22,6 @@ import errno
 import gc
 import os
 import pwd
-import shutil
 import signal
 import stat
 import sys
@@ -116,7 +115,17 @@ def identity(user: str | None, env: Mapping[str, str]) -> Identity | None:
 def resolve(cmd: str, env: Mapping[str, str]) -> str | None:
     if "/" in cmd:
         return os.path.abspath(cmd) if os.path.exists(cmd) else None
-    return shutil.which(cmd, path=env.get("PATH", os.defpath))
+    # shutil.which's search, without importing shutil (with bz2 and lzma:
+    # ~2 ms of every `larkns run`).
+    seen = set()
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        if d in seen:
+            continue
+        seen.add(d)
+        found = os.path.join(d, cmd)
+        if os.path.exists(found) and os.access(found, os.X_OK) and not os.path.isdir(found):
+            return found
+    return None
 
 
 def open_report(path: str) -> int:
