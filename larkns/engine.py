@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from larkns import core, leases
 from larkns.config import ConfigError, Settings, check_name, host_ula_prefix
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
-from larkns.kernel import addrs, dhcp, links, netns, rtnl, sysctl
+from larkns.kernel import addrs, links, netns, rtnl, sysctl
 from larkns.kernel.bridge import BridgeRuleset
 from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.nft import Inbound, NftError, Ruleset, TableJobs
@@ -54,6 +54,7 @@ from larkns.plan import (
 from larkns.traffic import Traffic
 
 if TYPE_CHECKING:
+    from larkns.kernel import dhcp
     from larkns.kernel.ra import Advertiser
 
 
@@ -493,6 +494,8 @@ class Engine:
         up `lease`, after a restart), apply it, let the guard allow it, and
         keep it for as long as the job runs."""
         assert plan.job_mac and plan.job_link and plan.job_index
+        from larkns.kernel import dhcp  # bridge mode only
+
         client = dhcp.Client(plan.netns, plan.job_link, plan.job_mac)
         try:
             if lease is None:
@@ -580,6 +583,8 @@ class Engine:
             record = self.journal.read(plan.name)
             saved = record.extra.get("dhcp") if record is not None else None
             if saved:
+                from larkns.kernel import dhcp  # bridge mode only
+
                 with self._job_socket(plan) as job:
                     self._dhcp_start(plan, job, dhcp.Lease.from_dict(saved))
         if not plan.linked or self.advertiser is None or plan.host_link is None:
@@ -814,6 +819,8 @@ class Engine:
         # Another process's (killed) job: release what its record says.
         saved = record.extra.get("dhcp")
         if saved and plan.job_link and plan.job_mac and netns.exists(plan.netns):
+            from larkns.kernel import dhcp  # bridge mode only
+
             with contextlib.suppress(Exception):
                 client = dhcp.Client(plan.netns, plan.job_link, plan.job_mac)
                 try:
