@@ -195,10 +195,10 @@ def available_modes(settings: Settings) -> list[str]:
 def modes(settings: Settings) -> list[Finding]:
     """What each network type can do on this node (its uplink, its config),
     as seen from the calling thread's network namespace."""
-    from pyroute2 import IPRoute
+    from larkns.kernel.iproute import PinnedIPRoute
 
     out: list[Finding] = []
-    with IPRoute() as ipr:
+    with PinnedIPRoute() as ipr:
         v4 = bool(ipr.get_default_routes(family=socket.AF_INET))
         v6 = bool(ipr.get_default_routes(family=socket.AF_INET6))
         uplink = ", ".join(f for f, ok in (("IPv4", v4), ("IPv6", v6)) if ok) or "none"
@@ -236,8 +236,8 @@ def modes(settings: Settings) -> list[Finding]:
                 )
             )
         if settings.bridge is not None:
-            found = ipr.link_lookup(ifname=settings.bridge)
-            is_bridge = bool(found) and links.kind(ipr, found[0]) == "bridge"
+            bridge = ipr.link_lookup(ifname=settings.bridge)
+            is_bridge = bool(bridge) and links.kind(ipr, bridge[0]) == "bridge"
             pool = settings.bridge_ipv4_pool
             out.append(
                 Finding(

@@ -21,19 +21,17 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
-from larkns import core, leases
-from larkns.config import ConfigError, Settings, check_name
+from larkns import core, leases, modes
+from larkns.config import Settings, check_name
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
 from larkns.kernel import links, netns, sysctl
-from larkns.kernel.bridge import BridgeRuleset
 from larkns.kernel.iproute import PinnedIPRoute
-from larkns.kernel.nft import NftError, Ruleset
+from larkns.kernel.nft import LarknsTable, NftError
 from larkns.kernel.rtnl import Rtnl, RtnlError
-from larkns.modes import DRIVERS, Driver, Failures, SetupError
-from larkns.modes.base import Rules
+from larkns.modes.base import Driver, Failures, SetupError
 from larkns.plan import HOST_LINK_PREFIX, JobNetwork
 from larkns.traffic import Traffic
 
@@ -43,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "SetupError", "Swept", "TeardownError"]
 
 T = TypeVar("T")
+TB = TypeVar("TB", bound=LarknsTable)
 
 
 class Swept(NamedTuple):
@@ -79,8 +78,7 @@ class Engine:
         self.clean_when_idle = clean_when_idle
         self._rtnl: Rtnl | None = None
         self._ipr: PinnedIPRoute | None = None
-        self._ruleset: Ruleset | None = None
-        self._bridge_rules: BridgeRuleset | None = None
+        self._tables: dict[type[LarknsTable], LarknsTable] = {}
         self._drivers: dict[str, Driver[Any]] = {}
         self._shared: dict[Any, Any] = {}
         self.forwarding = False  # enabled on the worker by this process
@@ -91,11 +89,12 @@ class Engine:
         self.lock = threading.RLock()
 
     @staticmethod
-    def validate(settings: Settings) -> None:
-        """Refuse settings that cannot work together, of every type: at the
-        start of larknsd or `larkns run`, not at the first job of a type."""
-        for driver in DRIVERS.values():
-            driver.validate(settings)
+    def validate(settings: Settings, types: Sequence[str] = modes.TYPES) -> None:
+        """Refuse settings of `types` that cannot work together: at the start
+        of larknsd (every type) or `larkns run` (its job's), not at the
+        first job of a type."""
+        for mode in types:
+            modes.driver_class(mode).validate(settings)
 
     # -- resources ---------------------------------------------------------
 
@@ -113,34 +112,31 @@ class Engine:
             self._ipr = PinnedIPRoute()
         return self._ipr
 
-    @property
-    def bridge_rules(self) -> BridgeRuleset:
-        """The `bridge larkns` table (bridge mode)."""
-        if self._bridge_rules is None:
-            self._bridge_rules = BridgeRuleset(self.settings.classes)
-        return self._bridge_rules
+    def table(self, kind: type[TB]) -> TB:
+        """This engine's handle on an nft table larkns counts jobs in."""
+        t = self._tables.get(kind)
+        if t is None:
+            t = self._tables[kind] = kind(self.settings.classes)
+        return cast(TB, t)
 
-    @property
-    def ruleset(self) -> Ruleset:
-        """The `inet larkns` table (the types the worker routes)."""
-        if self._ruleset is None:
-            self._ruleset = Ruleset(self.settings.classes)
-        return self._ruleset
+    def open_tables(self) -> None:
+        """Every table's handle, with libnftables loaded (NftError if it
+        cannot be): larknsd opens them at start, while its descriptors are
+        few (libnftables waits on its socket with select(2), which cannot
+        take a descriptor above 1023)."""
+        for d in self.drivers():
+            if d.table is not None:
+                self.table(d.table).open()
 
     def driver(self, mode: str) -> Driver[Any]:
         """The driver of network type `mode`."""
         d = self._drivers.get(mode)
         if d is None:
-            kind = DRIVERS.get(mode)
-            if kind is None:
-                raise ConfigError(
-                    f"--mode: unknown network type {mode!r} (expected {', '.join(DRIVERS)})"
-                )
-            d = self._drivers[mode] = kind(self)
+            d = self._drivers[mode] = modes.driver_class(mode)(self)
         return d
 
     def drivers(self) -> list[Driver[Any]]:
-        return [self.driver(mode) for mode in DRIVERS]
+        return [self.driver(mode) for mode in modes.TYPES]
 
     def shared(self, kind: Callable[[Engine], T]) -> T:
         """The one `kind` (a component more than one driver uses, such as
@@ -163,10 +159,13 @@ class Engine:
         for c in self._shared.values():
             c.close()
         self._shared.clear()
-        for handle in (self._rtnl, self._ipr, self._ruleset, self._bridge_rules):
+        for t in self._tables.values():
+            t.close()
+        self._tables.clear()
+        for handle in (self._rtnl, self._ipr):
             if handle is not None:
                 handle.close()
-        self._rtnl = self._ipr = self._ruleset = self._bridge_rules = None
+        self._rtnl = self._ipr = None
 
     def __enter__(self) -> Engine:
         return self
@@ -234,7 +233,7 @@ class Engine:
             raise SetupError(f"address pool exhausted: {e} ({pools})") from None
 
     @contextlib.contextmanager
-    def _setup_lock(self, rules: Rules | None) -> Iterator[None]:
+    def _setup_lock(self, rules: LarknsTable | None) -> Iterator[None]:
         """The journal's shared lock, held once the table counts this
         process's traffic classes as configured.
 
@@ -397,20 +396,16 @@ class Engine:
 
     def _remove_tables_and_state(self) -> None:
         if not self.journal.names():
-            for rules in self._tables():
+            for kind in modes.TABLES:
                 with contextlib.suppress(Exception):
-                    rules.delete_table()
+                    t = self.table(kind)
+                    # Looked up first: deleting a table that is not there
+                    # fails, and a failed transaction costs an RCU grace
+                    # period (5-12 ms here).
+                    if t.exists():
+                        t.delete_table()
             self.journal.remove_dir_if_unused()
 
-    def _tables(self) -> list[Rules]:
-        """Each table some type counts its jobs in, once."""
-        out: list[Rules] = []
-        for d in self.drivers():
-            with contextlib.suppress(Exception):
-                rules = d.rules()
-                if rules is not None and all(r is not rules for r in out):
-                    out.append(rules)
-        return out
 
     def records(self) -> list[Record]:
         out = []
@@ -465,7 +460,7 @@ class Engine:
         for link in links.veths_with_prefix(self.ipr, HOST_LINK_PREFIX):
             if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
                 removed.append(f"link {link}")
-        swept: set[str] = set()
+        swept: set[type[LarknsTable]] = set()
         for d in self.drivers():
             if d.table is not None and d.table not in swept:
                 swept.add(d.table)

@@ -23,10 +23,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from larkns.kernel.dhcp import Lease
 from larkns.plan import JobNetwork, PlanError
+
+if TYPE_CHECKING:
+    from larkns.kernel.dhcp import Lease
 
 # 1: what a job carried besides its plan was an untyped "extra" dict.
 # 2: typed fields (job_id, dhcp, sources, relays, chirp, relayed, problems).
@@ -182,7 +184,7 @@ class Record:
             keeper=_from_process(d.get("keeper")),
             created=d.get("created", 0.0),
             job_id=d["job_id"] if isinstance(d.get("job_id"), str) else None,
-            dhcp=None if not lease else Lease.from_dict(lease),
+            dhcp=None if not lease else _lease(lease),
             sources=tuple(ipaddress.IPv6Address(a) for a in d.get("sources") or ()),
             relays=None
             if not relays
@@ -195,6 +197,12 @@ class Record:
             relayed=None if not relayed else (int(relayed[0]), int(relayed[1])),
             problems=tuple(str(p) for p in d.get("problems") or ()),
         )
+
+
+def _lease(d: dict[str, Any]) -> Lease:
+    from larkns.kernel.dhcp import Lease  # bridge mode's: not loaded for other jobs
+
+    return Lease.from_dict(d)
 
 
 def _process(p: Process | None) -> dict[str, int] | None:

@@ -140,12 +140,13 @@ class JobNetwork:
         """A plan as to_dict() wrote it, this version's or the previous
         one's (which kept every type's fields in one flat dict, unused
         ones None: they are ignored here)."""
-        import larkns.modes  # noqa: F401  (registers every type's plan class)
+        from larkns import modes
 
         mode = d.get("mode")
-        cls = JobNetwork.types.get(mode) if isinstance(mode, str) else None
-        if cls is None:
+        if mode not in modes.TYPES:
             raise PlanError(f"unknown network type {mode!r}")
+        modes.driver_class(mode)  # its module registers its plan class
+        cls = JobNetwork.types[mode]
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in d and d[f.name] is not None:

@@ -251,7 +251,7 @@ def test_a_job_recorded_by_the_previous_version_is_taken_over_and_torn_down(
     assert isinstance(plan, NatNetwork) and plan.ipv6_prefix is not None
     path = engine.journal.path("lkte8")
     taken = plan.ipv6_prefix.network_address + 0x99
-    engine.ruleset.allow(plan.host_link, [taken])  # as the old version did
+    engine.table(Ruleset).allow(plan.host_link, [taken])  # as the old version did
     old = _as_version_1(json.loads(path.read_text()), {"sources": [str(taken)]})
     path.write_text(json.dumps(old))
     record = engine.journal.read("lkte8")
@@ -259,10 +259,10 @@ def test_a_job_recorded_by_the_previous_version_is_taken_over_and_torn_down(
     assert record.sources == (taken,)
     engine.adopt(plan)
     assert engine.check("lkte8") == []
-    assert engine.ruleset.job_objects().sources[plan.host_link].count(taken) == 1
+    assert engine.table(Ruleset).job_objects().sources[plan.host_link].count(taken) == 1
     assert engine.teardown("lkte8") is True
     # The address it took is out of the guard with everything else.
-    assert "lkte8" not in engine.ruleset.job_objects().jobs
+    assert "lkte8" not in engine.table(Ruleset).job_objects().jobs
 
 
 def test_a_record_of_a_newer_version_is_refused_with_a_reason_and_left_to_gc(

@@ -333,6 +333,10 @@ def test_settings_that_cannot_work_together_are_refused_at_start(
 
 
 def test_every_network_type_has_a_driver() -> None:
-    from larkns.modes import DRIVERS
+    from larkns import modes
 
-    assert set(DRIVERS) == set(config.MODES)
+    assert set(modes.TYPES) == set(config.MODES)
+    for mode in modes.TYPES:
+        driver = modes.driver_class(mode)
+        assert driver.mode == mode
+        assert driver.table is None or driver.table in modes.TABLES

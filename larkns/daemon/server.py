@@ -123,7 +123,8 @@ class Daemon:
         self.engine = Engine(settings, self.advertiser, clean_when_idle=False)
         # Opened now, in the worker's netns: a connection thread may be inside
         # a job's namespace (netns is per thread) when it first needs them.
-        _ = (self.engine.rtnl, self.engine.ipr, self.engine.ruleset)
+        _ = (self.engine.rtnl, self.engine.ipr)
+        self.engine.open_tables()
         self.me = Process.of(os.getpid())
         self.seal_key = seal.key(settings.lib_dir)
         # The engine's netlink sockets are not for two threads at once; its
@@ -1011,14 +1012,9 @@ def main(argv: list[str] | None = None) -> int:
         daemons = CondorDaemons.from_config()
         print(f"larknsd: {daemons.describe()}", file=sys.stderr)
         daemon = Daemon(settings, args.socket or str(settings.socket), daemons)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, OSError, NftError) as e:
         print(f"larknsd: error: {e}", file=sys.stderr)
         return 125
-    # libnftables waits on its netlink socket with select(2), which cannot
-    # take a descriptor above 1023 (glibc aborts the process): its sockets are
-    # opened now, while the numbers are low, not at the first bridge job.
-    with contextlib.suppress(NftError):
-        _ = daemon.engine.bridge_rules
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     threading.Thread(target=daemon.gc_forever, args=(60.0,), name="gc", daemon=True).start()

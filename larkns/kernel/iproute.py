@@ -1,98 +1,112 @@
-"""pyroute2's IPRoute, served by one thread of its own.
+"""The worker's rtnetlink socket for lookups and dumps, usable from any thread.
 
-pyroute2 0.9 gives every thread that calls an IPRoute a netlink socket of its
-own, made in that thread's network namespace and kept until the IPRoute is
-closed.  larknsd serves each connection on a thread of its own: each `info`
-request left one socket behind, and a node serving jobs for days would run
-out of descriptors.  Here every call runs on the one thread that opened the
-IPRoute, so there is one socket, in the namespace of the thread that made
-this object (the worker's), whichever thread asks and wherever it is.
+It answers the calls of pyroute2's IPRoute that larkns makes
+(get_default_routes, link_lookup, get_addr), in the shapes pyroute2 gives
+(header fields by key, attributes by name with get_attr), over larkns's own
+rtnetlink socket: importing pyroute2's package costs ~100 ms, a third of a
+whole `larkns run -- true`, and the path of every job looks up the worker's
+default route (whether jobs need a CLAT).
+
+One socket, made in the network namespace of the thread that makes this
+object (the worker's) and bound to it for good, whichever thread asks and
+wherever that thread is; calls take turns.  (pyroute2 0.9 gave every calling
+thread a socket of its own, kept until close: larknsd, which serves each
+connection on a thread of its own, ran out of descriptors.)
 """
 
 from __future__ import annotations
 
 import errno
-import queue
 import threading
-import types
-from collections.abc import Callable
 from typing import Any
 
-from pyroute2 import IPRoute
+from larkns.kernel.rtnl import Link, Rtnl
 
-# (method name, args, kwargs, where the (ok, result or exception) goes)
-_Reply = queue.SimpleQueue[tuple[bool, Any]]
-_Call = tuple[str, tuple[Any, ...], dict[str, Any], _Reply]
+
+class Message:
+    """A reply as pyroute2 shapes it: header fields by key, attributes by name."""
+
+    def __init__(self, fields: dict[str, int], attrs: dict[str, Any]) -> None:
+        self._fields = fields
+        self._attrs = attrs
+
+    def __getitem__(self, key: str) -> int:
+        return self._fields[key]
+
+    def get_attr(self, name: str) -> Any:
+        return self._attrs.get(name)
 
 
 class PinnedIPRoute:
-    """An IPRoute whose methods may be called from any thread."""
+    """Link, address and route lookups in the namespace this object was made in."""
 
     def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._rtnl: Rtnl | None = Rtnl()
         self._lock = threading.Lock()
-        self._closed = False
-        opened: _Reply = queue.SimpleQueue()
-        # Made here, it starts in this thread's network namespace.
-        self._thread = threading.Thread(
-            target=self._run, args=(opened,), name="iproute", daemon=True
-        )
-        self._thread.start()
-        ok, error = opened.get()
-        if not ok:
-            self._thread.join()
-            raise error
 
-    def _run(self, opened: _Reply) -> None:
-        try:
-            ipr = IPRoute()
-        except BaseException as e:
-            opened.put((False, e))
-            return
-        opened.put((True, None))
-        try:
-            while (call := self._calls.get()) is not None:
-                name, args, kwargs, reply = call
-                try:
-                    result = getattr(ipr, name)(*args, **kwargs)
-                    # A dump may come as a generator, which would read the
-                    # socket on the caller's thread: read it here.
-                    if isinstance(result, types.GeneratorType):
-                        result = tuple(result)
-                except BaseException as e:
-                    reply.put((False, e))
-                else:
-                    reply.put((True, result))
-        finally:
-            ipr.close()
+    def _socket(self) -> Rtnl:
+        if self._rtnl is None:
+            raise OSError(errno.EBADF, "the rtnetlink socket is closed")
+        return self._rtnl
 
-    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        reply: _Reply = queue.SimpleQueue()
+    # -- what pyroute2's IPRoute answered ----------------------------------
+
+    def get_default_routes(self, family: int) -> list[Message]:
+        """Routes of `family` without a destination in the main table."""
         with self._lock:
-            if self._closed:
-                raise OSError(errno.EBADF, "pyroute2 IPRoute is closed")
-            self._calls.put((name, args, kwargs, reply))
-        ok, value = reply.get()
-        if not ok:
-            raise value
-        return value
+            found = self._socket().default_routes(family)
+        return [
+            Message(
+                {"family": family},
+                {
+                    "RTA_OIF": r.oif,
+                    "RTA_GATEWAY": None if r.gateway is None else str(r.gateway),
+                },
+            )
+            for r in found
+        ]
 
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_"):
-            raise AttributeError(name)
+    def link_lookup(self, ifname: str) -> list[int]:
+        """[index of link `ifname`], or [] if there is none."""
+        found = self.link(name=ifname)
+        return [] if found is None else [found.ifindex]
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._call(name, args, kwargs)
+    def get_addr(self, family: int, index: int) -> list[Message]:
+        with self._lock:
+            found = self._socket().addresses(family, index)
+        return [
+            Message(
+                {
+                    "family": family,
+                    "prefixlen": a.prefixlen,
+                    "scope": a.scope,
+                    "flags": a.flags,
+                    "index": index,
+                },
+                {"IFA_ADDRESS": str(a.address)},
+            )
+            for a in found
+        ]
 
-        return call
+    # -- links (see links.py) ----------------------------------------------
+
+    def link(self, index: int = 0, name: str | None = None) -> Link | None:
+        with self._lock:
+            return self._socket().link(index, name)
+
+    def links(self) -> list[Link]:
+        with self._lock:
+            return self._socket().links()
+
+    def delete_link(self, index: int, what: str) -> bool:
+        with self._lock:
+            return self._socket().delete_link(index, what)
 
     def close(self) -> None:
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._calls.put(None)
-        self._thread.join()
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
 
     def __enter__(self) -> PinnedIPRoute:
         return self

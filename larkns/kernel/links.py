@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from larkns.kernel import rtnl
+from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.rtnl import Rtnl, RtnlError
 
 
@@ -50,54 +47,37 @@ def create_veth(
     return idx
 
 
-def index(ipr: IPRoute, name: str) -> int | None:
-    found: list[int] = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+def index(ipr: PinnedIPRoute, name: str) -> int | None:
+    found = ipr.link(name=name)
+    return None if found is None else found.ifindex
 
 
-def delete(ipr: IPRoute, name: str) -> bool:
+def delete(ipr: PinnedIPRoute, name: str) -> bool:
     """Delete link `name`; False if it was not there."""
     idx = index(ipr, name)
     if idx is None:
         return False
-    try:
-        ipr.link("del", index=idx)
-    except NetlinkError as e:
-        if e.code != errno.ENODEV:
-            raise
-        return False
-    return True
+    return ipr.delete_link(idx, f"link {name}")
 
 
-def veths_with_prefix(ipr: IPRoute, prefix: str) -> list[str]:
+def veths_with_prefix(ipr: PinnedIPRoute, prefix: str) -> list[str]:
     """veth links whose name starts with `prefix` (a link of another kind is never larkns's)."""
-    out = []
-    link: Any
-    for link in ipr.get_links():
-        name = link.get_attr("IFLA_IFNAME")
-        if name and name.startswith(prefix) and _kind(link) == "veth":
-            out.append(name)
-    return out
+    return [
+        link.name for link in ipr.links() if link.name.startswith(prefix) and link.kind == "veth"
+    ]
 
 
-def is_veth(ipr: IPRoute, name: str) -> bool:
-    link: Any
-    for link in ipr.get_links(ifname=name):
-        return _kind(link) == "veth"
-    return False
+def is_veth(ipr: PinnedIPRoute, name: str) -> bool:
+    found = ipr.link(name=name)
+    return found is not None and found.kind == "veth"
 
 
-def _kind(link: Any) -> str | None:
-    info = link.get_attr("IFLA_LINKINFO")
-    return None if info is None else info.get_attr("IFLA_INFO_KIND")
+def is_up(ipr: PinnedIPRoute, idx: int) -> bool:
+    found = ipr.link(idx)
+    return found is not None and found.up
 
 
-def is_up(ipr: IPRoute, idx: int) -> bool:
-    link: Any = ipr.get_links(idx)[0]
-    return bool(link.get_attr("IFLA_OPERSTATE") == "UP")
-
-
-def kind(ipr: IPRoute, idx: int) -> str | None:
-    """The link's kind (veth, bridge, ...); None for a plain device."""
-    found = ipr.get_links(idx)
-    return _kind(found[0]) if found else None
+def kind(ipr: PinnedIPRoute, idx: int) -> str | None:
+    """The link's kind (veth, bridge, ...); None for a plain device, or no such link."""
+    found = ipr.link(idx)
+    return None if found is None else found.kind

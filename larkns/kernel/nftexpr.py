@@ -10,7 +10,6 @@ the documents libnftables is given, and what they are made from.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -306,6 +305,8 @@ def class_maps(names: Iterable[str]) -> dict[str, str]:
 
 def class_marker(name: str, nets: Sequence[Net]) -> str:
     """The name of the marker that says class `name` is in the table with `nets`."""
+    import hashlib  # only with LARKNS_CLASSES: OpenSSL's _hashlib costs ~2.5 ms to load
+
     canonical = ",".join(sorted(str(n) for n in nets))
     return f"{MARKER_PREFIX}{name}.{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 

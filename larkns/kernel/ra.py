@@ -21,13 +21,13 @@ import errno
 import fcntl
 import heapq
 import ipaddress
-import logging
 import os
 import random
 import select
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +36,12 @@ from typing import Self
 
 from larkns.core import EXTERNAL_SIGNALS
 
-log = logging.getLogger(__name__)
+
+def _say(message: str) -> None:
+    # print, not logging: importing logging costs ~3 ms of every larkns
+    # start, for three messages that larknsd's stderr (its log) takes as well.
+    print(f"larkns: {message}", file=sys.stderr)
+
 
 ROUTER_SOLICIT = 133
 ROUTER_ADVERT = 134
@@ -356,7 +361,9 @@ class Advertiser:
             except Exception:
                 # A dead thread would let every job's default route lapse:
                 # log, pause so a persistent fault cannot spin, and go on.
-                log.exception("router advertiser: unexpected error, continuing")
+                import traceback
+
+                _say("router advertiser: unexpected error, continuing:\n" + traceback.format_exc())
                 time.sleep(0.1)
 
     def _timeout_ms(self) -> int | None:
@@ -432,7 +439,7 @@ class Advertiser:
                 return None
             if e.errno not in _NOT_YET and not link.warned:
                 link.warned = True
-                log.warning("router advertisement on ifindex %d failed: %s", link.ifindex, e)
+                _say(f"router advertisement on ifindex {link.ifindex} failed: {e}")
             return False
         link.sent += 1
         return True
@@ -462,7 +469,7 @@ class Advertiser:
                 # Out of socket option memory (net.core.optmem_max): periodic
                 # RAs still serve the job; only its solicitations go unheard.
                 link.joined = False
-                log.info("cannot hear router solicitations on ifindex %d: %s", link.ifindex, e)
+                _say(f"cannot hear router solicitations on ifindex {link.ifindex}: {e}")
             return
         link.joined = True
 

@@ -1,13 +1,17 @@
-"""A small synchronous rtnetlink socket for the hot path of a job's setup.
+"""A small synchronous rtnetlink socket: everything larkns asks of rtnetlink.
 
-pyroute2 is the general tool (dumps, gc, doctor), but each of its calls runs
-an asyncio loop: ~0.2 ms before the kernel sees anything.  A job's setup is a
-handful of requests whose values are all known in advance (even the link
-indexes: see plan.py), so they are encoded here with struct and sent in one
-sendmsg per namespace; the kernel handles them in order and acks each.
+pyroute2 would do, but importing its package costs ~100 ms (it brings ndb,
+ipdb, conntrack and asyncio), a third of a whole `larkns run -- true`, and
+each of its calls runs an asyncio loop: ~0.2 ms before the kernel sees
+anything.  A job's setup is a handful of requests whose values are all known
+in advance (even the link indexes: see plan.py), so they are encoded here
+with struct and sent in one sendmsg per namespace; the kernel handles them
+in order and acks each.
 
 Only what larkns sends is encoded: RTM_NEWLINK (veth pair, link up),
-RTM_NEWADDR/RTM_DELADDR, RTM_NEWROUTE/RTM_DELROUTE.
+RTM_DELLINK, RTM_NEWADDR/RTM_DELADDR, RTM_NEWROUTE/RTM_DELROUTE,
+RTM_NEWNEIGH/RTM_DELNEIGH; and only what it reads is decoded: links (name,
+kind, operational state), addresses, routes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from larkns.kernel import netlink
 from larkns.kernel.mac import parse as parse_mac
@@ -27,6 +31,7 @@ NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 RTM_NEWLINK = 16
+RTM_DELLINK = 17
 RTM_GETLINK = 18
 RTM_SETLINK = 19
 RTM_GETADDR = 22
@@ -34,6 +39,7 @@ RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
+RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 NDA_DST = 1
@@ -44,6 +50,7 @@ IFLA_IFNAME = 3
 IFLA_MASTER = 10
 IFLA_PROTINFO = 12
 IFLA_BRPORT_GUARD = 5
+IFLA_OPERSTATE = 16
 IFLA_LINKINFO = 18
 IFLA_NET_NS_FD = 28
 IFLA_AF_SPEC = 26
@@ -61,12 +68,14 @@ IFA_F_TENTATIVE = 0x40
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
+RTA_TABLE = 15
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 IFF_UP = 0x1
+IF_OPER_UP = 6
 
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
@@ -83,8 +92,9 @@ def _family(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
 
-@dataclass(frozen=True)
-class Request:
+# Records are NamedTuples: a frozen dataclass costs ~0.4 ms to define, at
+# every start of larkns, and this module has four.
+class Request(NamedTuple):
     what: str  # for error messages: "add veth lk-a"
     type: int
     flags: int
@@ -222,9 +232,11 @@ class Rtnl(netlink.Socket):
         self.send(bytes(out))
         self.await_acks(pending, ignore)
 
-    def link_index(self, name: str) -> int | None:
-        """The index of link `name` in this socket's netns, or None."""
-        body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    def link(self, index: int = 0, name: str | None = None) -> Link | None:
+        """Link `index` (or, with index 0, link `name`) in this socket's netns, or None."""
+        body = _IFINFO.pack(0, 0, index, 0, 0)
+        if name is not None:
+            body += _attr(IFLA_IFNAME, name.encode() + b"\0")
         seq, msg = self.message(RTM_GETLINK, NLM_F_REQUEST, body)
         self.send(msg)
         for mtype, payload in self.replies(seq):
@@ -232,32 +244,134 @@ class Rtnl(netlink.Socket):
                 code = netlink.error_code(payload)
                 if code == errno.ENODEV:
                     return None
-                raise RtnlError(code, f"look up link {name}")
+                raise RtnlError(code, f"look up link {name or index}")
             if mtype == RTM_NEWLINK:
-                return int(_IFINFO.unpack_from(payload)[2])
+                return _link(payload)
         return None
 
-    def ipv6_addresses(self, index: int) -> list[tuple[ipaddress.IPv6Address, int, int]]:
-        """(address, scope, flags) of every IPv6 address on link `index`."""
-        body = _IFADDR.pack(socket.AF_INET6, 0, 0, 0, 0)
-        seq, msg = self.message(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, body)
-        self.send(msg)
+    def link_index(self, name: str) -> int | None:
+        """The index of link `name` in this socket's netns, or None."""
+        found = self.link(name=name)
+        return None if found is None else found.ifindex
+
+    def links(self) -> list[Link]:
+        """Every link in this socket's netns."""
+        return [
+            _link(p)
+            for t, p in self._dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0))
+            if t == RTM_NEWLINK
+        ]
+
+    def delete_link(self, index: int, what: str) -> bool:
+        """Delete link `index`; False if it was not there."""
+        try:
+            self.run(Request(f"delete {what}", RTM_DELLINK, 0, _IFINFO.pack(0, 0, index, 0, 0)))
+        except RtnlError as e:
+            if e.errno != errno.ENODEV:
+                raise
+            return False
+        return True
+
+    def addresses(self, family: int, index: int) -> list[Address]:
+        """Every address of `family` on link `index`."""
         out = []
-        for mtype, payload in self.replies(seq, dump=True):
+        for mtype, payload in self._dump(RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0)):
             if mtype != RTM_NEWADDR:
                 continue
-            _fam, _plen, flags, scope, idx = _IFADDR.unpack_from(payload)
-            if idx != index:
+            fam, plen, flags, scope, idx = _IFADDR.unpack_from(payload)
+            # Without strict checking the kernel dumps every link's addresses.
+            if idx != index or fam != family:
                 continue
             addr = None
             for kind, data in netlink.attrs(payload, _IFADDR.size):
                 if kind == IFA_ADDRESS:
-                    addr = ipaddress.IPv6Address(data[:16])
+                    addr = ipaddress.ip_address(data)
                 elif kind == IFA_FLAGS:
+                    # The 8-bit flags of ifaddrmsg lack the newer ones.
                     (flags,) = struct.unpack_from("=I", data)
             if addr is not None:
-                out.append((addr, scope, flags))
+                out.append(Address(addr, plen, scope, flags))
         return out
+
+    def ipv6_addresses(self, index: int) -> list[tuple[ipaddress.IPv6Address, int, int]]:
+        """(address, scope, flags) of every IPv6 address on link `index`."""
+        return [
+            (a.address, a.scope, a.flags)
+            for a in self.addresses(socket.AF_INET6, index)
+            if isinstance(a.address, ipaddress.IPv6Address)
+        ]
+
+    def default_routes(self, family: int, table: int = RT_TABLE_MAIN) -> list[Route]:
+        """The routes of `family` to everywhere (no destination) in `table`."""
+        out = []
+        body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        for mtype, payload in self._dump(RTM_GETROUTE, body):
+            if mtype != RTM_NEWROUTE:
+                continue
+            fam, dst_len, _src, _tos, rtm_table, *_ = _RTMSG.unpack_from(payload)
+            if fam != family or dst_len:
+                continue
+            oif = None
+            gateway = None
+            has_dst = False
+            for kind, data in netlink.attrs(payload, _RTMSG.size):
+                if kind == RTA_TABLE:
+                    # Tables above 255 are only named here.
+                    (rtm_table,) = struct.unpack_from("=I", data)
+                elif kind == RTA_OIF:
+                    (oif,) = struct.unpack_from("=i", data)
+                elif kind == RTA_GATEWAY:
+                    gateway = ipaddress.ip_address(data)
+                elif kind == RTA_DST:
+                    has_dst = True
+            if rtm_table == table and not has_dst:
+                out.append(Route(oif, gateway))
+        return out
+
+    def _dump(self, mtype: int, body: bytes) -> list[tuple[int, bytes]]:
+        seq, msg = self.message(mtype, NLM_F_REQUEST | NLM_F_DUMP, body)
+        self.send(msg)
+        replies = self.replies(seq, dump=True)
+        for t, payload in replies:
+            if t == NLMSG_ERROR:
+                raise RtnlError(netlink.error_code(payload), f"dump (rtnetlink type {mtype})")
+        return replies
+
+
+class Link(NamedTuple):
+    ifindex: int
+    name: str
+    kind: str | None  # veth, bridge, ...; None for a plain device
+    up: bool  # operational state UP: carrier, and both ends of a veth up
+
+
+class Address(NamedTuple):
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    prefixlen: int
+    scope: int
+    flags: int
+
+
+class Route(NamedTuple):
+    oif: int | None  # None: a multipath route
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+
+
+def _link(payload: bytes) -> Link:
+    index = _IFINFO.unpack_from(payload)[2]
+    name = ""
+    kind = None
+    up = False
+    for t, data in netlink.attrs(payload, _IFINFO.size):
+        if t == IFLA_IFNAME:
+            name = data.rstrip(b"\0").decode(errors="replace")
+        elif t == IFLA_OPERSTATE:
+            up = data[:1] == bytes([IF_OPER_UP])
+        elif t == IFLA_LINKINFO:
+            for t2, d2 in netlink.attrs(data, 0):
+                if t2 == IFLA_INFO_KIND:
+                    kind = d2.rstrip(b"\0").decode(errors="replace")
+    return Link(int(index), name, kind, up)
 
 
 _NDMSG = struct.Struct("=BBHiHBB")

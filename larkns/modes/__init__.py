@@ -1,19 +1,31 @@
 """One driver per network type (see base.py for what a driver does).
 
-A new type is a module here with its plan class and its driver, and a line
-in DRIVERS; the engine and the other types need no change.
+A new type is a module here, named as the type, with its plan class and
+its driver (as DRIVER), and its name in TYPES; the engine and the other
+types need no change.  A type's module is imported when a job of that type
+is first met: `larkns run` of a nat job loads neither bridge mode nor its
+DHCP client.
 """
 
 from __future__ import annotations
 
-from larkns.modes.base import Driver, Failures, SetupError
-from larkns.modes.bridge import BridgeDriver
-from larkns.modes.nat import NatDriver
-from larkns.modes.none import NoneDriver
-from larkns.modes.routed import RoutedDriver
+import importlib
+from typing import Any
 
-DRIVERS: dict[str, type[Driver]] = {  # type: ignore[type-arg]
-    d.mode: d for d in (NatDriver, RoutedDriver, BridgeDriver, NoneDriver)
-}
+from larkns.config import ConfigError
+from larkns.kernel.bridge import BridgeRuleset
+from larkns.kernel.nft import LarknsTable, Ruleset
+from larkns.modes.base import Driver
 
-__all__ = ["DRIVERS", "Driver", "Failures", "SetupError"]
+TYPES = ("nat", "routed", "bridge", "none")
+# The tables the types count their jobs in (a driver's `table`), known
+# without importing every type: the last job out removes them all.
+TABLES: tuple[type[LarknsTable], ...] = (Ruleset, BridgeRuleset)
+
+
+def driver_class(mode: str) -> type[Driver[Any]]:
+    """The driver of network type `mode`."""
+    if mode not in TYPES:
+        raise ConfigError(f"--mode: unknown network type {mode!r} (expected {', '.join(TYPES)})")
+    kind: type[Driver[Any]] = importlib.import_module(f"larkns.modes.{mode}").DRIVER
+    return kind

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from larkns.config import ConfigError, Settings
 from larkns.journal import Record
+from larkns.kernel.nft import LarknsTable
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import JobNetwork
 from larkns.traffic import Count, Traffic
@@ -59,24 +60,13 @@ class Failures:
         return bool(self.lines)
 
 
-class Rules(Protocol):
-    """An nft table that counts jobs' traffic (inet larkns, bridge larkns)."""
-
-    def serves_classes(self) -> bool: ...
-    def update_classes(self) -> None: ...
-    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool: ...
-    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]: ...
-    def table_classes(self) -> tuple[str, ...]: ...
-    def delete_table(self) -> object: ...
-
-
 class Driver(Generic[P]):
     """One network type.  The defaults are those of a type with no link."""
 
     mode: ClassVar[str]
     # The nft table its jobs are counted in: drivers that share one are
     # swept by gc once.
-    table: ClassVar[str | None] = None
+    table: ClassVar[type[LarknsTable] | None] = None
     # Whether larkns sends the router advertisements its jobs take SLAAC from.
     advertises: ClassVar[bool] = False
 
@@ -89,9 +79,9 @@ class Driver(Generic[P]):
         """Refuse settings of this type that cannot work together (at
         larknsd's or `larkns run`'s start, not at the first job's)."""
 
-    def rules(self) -> Rules | None:
-        """The table the type's jobs are counted in (building it if needed)."""
-        return None
+    def rules(self) -> LarknsTable | None:
+        """The engine's handle on the table the type's jobs are counted in."""
+        return None if self.table is None else self.engine.table(self.table)
 
     def plan(self, name: str) -> P:
         """Job `name`'s plan, with a slot leased if the type needs one."""
@@ -143,7 +133,7 @@ class Driver(Generic[P]):
         """Let go of what this process holds for the type's jobs."""
 
 
-def classes_of(plan: JobNetwork, rules: Rules, settings: Settings) -> Sequence[str]:
+def classes_of(plan: JobNetwork, rules: LarknsTable, settings: Settings) -> Sequence[str]:
     """The traffic classes job `plan` has counters for: as its record says,
     since the process that set it up may have had other LARKNS_CLASSES; for
     a record that does not say, every class the table has (a listing: slow,
@@ -153,7 +143,7 @@ def classes_of(plan: JobNetwork, rules: Rules, settings: Settings) -> Sequence[s
     return all_classes(rules, settings)
 
 
-def all_classes(rules: Rules, settings: Settings) -> Sequence[str]:
+def all_classes(rules: LarknsTable, settings: Settings) -> Sequence[str]:
     """Every class the table has counters for; when it cannot be listed,
     at least those this process's LARKNS_CLASSES name (teardown goes on
     whatever fails)."""

@@ -146,7 +146,7 @@ def plan(
 
 class BridgeDriver(LinkedDriver[BridgeNetwork]):
     mode = "bridge"
-    table = "bridge"
+    table = BridgeRuleset
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
@@ -165,7 +165,7 @@ class BridgeDriver(LinkedDriver[BridgeNetwork]):
             raise ConfigError("LARKNS_BRIDGE_IPV4: static needs LARKNS_BRIDGE_IPV4_POOL")
 
     def rules(self) -> BridgeRuleset:
-        return self.engine.bridge_rules
+        return self.engine.table(BridgeRuleset)
 
     def facts(self) -> BridgeFacts:
         """The site network as the worker's bridge sees it."""
@@ -417,3 +417,6 @@ class BridgeDriver(LinkedDriver[BridgeNetwork]):
         for renewer in self._dhcp.values():
             renewer.stop(release=False)
         self._dhcp.clear()
+
+
+DRIVER = BridgeDriver

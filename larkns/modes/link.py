@@ -7,8 +7,9 @@ import errno
 from typing import TypeVar
 
 from larkns.kernel import links, netns
+from larkns.kernel.nft import LarknsTable
 from larkns.kernel.rtnl import RtnlError
-from larkns.modes.base import Driver, Rules, SetupError, classes_of, traffic
+from larkns.modes.base import Driver, SetupError, classes_of, traffic
 from larkns.plan import LinkedNetwork
 from larkns.traffic import Traffic
 
@@ -16,7 +17,7 @@ L = TypeVar("L", bound=LinkedNetwork)
 
 
 class LinkedDriver(Driver[L]):
-    def rules(self) -> Rules:
+    def rules(self) -> LarknsTable:
         raise NotImplementedError
 
     def create_veth(self, plan: L) -> int:

@@ -100,3 +100,6 @@ class NatDriver(RoutingDriver[NatNetwork]):
 
     def plan_slot(self, name: str, slot: int, prefix: ipaddress.IPv6Network) -> NatNetwork:
         return plan(self.settings, name, slot, prefix)
+
+
+DRIVER = NatDriver

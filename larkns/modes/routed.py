@@ -135,3 +135,6 @@ class RoutedDriver(RoutingDriver[RoutedNetwork]):
             *(rtnl.proxy_neighbour(idx, a, delete=not add) for a in targets),
             ignore=() if add else rtnl.ignore_missing(),
         )
+
+
+DRIVER = RoutedDriver

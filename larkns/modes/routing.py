@@ -95,13 +95,13 @@ R = TypeVar("R", bound=RoutingNetwork)
 
 
 class RoutingDriver(LinkedDriver[R]):
-    table = "inet"
+    table = Ruleset
     advertises = True
     # Whether the host masquerades the job's traffic.
     masquerade = False
 
     def rules(self) -> Ruleset:
-        return self.engine.ruleset
+        return self.engine.table(Ruleset)
 
     def inbound(self, plan: R) -> Inbound | None:
         """The worker's ports forwarded to the job."""
