@@ -23,7 +23,15 @@ EXIT_LARKNS = 125
 
 # `larkns run`'s options that take a value (`--privileged` takes none), for
 # quick_run below; parser() declares them.
-RUN_VALUE_OPTIONS = ("--mode", "--name", "--user", "--json-report", "--ipv4-pool", "--ipv6-prefix")
+RUN_VALUE_OPTIONS = (
+    "--mode",
+    "--name",
+    "--user",
+    "--json-report",
+    "--ipv4-pool",
+    "--ipv6-prefix",
+    "--bandwidth",
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +76,13 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--ipv4-pool", default=None, help="LARKNS_IPV4_POOL for this job")
     r.add_argument("--ipv6-prefix", default=None, help="LARKNS_IPV6_PREFIX for this job")
+    r.add_argument(
+        "--bandwidth",
+        default=None,
+        metavar="DOWN[/UP]",
+        help="cap the job's download (and upload: UP, default DOWN), e.g. 100mbit/20mbit "
+        "(at most LARKNS_BANDWIDTH_MAX; default LARKNS_BANDWIDTH)",
+    )
     r.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
 
     sub.add_parser("list", help="jobs with a network")
@@ -126,6 +141,12 @@ def cmd_run(args: SimpleNamespace) -> int:
     if not argv:
         raise UsageError("larkns run: no command given (larkns run [options] -- CMD [ARG...])")
     settings = _settings(args)
+    bandwidth = None
+    if args.bandwidth is not None:
+        from larkns.shaping import job_cap, parse_cap
+
+        bandwidth = parse_cap(args.bandwidth, "--bandwidth")
+        job_cap(settings, bandwidth)  # refused now, before anything else
     _require_root("run")
     # os.urandom, as secrets.token_hex does: importing secrets (hmac, OpenSSL's
     # _hashlib) costs ~4 ms of every `larkns run`.
@@ -139,6 +160,7 @@ def cmd_run(args: SimpleNamespace) -> int:
             user=args.user,
             json_report=args.json_report,
             privileged=args.privileged,
+            bandwidth=bandwidth,
         ),
     )
 

@@ -108,6 +108,10 @@ class Settings:
     max_prepared_per_user: int = DEFAULT_MAX_PREPARED_PER_USER
     # larknsd serves at most this many connections of one user at once.
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    # A job's cap, (down, up) bits/s (larkns/shaping.py): the default, and
+    # the most a job may ask for.  None: jobs are not shaped.
+    bandwidth: tuple[int, int] | None = None
+    bandwidth_max: tuple[int, int] | None = None
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -142,7 +146,21 @@ class Settings:
             changes[attr] = value
         out = replace(self, **changes)  # type: ignore[arg-type]
         out._check_overlaps()
+        out._check_bandwidth()
         return out
+
+    def _check_bandwidth(self) -> None:
+        """A default cap above the maximum would refuse every job."""
+        if self.bandwidth is None or self.bandwidth_max is None:
+            return
+        from larkns import shaping
+
+        why = shaping.above(self.bandwidth, self.bandwidth_max)
+        if why:
+            raise ConfigError(
+                f"LARKNS_BANDWIDTH: {shaping.format_cap(self.bandwidth)} is above "
+                f"LARKNS_BANDWIDTH_MAX ({shaping.format_cap(self.bandwidth_max)}): {why}"
+            )
 
     def _check_overlaps(self) -> None:
         """Pools that overlap would give two jobs one address."""
@@ -342,6 +360,19 @@ def _parse_count(attr: str, low: int, high: int, what: str) -> Parser:
 Parser = Callable[[str, str], tuple[str, object]]
 
 
+def _parse_bandwidth(attr: str) -> Parser:
+    """DOWN[/UP] ("" for none)."""
+
+    def parse(knob: str, raw: str) -> tuple[str, object]:
+        if not raw:
+            return attr, None
+        from larkns.shaping import parse_cap
+
+        return attr, parse_cap(raw, knob)
+
+    return parse
+
+
 def _parse_dir(attr: str) -> Parser:
     def parse(knob: str, raw: str) -> tuple[str, object]:
         if not raw.startswith("/") or "\0" in raw:
@@ -403,6 +434,8 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_MAX_CONNECTIONS_PER_UID": _parse_count(
         "max_connections_per_uid", 1, 1 << 20, "connections"
     ),
+    "LARKNS_BANDWIDTH": _parse_bandwidth("bandwidth"),
+    "LARKNS_BANDWIDTH_MAX": _parse_bandwidth("bandwidth_max"),
 }
 KNOBS = tuple(_PARSERS)
 

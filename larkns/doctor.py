@@ -73,6 +73,7 @@ def findings() -> list[Finding]:
             out.extend(_inside())
     finally:
         netns.delete(name)
+    out.append(_probe("shaping (per-job caps)", _shaping_probe, needed=False))
     fwd4 = sysctl.read("ipv4/ip_forward") == "1"
     fwd6 = sysctl.read("ipv6/conf/all/forwarding") == "1"
     out.append(
@@ -85,6 +86,27 @@ def findings() -> list[Finding]:
         )
     )
     return out
+
+
+def _shaping_probe() -> str:
+    from larkns.kernel import tc
+
+    have = tc.probe(("htb", "tbf rate 1mbit burst 10k latency 50ms", "fq_codel", "sfq", "fq"))
+    with netns.throwaway():
+        ifb = _probe("ifb", lambda: _ifb_rtnl()).ok
+    listed = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in [*have.items(), ("ifb", ifb)])
+    if not (have["htb"] and ifb):
+        raise RuntimeError(f"jobs cannot be capped (needs htb and ifb): {listed}")
+    return f"HTB with {tc.leaf()} leaves, upload through an IFB ({listed})"
+
+
+def _ifb_rtnl() -> str:
+    from larkns.kernel import links
+    from larkns.kernel.rtnl import Rtnl
+
+    with Rtnl() as r:
+        links.create_ifb(r, "lkd-ifb", 0)
+    return "works"
 
 
 def _core_probe(core: object) -> str:

@@ -18,6 +18,7 @@ worker node's (in tests, a namespace that plays it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -27,12 +28,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 from larkns import core, leases, modes
 from larkns.config import Settings, check_name
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
-from larkns.kernel import links, netns, sysctl
+from larkns.kernel import links, netns, sysctl, tc
 from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.nft import LarknsTable, NftError
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.modes.base import Driver, Failures, SetupError
-from larkns.plan import HOST_LINK_PREFIX, JobNetwork
+from larkns.plan import HOST_LINK_PREFIX, SHAPER_LINK_PREFIX, JobNetwork, LinkedNetwork
+from larkns.shaping import job_cap
 from larkns.traffic import Traffic
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ class Engine:
         self._drivers: dict[str, Driver[Any]] = {}
         self._shared: dict[Any, Any] = {}
         self.forwarding = False  # enabled on the worker by this process
+        # The leaf qdisc under the caps of this process's jobs (tc.leaf()).
+        self.shaper_leaf: str | None = None
         self.advertised: dict[str, int] = {}  # job -> host link RAs go out of
         # For the engine's shared netlink and nft handles when more than one
         # thread works with it (larknsd takes it around every verb; the DHCP
@@ -176,10 +180,18 @@ class Engine:
     # -- setup -------------------------------------------------------------
 
     def setup(
-        self, name: str, mode: str, owner: Process, client: Process | None = None
+        self,
+        name: str,
+        mode: str,
+        owner: Process,
+        client: Process | None = None,
+        bandwidth: tuple[int, int] | None = None,
     ) -> JobNetwork:
-        """Build job `name`'s network; on any failure remove what was built and raise."""
+        """Build job `name`'s network; on any failure remove what was built
+        and raise.  `bandwidth`: the cap the job asked for, (down, up) bits/s
+        (refused above LARKNS_BANDWIDTH_MAX before anything is built)."""
         check_name(name)
+        cap = job_cap(self.settings, bandwidth)
         driver = self.driver(mode)
         rules = driver.rules()  # no nftables: refused before anything is built
         claimed = False
@@ -194,6 +206,8 @@ class Engine:
                 if self.journal.path(name).exists():
                     raise in_use
                 plan: JobNetwork = driver.plan(name)
+                if cap is not None and isinstance(plan, LinkedNetwork):
+                    plan = dataclasses.replace(plan, bandwidth=cap)
                 record = Record(name=name, owner=owner, state="building", plan=plan, client=client)
                 try:
                     self.journal.claim(record)
@@ -278,6 +292,10 @@ class Engine:
             job = Rtnl()
         with job:
             driver.build(plan, job, record)
+        if isinstance(plan, LinkedNetwork) and plan.bandwidth is not None:
+            self.shaper_leaf = tc.shape(
+                self.rtnl, plan.host_link, plan.shaper_link, plan.shaper_index, plan.bandwidth
+            )
 
     # -- what a running job's callers ask ------------------------------------
 
@@ -315,6 +333,12 @@ class Engine:
         problems = []
         if not netns.exists(plan.netns):
             problems.append(f"netns {plan.netns} is missing")
+        if (
+            isinstance(plan, LinkedNetwork)
+            and plan.bandwidth is not None
+            and self.rtnl.link_index(plan.shaper_link) is None
+        ):
+            problems.append(f"link {plan.shaper_link} (the job's upload cap) is missing")
         return problems + self.driver(plan.mode).check(plan)
 
     def stats(self, name: str) -> Traffic:
@@ -362,6 +386,12 @@ class Engine:
             self._remove_netns(ns_name)
         for d in drivers:
             d.remove(name, plan, record, failures)
+        # A capped job's IFB (its veth's qdiscs went with the veth).  Without
+        # a plan, whatever a job of this name could have left.
+        if plan is None or (isinstance(plan, LinkedNetwork) and plan.bandwidth is not None):
+            shaper = SHAPER_LINK_PREFIX + name
+            with failures.step(f"link {shaper}"):
+                tc.unshape(self.rtnl, shaper)
         if failures:
             left = Record(name=name, owner=Process(0, 0)) if record is None else record
             left.state = "teardown-failed"
@@ -459,6 +489,9 @@ class Engine:
                 removed.append(f"netns {ns_name}")
         for link in links.veths_with_prefix(self.ipr, HOST_LINK_PREFIX):
             if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
+                removed.append(f"link {link}")
+        for link in links.with_prefix(self.ipr, SHAPER_LINK_PREFIX, "ifb"):
+            if link[len(SHAPER_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
                 removed.append(f"link {link}")
         swept: set[type[LarknsTable]] = set()
         for d in self.drivers():

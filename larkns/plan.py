@@ -23,6 +23,9 @@ from larkns.kernel.mac import parse as parse_mac
 
 JOB_LINK = "eth0"
 HOST_LINK_PREFIX = "lk-"
+# A capped job's upload shaper, an IFB on the host: "lkb" + NAME, which
+# like "lk-" + NAME fits IFNAMSIZ (15 characters) for a 12-character name.
+SHAPER_LINK_PREFIX = "lkb"
 # Link indexes are chosen, not looked up: the job end is the first link of a
 # fresh namespace (lo is 1), the host end is numbered after the slot, far above
 # what a host's own links use.  Known indexes spare setup every lookup, and
@@ -30,6 +33,7 @@ HOST_LINK_PREFIX = "lk-"
 # carrier change, and the first RA, by up to a second).
 JOB_INDEX = 2
 HOST_INDEX_BASE = 1_000_000
+SHAPER_INDEX_BASE = 2_000_000
 LINK_LOCAL = ipaddress.IPv6Network("fe80::/64")
 
 
@@ -168,6 +172,18 @@ class LinkedNetwork(JobNetwork):
     job_index: int = JOB_INDEX
     host_mac: str
     job_mac: str
+    # The job's cap, (down, up) bits/s on the link (larkns/shaping.py);
+    # None: not shaped.
+    bandwidth: tuple[int, int] | None = None
+
+    @property
+    def shaper_link(self) -> str:
+        """The IFB its upload is shaped on (when capped)."""
+        return SHAPER_LINK_PREFIX + self.name
+
+    @property
+    def shaper_index(self) -> int:
+        return SHAPER_INDEX_BASE + self.slot
 
     @property
     def host_link_local(self) -> ipaddress.IPv6Address:
@@ -183,6 +199,12 @@ class LinkedNetwork(JobNetwork):
             f"  veth {self.host_link} (host, {self.host_mac})"
             f" <-> {self.job_link} (job, {self.job_mac})"
             + (f"\n  traffic classes {', '.join(self.classes)}" if self.classes else "")
+            + (
+                f"\n  capped at {self.bandwidth[0]} bit/s down, {self.bandwidth[1]} bit/s up"
+                f" (upload shaped on {self.shaper_link})"
+                if self.bandwidth
+                else ""
+            )
         )
 
 

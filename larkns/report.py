@@ -55,6 +55,8 @@ def build(
     ipv6: list[str],
     traffic: Traffic,
     inbound_ports: tuple[int, int] | None = None,
+    bandwidth: tuple[int, int] | None = None,
+    shaper_leaf: str | None = None,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -75,6 +77,12 @@ def build(
         "inbound_ports": None
         if inbound_ports is None
         else {"first": inbound_ports[0], "last": inbound_ports[1]},
+        # The job's cap in bits/s of link-layer bytes (Ethernet headers
+        # included, as HTB counts them; TCP payload gets ~95% of it), and the
+        # queue discipline under it; null: not shaped.
+        "bandwidth": None
+        if bandwidth is None
+        else {"down_bps": bandwidth[0], "up_bps": bandwidth[1], "leaf_qdisc": shaper_leaf},
         **_family(traffic.incoming, traffic.outgoing),
         "families": {
             "ipv4": _family(traffic.ipv4_in, traffic.ipv4_out),
@@ -146,6 +154,12 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(
                 f"larkns:   the worker's ports {ports['first']}-{ports['last']} (TCP, UDP) "
                 "are forwarded to it"
+            )
+        cap = report.get("bandwidth")
+        if cap:
+            lines.append(
+                f"larkns:   capped at {cap['down_bps'] / 1e6:g} Mbit/s down, "
+                f"{cap['up_bps'] / 1e6:g} Mbit/s up (HTB, {cap['leaf_qdisc']} leaves)"
             )
         dropped = report["dropped"]
         if dropped["packets"]:

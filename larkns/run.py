@@ -89,6 +89,7 @@ class RunRequest:
     user: str | None = None
     json_report: str | None = None
     privileged: bool = False  # every capability of root (see JOB_CAPS)
+    bandwidth: tuple[int, int] | None = None  # (down, up) bits/s the job asks for
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,9 @@ def _run(
 ) -> int:
     t0 = time.monotonic()
     try:
-        plan = engine.setup(req.name, req.mode, Process.of(os.getpid()))
+        plan = engine.setup(
+            req.name, req.mode, Process.of(os.getpid()), bandwidth=req.bandwidth
+        )
     except BaseException:
         # setup() removed what it had built; a killed setup leaves it to gc.
         _remove_unless_others(engine, req.name)
@@ -254,6 +257,8 @@ def _run(
         ipv6=addresses[1],
         traffic=traffic,
         inbound_ports=plan.forwarded_ports,
+        bandwidth=getattr(plan, "bandwidth", None),
+        shaper_leaf=engine.shaper_leaf,
     )
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)

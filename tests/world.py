@@ -175,7 +175,7 @@ class World:
         left += [
             f"link {line.split(': ')[1].split('@')[0]}"
             for line in links.splitlines()
-            if ": lk-" in line
+            if ": lk-" in line or ": lkb" in line
         ]
         tables = sh("nft", "list", "tables", ns=self.worker, check=False).stdout
         left += [f"nft {t}" for t in tables.splitlines() if t.strip()]

@@ -47,6 +47,36 @@ def create_veth(
     return idx
 
 
+def create_ifb(host_rtnl: Rtnl, name: str, index: int) -> int:
+    """An IFB device, up; its index (`index` unless taken)."""
+    for idx in (index, 0):
+        try:
+            host_rtnl.run(rtnl.ifb(name, idx))
+            break
+        except RtnlError as e:
+            # EEXIST is for the name or for the index (see create_veth).
+            if e.errno != errno.EEXIST or host_rtnl.link_index(name) is not None:
+                raise
+    if idx == 0:
+        found = host_rtnl.link_index(name)
+        if found is None:
+            raise OSError(errno.ENODEV, f"ifb {name} vanished right after it was made")
+        idx = found
+    host_rtnl.run(rtnl.link_up(idx, name))
+    return idx
+
+
+def delete_named(host_rtnl: Rtnl, name: str) -> bool:
+    """Delete link `name` (one request, no lookup); False if it was not there."""
+    try:
+        host_rtnl.run(rtnl.delete_named(name))
+    except RtnlError as e:
+        if e.errno != errno.ENODEV:
+            raise
+        return False
+    return True
+
+
 def index(ipr: PinnedIPRoute, name: str) -> int | None:
     found = ipr.link(name=name)
     return None if found is None else found.ifindex
@@ -65,6 +95,11 @@ def veths_with_prefix(ipr: PinnedIPRoute, prefix: str) -> list[str]:
     return [
         link.name for link in ipr.links() if link.name.startswith(prefix) and link.kind == "veth"
     ]
+
+
+def with_prefix(ipr: PinnedIPRoute, prefix: str, kind: str) -> list[str]:
+    """Links of `kind` whose name starts with `prefix`."""
+    return [link.name for link in ipr.links() if link.name.startswith(prefix) and link.kind == kind]
 
 
 def is_veth(ipr: PinnedIPRoute, name: str) -> bool:

@@ -92,6 +92,12 @@ def _unshared() -> contextlib.AbstractContextManager[None]:
     return _away(lambda: core.unshare(core.CLONE_NEWNET))
 
 
+def throwaway() -> contextlib.AbstractContextManager[None]:
+    """Run the block (and what it spawns) in a new, unnamed netns that goes
+    when the block ends: for probing what the kernel can do."""
+    return _unshared()
+
+
 def entered(name: str) -> contextlib.AbstractContextManager[None]:
     """Run the block with this thread inside netns `name`, then come back.
 

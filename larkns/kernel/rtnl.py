@@ -131,6 +131,22 @@ def veth(
     return Request(f"add veth {host}", RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
+def ifb(name: str, index: int) -> Request:
+    """An IFB (intermediate functional block) device, down."""
+    linkinfo = _attr(IFLA_INFO_KIND, b"ifb\0")
+    body = (
+        _IFINFO.pack(0, 0, index, 0, 0)
+        + _attr(IFLA_IFNAME, name.encode() + b"\0")
+        + _attr(IFLA_LINKINFO, linkinfo)
+    )
+    return Request(f"add ifb {name}", RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def delete_named(name: str) -> Request:
+    body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    return Request(f"delete link {name}", RTM_DELLINK, 0, body)
+
+
 def no_link_local(index: int, what: str) -> Request:
     """Stop the kernel from making an EUI-64 link-local on this link.
 
