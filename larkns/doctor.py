@@ -91,7 +91,7 @@ def findings() -> list[Finding]:
 def _shaping_probe() -> str:
     from larkns.kernel import tc
 
-    have = tc.probe(("htb", "tbf rate 1mbit burst 10k latency 50ms", "fq_codel", "sfq", "fq"))
+    have = tc.probe(("htb", "tbf", "fq_codel", "sfq", "fq"))
     with netns.throwaway():
         ifb = _probe("ifb", lambda: _ifb_rtnl()).ok
     listed = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in [*have.items(), ("ifb", ifb)])
