@@ -7,7 +7,8 @@ host's network.
     .venv/bin/python bench/shaping.py [--cycles 100] [--seconds 5] [--rates 10,100,1000]
 
 Prints setup and teardown p50/p99 of a capped NAT job against an uncapped
-one (in-process, cycles interleaved so drift hits both alike), and for each
+one (in-process, cycles interleaved so drift hits both alike; as larknsd
+does, keeping IFBs, and as `larkns run` does, deleting them), and for each
 rate (Mbit/s) the TCP payload a job got downloading (IPv4) and uploading
 (IPv6) over --seconds, against the cap: whole run, first second, after it.
 Payload is ~95% of the cap, which counts link-layer bytes.  Figures only.
@@ -46,7 +47,7 @@ def fmt(xs: list[float]) -> str:
     return f"p50 {pct(xs, 50) * 1e3:6.2f} ms  p99 {pct(xs, 99) * 1e3:6.2f} ms"
 
 
-def cost(world: World, cycles: int) -> None:
+def cost(world: World, cycles: int, clean_when_idle: bool) -> None:
     settings = config.Settings(
         ipv4_pool=ipaddress.IPv4Network(world.ipv4_pool),
         ipv6_prefix=ipaddress.IPv6Network(world.ipv6_prefix),
@@ -57,7 +58,7 @@ def cost(world: World, cycles: int) -> None:
     times: dict[str, list[float]] = {k: [] for k in ("setup", "teardown", "csetup", "cteardown")}
     with netns.entered(world.worker):
         advertiser = Advertiser()
-        engine = Engine(settings, advertiser, clean_when_idle=False)
+        engine = Engine(settings, advertiser, clean_when_idle=clean_when_idle)
         try:
             t0 = time.perf_counter()
             leaf = tc.leaf()
@@ -74,10 +75,17 @@ def cost(world: World, cycles: int) -> None:
                         times[tag + "setup"].append(t1 - t0)
                         times[tag + "teardown"].append(t2 - t1)
         finally:
+            engine.clean_if_idle()
             engine.close()
             advertiser.close()
     both = [a + b for a, b in zip(times["setup"], times["teardown"], strict=True)]
     cboth = [a + b for a, b in zip(times["csetup"], times["cteardown"], strict=True)]
+    how = (
+        "one job per process, as `larkns run`: its IFB deleted"
+        if clean_when_idle
+        else "a process serving many, as larknsd: IFBs kept for the next jobs"
+    )
+    print(f"-- {how}")
     print(f"leaf qdisc: {leaf} (probed once per process in {probe * 1e3:.1f} ms)")
     print(f"uncapped  setup    {fmt(times['setup'])}   teardown {fmt(times['teardown'])}")
     print(f"capped    setup    {fmt(times['csetup'])}   teardown {fmt(times['cteardown'])}")
@@ -135,7 +143,8 @@ def main() -> None:
     args = ap.parse_args()
     world = World(prefix="lkts")
     try:
-        cost(world, args.cycles)
+        cost(world, args.cycles, clean_when_idle=False)
+        cost(world, args.cycles // 2, clean_when_idle=True)
         rates(world, [int(r) for r in args.rates.split(",") if r], args.seconds)
     finally:
         world.close()

@@ -33,7 +33,13 @@ from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.nft import LarknsTable, NftError
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.modes.base import Driver, Failures, SetupError
-from larkns.plan import HOST_LINK_PREFIX, SHAPER_LINK_PREFIX, JobNetwork, LinkedNetwork
+from larkns.plan import (
+    HOST_LINK_PREFIX,
+    SHAPER_LINK_PREFIX,
+    SPARE_SHAPER_PREFIX,
+    JobNetwork,
+    LinkedNetwork,
+)
 from larkns.shaping import job_cap
 from larkns.traffic import Traffic
 
@@ -41,6 +47,10 @@ if TYPE_CHECKING:
     from larkns.kernel.ra import Advertiser
 
 __all__ = ["Engine", "SetupError", "Swept", "TeardownError"]
+
+# At most this many spare IFBs (each a net device the host lists): enough
+# for as many capped jobs as end together to start together again.
+MAX_SPARE_SHAPERS = 64
 
 T = TypeVar("T")
 TB = TypeVar("TB", bound=LarknsTable)
@@ -86,6 +96,9 @@ class Engine:
         self.forwarding = False  # enabled on the worker by this process
         # The leaf qdisc under the caps of this process's jobs (tc.leaf()).
         self.shaper_leaf: str | None = None
+        # Finished jobs' IFBs this process kept for its next capped jobs
+        # (see SPARE_SHAPER_PREFIX); only a process that serves many keeps any.
+        self._spare_shapers: list[tc.Spare] = []
         self.advertised: dict[str, int] = {}  # job -> host link RAs go out of
         # For the engine's shared netlink and nft handles when more than one
         # thread works with it (larknsd takes it around every verb; the DHCP
@@ -294,7 +307,12 @@ class Engine:
             driver.build(plan, job, record)
         if isinstance(plan, LinkedNetwork) and plan.bandwidth is not None:
             self.shaper_leaf = tc.shape(
-                self.rtnl, plan.host_link, plan.shaper_link, plan.shaper_index, plan.bandwidth
+                self.rtnl,
+                plan.host_link,
+                plan.shaper_link,
+                plan.shaper_index,
+                plan.bandwidth,
+                spare=self._spare_shapers.pop() if self._spare_shapers else None,
             )
 
     # -- what a running job's callers ask ------------------------------------
@@ -386,12 +404,21 @@ class Engine:
             self._remove_netns(ns_name)
         for d in drivers:
             d.remove(name, plan, record, failures)
-        # A capped job's IFB (its veth's qdiscs went with the veth).  Without
-        # a plan, whatever a job of this name could have left.
+        # A capped job's IFB (its veth's qdiscs went with the veth), kept for
+        # the slot's next job by a process that serves many.  Without a
+        # plan, whatever a job of this name could have left.
         if plan is None or (isinstance(plan, LinkedNetwork) and plan.bandwidth is not None):
             shaper = SHAPER_LINK_PREFIX + name
+            keep = (
+                plan is not None
+                and not self.clean_when_idle
+                and len(self._spare_shapers) < MAX_SPARE_SHAPERS
+            )
             with failures.step(f"link {shaper}"):
-                tc.unshape(self.rtnl, shaper)
+                if not keep:
+                    tc.unshape(self.rtnl, shaper)
+                elif spare := tc.park(self.rtnl, shaper, SPARE_SHAPER_PREFIX):
+                    self._spare_shapers.append(spare)
         if failures:
             left = Record(name=name, owner=Process(0, 0)) if record is None else record
             left.state = "teardown-failed"
@@ -411,9 +438,20 @@ class Engine:
         netns.delete(ns_name)
 
     def clean_if_idle(self) -> None:
-        """Remove the tables and the state dir if no job is left (a daemon stopping)."""
+        """Remove the tables, the spare IFBs and the state dir if no job is
+        left (a daemon stopping)."""
         with self.journal.lock(exclusive=True):
+            if not self.journal.names():
+                self._remove_spare_shapers()
             self._remove_tables_and_state()
+
+    def _remove_spare_shapers(self) -> list[str]:
+        self._spare_shapers.clear()
+        removed = []
+        for link in links.with_prefix(self.ipr, SPARE_SHAPER_PREFIX, "ifb"):
+            if links.delete(self.ipr, link):
+                removed.append(f"link {link} (a spare upload shaper)")
+        return removed
 
     def _after_teardown(self) -> None:
         """The last job out removes the tables and the state dir."""
@@ -491,8 +529,12 @@ class Engine:
             if link[len(HOST_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
                 removed.append(f"link {link}")
         for link in links.with_prefix(self.ipr, SHAPER_LINK_PREFIX, "ifb"):
-            if link[len(SHAPER_LINK_PREFIX) :] not in live and links.delete(self.ipr, link):
+            job = link[len(SHAPER_LINK_PREFIX) :]
+            spare = link.startswith(SPARE_SHAPER_PREFIX)
+            if not spare and job not in live and links.delete(self.ipr, link):
                 removed.append(f"link {link}")
+        if not live:
+            removed += self._remove_spare_shapers()
         swept: set[type[LarknsTable]] = set()
         for d in self.drivers():
             if d.table is not None and d.table not in swept:

@@ -26,6 +26,11 @@ HOST_LINK_PREFIX = "lk-"
 # A capped job's upload shaper, an IFB on the host: "lkb" + NAME, which
 # like "lk-" + NAME fits IFNAMSIZ (15 characters) for a 12-character name.
 SHAPER_LINK_PREFIX = "lkb"
+# A long-running larkns (larknsd) keeps a finished job's IFB for its next
+# capped job, as "lkb." + its index (no job name starts with "."):
+# deleting a link costs 10-40 ms (the kernel waits for an RCU grace period),
+# renaming one ~1 ms.
+SPARE_SHAPER_PREFIX = SHAPER_LINK_PREFIX + "."
 # Link indexes are chosen, not looked up: the job end is the first link of a
 # fresh namespace (lo is 1), the host end is numbered after the slot, far above
 # what a host's own links use.  Known indexes spare setup every lookup, and

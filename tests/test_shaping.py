@@ -330,3 +330,54 @@ def test_the_leaf_is_the_best_qdisc_the_kernel_has() -> None:
     assert have["htb"] and not have["lkts-no-such-qdisc"]
     best = next((k for k in tc.LEAVES if have[k]), tc.FIFO)
     assert tc.leaf() == best
+
+
+def test_a_daemon_keeps_a_finished_jobs_ifb_for_its_next_capped_job(
+    clean_world: World,
+) -> None:
+    from larkns.engine import Engine
+    from larkns.journal import Process
+    from larkns.kernel import netns
+    from larkns.kernel.rtnl import Rtnl
+
+    settings = Settings(
+        ipv4_pool=ipaddress.IPv4Network(clean_world.ipv4_pool),
+        ipv6_prefix=ipaddress.IPv6Network(clean_world.ipv6_prefix),
+        state_dir=clean_world.state_dir,
+        netns_prefix=clean_world.netns_prefix,
+    )
+    me = Process.of(os.getpid())
+    worker = clean_world.worker
+
+    def ifbs() -> str:
+        return sh("ip", "-o", "link", "show", "type", "ifb", ns=worker).stdout
+
+    with netns.entered(worker), Rtnl() as r, Engine(settings, clean_when_idle=False) as eng:
+        first = eng.setup("lktsa", "nat", me, bandwidth=(CAP, CAP))
+        assert isinstance(first, LinkedNetwork)
+        index = r.link_index(first.shaper_link)
+        eng.teardown("lktsa")
+        spare = f"lkb.{index}"
+        assert r.link_index(first.shaper_link) is None
+        assert r.link_index(spare) == index
+        assert "htb" not in sh("tc", "qdisc", "show", "dev", spare, ns=worker).stdout
+
+        second = eng.setup("lktsb", "nat", me, bandwidth=(2 * CAP, UP_CAP))
+        assert isinstance(second, LinkedNetwork)
+        assert r.link_index(second.shaper_link) == index  # the same IFB, renamed
+        assert r.link_index(spare) is None
+        assert eng.check("lktsb") == []
+        classes = sh("tc", "class", "show", "dev", second.shaper_link, ns=worker).stdout
+        assert "rate 10Mbit ceil 10Mbit" in classes, classes
+        eng.teardown("lktsb")
+        assert f"{spare}:" in ifbs()
+        # A spare someone removed meanwhile: the next job makes a new IFB.
+        sh("ip", "link", "del", spare, ns=worker)
+        third = eng.setup("lktsc", "nat", me, bandwidth=(CAP, CAP))
+        assert isinstance(third, LinkedNetwork) and eng.check("lktsc") == []
+        eng.teardown("lktsc")
+    # gc, with no job left, removes the spare; so does a daemon stopping.
+    assert "lkb." in ifbs()
+    gc = clean_world.larkns("gc")
+    assert gc.returncode == 0 and "spare upload shaper" in gc.stdout, gc
+    assert ifbs() == ""

@@ -147,6 +147,17 @@ def delete_named(name: str) -> Request:
     return Request(f"delete link {name}", RTM_DELLINK, 0, body)
 
 
+def rename(index: int, name: str, up: bool) -> Request:
+    """Rename link `index` (which must be down) and bring it up or leave it down."""
+    flags = IFF_UP if up else 0
+    body = _IFINFO.pack(0, 0, index, flags, IFF_UP) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    return Request(f"rename link {index} to {name}", RTM_NEWLINK, 0, body)
+
+
+def link_down(index: int, what: str) -> Request:
+    return Request(f"set {what} down", RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, 0, IFF_UP))
+
+
 def no_link_local(index: int, what: str) -> Request:
     """Stop the kernel from making an EUI-64 link-local on this link.
 

@@ -20,7 +20,7 @@ import socket
 import struct
 
 from larkns import shaping
-from larkns.kernel import links, netlink, netns
+from larkns.kernel import links, netlink, netns, rtnl
 from larkns.kernel.rtnl import NLM_F_CREATE, NLM_F_EXCL, Request, Rtnl, RtnlError
 
 RTM_NEWQDISC = 36
@@ -171,20 +171,48 @@ def leaf() -> str:
     return _leaf
 
 
+def _delete_root(index: int, dev: str) -> Request:
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, 0, TC_H_ROOT, 0)
+    return Request(f"delete the root qdisc of {dev}", RTM_DELQDISC, 0, body)
+
+
+# What deleting a root qdisc that is not there answers (none yet: ENOENT;
+# the default one: EINVAL).
+_NO_ROOT = (errno.ENOENT, errno.EINVAL)
+
+
+Spare = tuple[int, str]  # an IFB kept for another job: index, name
+
+
+def _ifb(host_rtnl: Rtnl, name: str, index: int, spare: Spare | None) -> int:
+    """The job's IFB, up, with no qdisc of larkns's: `spare` renamed, if it
+    is still there; else a new one."""
+    if spare is not None:
+        idx, spare_name = spare
+        found = host_rtnl.link(idx)
+        if found is not None and found.name == spare_name:
+            host_rtnl.run(_delete_root(idx, spare_name), ignore=_NO_ROOT)
+            host_rtnl.run(rtnl.rename(idx, name, up=True))
+            return idx
+    return links.create_ifb(host_rtnl, name, index)
+
+
 def shape(
     host_rtnl: Rtnl,
     host_link: str,
     shaper_link: str,
     shaper_index: int,
     cap: shaping.Cap,
+    spare: Spare | None = None,
 ) -> str:
-    """Cap the job behind `host_link`; the leaf qdisc used."""
+    """Cap the job behind `host_link`, its upload on IFB `shaper_link`
+    (`spare` renamed, if given and still there); the leaf qdisc used."""
     kind = leaf()
     down, up = cap
     host = host_rtnl.link_index(host_link)
     if host is None:
         raise OSError(errno.ENODEV, f"cannot shape {host_link}: no such link")
-    ifb = links.create_ifb(host_rtnl, shaper_link, shaper_index)
+    ifb = _ifb(host_rtnl, shaper_link, shaper_index, spare)
     host_rtnl.run(
         *_htb(host, host_link, down, kind),
         *_redirect(host, host_link, ifb, shaper_link),
@@ -197,3 +225,20 @@ def unshape(host_rtnl: Rtnl, shaper_link: str) -> bool:
     """Remove the job's IFB (its veth's qdiscs go with the veth); False if
     it was not there."""
     return links.delete_named(host_rtnl, shaper_link)
+
+
+def park(host_rtnl: Rtnl, shaper_link: str, spare_prefix: str) -> Spare | None:
+    """Keep the job's IFB for another job: down, bare, renamed `spare_prefix`
+    + its index.  None if it was not there, or could not be kept (then it
+    is removed)."""
+    idx = host_rtnl.link_index(shaper_link)
+    if idx is None:
+        return None
+    spare = f"{spare_prefix}{idx}"
+    try:
+        host_rtnl.run(_delete_root(idx, shaper_link), ignore=_NO_ROOT)
+        host_rtnl.run(rtnl.link_down(idx, shaper_link), rtnl.rename(idx, spare, up=False))
+    except RtnlError:
+        links.delete_named(host_rtnl, shaper_link)
+        return None
+    return idx, spare
