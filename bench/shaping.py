@@ -11,7 +11,9 @@ one (in-process, cycles interleaved so drift hits both alike; as larknsd
 does, keeping IFBs, and as `larkns run` does, deleting them), and for each
 rate (Mbit/s) the TCP payload a job got downloading (IPv4) and uploading
 (IPv6) over --seconds, against the cap: whole run, first second, after it.
-Payload is ~95% of the cap, which counts link-layer bytes.  Figures only.
+Payload is ~95% of the cap, which counts link-layer bytes.  Then the
+round trip of a ping from the job, idle and while a download fills its cap
+(the queueing delay its leaf adds).  Figures only.
 """
 
 from __future__ import annotations
@@ -114,13 +116,19 @@ def rates(world: World, mbits: list[int], seconds: float) -> None:
                 "sh",
                 "-c",
                 f"{py} {RATE} get {SITE4} {PORT} {seconds} && "
-                f"{py} {RATE} put {SITE6} {PORT} {seconds}",
+                f"{py} {RATE} put {SITE6} {PORT} {seconds} && "
+                f"ping -q -c 20 -i 0.05 {SITE4} | tail -1 && "
+                f"{{ {py} {RATE} get {SITE4} {PORT} {seconds} > /dev/null & }} && sleep 1.5 && "
+                f"ping -q -c 30 -i 0.05 {SITE4} | tail -1 && wait",
                 timeout=4 * seconds + 60,
             )
             if proc.returncode != 0:
                 print(f"{m} Mbit/s: the job failed: {proc.stderr.strip()}")
                 continue
-            runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            lines = proc.stdout.splitlines()
+            runs = [json.loads(line) for line in lines if line.startswith("{")]
+            # "rtt min/avg/max/mdev = 0.1/0.2/0.3/0.1 ms": the average
+            idle, loaded = (float(x.split("=")[1].split("/")[1]) for x in lines if "rtt" in x)
             for way, r in zip(("download", "upload  "), runs, strict=True):
                 cap = m * 1e6
                 ratios = (r["bps"] / cap, r["first_bps"] / cap, r["steady_bps"] / cap)
@@ -128,6 +136,10 @@ def rates(world: World, mbits: list[int], seconds: float) -> None:
                     f"{m:5d} Mbit/s {way}  achieved/target {ratios[0]:5.3f}  "
                     f"first second {ratios[1]:5.3f}  after it {ratios[2]:5.3f}"
                 )
+            print(
+                f"{m:5d} Mbit/s ping through the job: idle {idle:.2f} ms, "
+                f"under a saturating download {loaded:.2f} ms"
+            )
     finally:
         sink.kill()
         sink.wait()
