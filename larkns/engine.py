@@ -96,9 +96,10 @@ class Engine:
         self.forwarding = False  # enabled on the worker by this process
         # The leaf qdisc under the caps of this process's jobs (tc.leaf()).
         self.shaper_leaf: str | None = None
-        # Finished jobs' IFBs this process kept for its next capped jobs
-        # (see SPARE_SHAPER_PREFIX); only a process that serves many keeps any.
-        self._spare_shapers: list[tc.Spare] = []
+        # Finished jobs' IFBs kept for the next capped jobs (see
+        # SPARE_SHAPER_PREFIX); only a process that serves many keeps any.
+        # None: not yet looked for those a previous larknsd kept.
+        self._spares: list[tc.Spare] | None = None
         self.advertised: dict[str, int] = {}  # job -> host link RAs go out of
         # For the engine's shared netlink and nft handles when more than one
         # thread works with it (larknsd takes it around every verb; the DHCP
@@ -312,7 +313,7 @@ class Engine:
                 plan.shaper_link,
                 plan.shaper_index,
                 plan.bandwidth,
-                spare=self._spare_shapers.pop() if self._spare_shapers else None,
+                spare=self._spare_shaper(),
             )
 
     # -- what a running job's callers ask ------------------------------------
@@ -409,16 +410,12 @@ class Engine:
         # plan, whatever a job of this name could have left.
         if plan is None or (isinstance(plan, LinkedNetwork) and plan.bandwidth is not None):
             shaper = SHAPER_LINK_PREFIX + name
-            keep = (
-                plan is not None
-                and not self.clean_when_idle
-                and len(self._spare_shapers) < MAX_SPARE_SHAPERS
-            )
             with failures.step(f"link {shaper}"):
-                if not keep:
+                spares = self._spare_shapers() if plan is not None else None
+                if spares is None or len(spares) >= MAX_SPARE_SHAPERS:
                     tc.unshape(self.rtnl, shaper)
                 elif spare := tc.park(self.rtnl, shaper, SPARE_SHAPER_PREFIX):
-                    self._spare_shapers.append(spare)
+                    spares.append(spare)
         if failures:
             left = Record(name=name, owner=Process(0, 0)) if record is None else record
             left.state = "teardown-failed"
@@ -445,8 +442,26 @@ class Engine:
                 self._remove_spare_shapers()
             self._remove_tables_and_state()
 
+    def _spare_shapers(self) -> list[tc.Spare] | None:
+        """The IFBs kept for the next capped jobs; None in a process that
+        keeps none (one that removes everything when idle: `larkns run`)."""
+        if self.clean_when_idle:
+            return None
+        if self._spares is None:
+            # Those a previous larknsd kept, for this one to use.
+            self._spares = [
+                (link.ifindex, link.name)
+                for link in self.rtnl.links()
+                if link.name.startswith(SPARE_SHAPER_PREFIX) and link.kind == "ifb"
+            ]
+        return self._spares
+
+    def _spare_shaper(self) -> tc.Spare | None:
+        spares = self._spare_shapers()
+        return spares.pop() if spares else None
+
     def _remove_spare_shapers(self) -> list[str]:
-        self._spare_shapers.clear()
+        self._spares = None
         removed = []
         for link in links.with_prefix(self.ipr, SPARE_SHAPER_PREFIX, "ifb"):
             if links.delete(self.ipr, link):

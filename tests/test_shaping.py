@@ -371,11 +371,18 @@ def test_a_daemon_keeps_a_finished_jobs_ifb_for_its_next_capped_job(
         assert "rate 10Mbit ceil 10Mbit" in classes, classes
         eng.teardown("lktsb")
         assert f"{spare}:" in ifbs()
-        # A spare someone removed meanwhile: the next job makes a new IFB.
-        sh("ip", "link", "del", spare, ns=worker)
-        third = eng.setup("lktsc", "nat", me, bandwidth=(CAP, CAP))
-        assert isinstance(third, LinkedNetwork) and eng.check("lktsc") == []
-        eng.teardown("lktsc")
+        # A larknsd started again takes the spares the previous one kept.
+        with Engine(settings, clean_when_idle=False) as again:
+            third = again.setup("lktsc", "nat", me, bandwidth=(CAP, CAP))
+            assert isinstance(third, LinkedNetwork) and again.check("lktsc") == []
+            assert r.link_index(third.shaper_link) == index
+            again.teardown("lktsc")
+            # A spare someone removed meanwhile: the next job makes a new IFB.
+            sh("ip", "link", "del", spare, ns=worker)
+            fourth = again.setup("lktsd", "nat", me, bandwidth=(CAP, CAP))
+            assert isinstance(fourth, LinkedNetwork) and again.check("lktsd") == []
+            assert r.link_index(fourth.shaper_link) != index
+            again.teardown("lktsd")
     # gc, with no job left, removes the spare; so does a daemon stopping.
     assert "lkb." in ifbs()
     gc = clean_world.larkns("gc")
