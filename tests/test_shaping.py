@@ -411,3 +411,46 @@ def test_a_daemon_keeps_a_finished_jobs_ifb_for_its_next_capped_job(
     gc = clean_world.larkns("gc")
     assert gc.returncode == 0 and "spare upload shaper" in gc.stdout, gc
     assert ifbs() == ""
+
+
+@pytest.fixture(scope="module")
+def bridged() -> Iterator[World]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces")
+    from tests.test_bridge import bridged_world
+
+    for w in bridged_world("lkts"):
+        sink = subprocess.Popen(
+            ["ip", "netns", "exec", w.site, PY, RATE, "sink", str(SINK_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            yield w
+        finally:
+            sink.kill()
+            sink.wait()
+            if sink.stdout:
+                sink.stdout.close()
+
+
+def test_a_bridged_job_is_capped_both_ways_too(bridged: World, tmp_path: Path) -> None:
+    from tests.test_bridge import KNOBS, without_leftovers
+
+    for world in without_leftovers(bridged):
+        proc, rep = run_job(
+            world,
+            tmp_path,
+            "sh",
+            "-c",
+            f"{PY} {RATE} get {SITE4} {SINK_PORT} {SECONDS} && "
+            f"{PY} {RATE} put {SITE4} {SINK_PORT} {SECONDS}",
+            extra=("--mode", "bridge", "--bandwidth", "20mbit/10mbit"),
+            knobs=KNOBS,
+        )
+        assert proc.returncode == 0, proc.stderr
+        down, up = transfers(proc.stdout)
+        assert_near_cap(down, CAP, "a bridged job's download")
+        assert_near_cap(up, UP_CAP, "a bridged job's upload")
+        assert rep["bandwidth"]["up_bps"] == UP_CAP  # type: ignore[index]
