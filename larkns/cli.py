@@ -23,7 +23,15 @@ EXIT_LARKNS = 125
 
 # `larkns run`'s options that take a value (`--privileged` takes none), for
 # quick_run below; parser() declares them.
-RUN_VALUE_OPTIONS = ("--mode", "--name", "--user", "--json-report", "--ipv4-pool", "--ipv6-prefix")
+RUN_VALUE_OPTIONS = (
+    "--mode",
+    "--name",
+    "--user",
+    "--json-report",
+    "--ipv4-pool",
+    "--ipv6-prefix",
+    "--policy",
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--json-report", default=None, metavar="FILE", help="write the report as JSON to FILE"
     )
+    r.add_argument(
+        "--policy",
+        default=None,
+        help="where the command may send: open (default), internal-only or closed, then "
+        "+SET/-SET terms naming LARKNS_DESTINATIONS sets (LARKNS_POLICY for this job)",
+    )
     r.add_argument("--ipv4-pool", default=None, help="LARKNS_IPV4_POOL for this job")
     r.add_argument("--ipv6-prefix", default=None, help="LARKNS_IPV6_PREFIX for this job")
     r.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
@@ -100,6 +114,7 @@ _FLAG_KNOBS = {
     "mode": "LARKNS_NETWORK_TYPE",
     "ipv4_pool": "LARKNS_IPV4_POOL",
     "ipv6_prefix": "LARKNS_IPV6_PREFIX",
+    "policy": "LARKNS_POLICY",
 }
 
 

@@ -207,7 +207,9 @@ def _run(
 ) -> int:
     t0 = time.monotonic()
     try:
-        plan = engine.setup(req.name, req.mode, Process.of(os.getpid()))
+        plan = engine.setup(
+            req.name, req.mode, Process.of(os.getpid()), policy=settings.job_policy(None)
+        )
     except BaseException:
         # setup() removed what it had built; a killed setup leaves it to gc.
         _remove_unless_others(engine, req.name)
@@ -254,6 +256,7 @@ def _run(
         ipv6=addresses[1],
         traffic=traffic,
         inbound_ports=plan.forwarded_ports,
+        policy=plan.destination_policy,
     )
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)
