@@ -30,6 +30,7 @@ RUN_VALUE_OPTIONS = (
     "--json-report",
     "--ipv4-pool",
     "--ipv6-prefix",
+    "--policy",
     "--bandwidth",
 )
 
@@ -74,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--json-report", default=None, metavar="FILE", help="write the report as JSON to FILE"
     )
+    r.add_argument(
+        "--policy",
+        default=None,
+        help="where the command may send: open (default), internal-only or closed, then "
+        "+SET/-SET terms naming LARKNS_DESTINATIONS sets (LARKNS_POLICY for this job)",
+    )
     r.add_argument("--ipv4-pool", default=None, help="LARKNS_IPV4_POOL for this job")
     r.add_argument("--ipv6-prefix", default=None, help="LARKNS_IPV6_PREFIX for this job")
     r.add_argument(
@@ -115,6 +122,7 @@ _FLAG_KNOBS = {
     "mode": "LARKNS_NETWORK_TYPE",
     "ipv4_pool": "LARKNS_IPV4_POOL",
     "ipv6_prefix": "LARKNS_IPV6_PREFIX",
+    "policy": "LARKNS_POLICY",
 }
 
 

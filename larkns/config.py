@@ -15,7 +15,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from larkns.policy import Destinations, Policy
 
 MODES = ("nat", "routed", "bridge", "none")
 
@@ -112,6 +115,42 @@ class Settings:
     # the most a job may ask for.  None: jobs are not shaped.
     bandwidth: tuple[int, int] | None = None
     bandwidth_max: tuple[int, int] | None = None
+    # Where jobs may send (larkns/policy.py): the policy's text, or a
+    # ClassAd expression giving it per job; the site's named destination
+    # sets; the classes of LARKNS_CLASSES that are the site's own.
+    policy: str = "open"
+    policy_expr: str | None = None
+    destinations: tuple[Destinations, ...] = ()
+    internal_classes: tuple[str, ...] = ()
+
+    def check_policies(self) -> None:
+        """Refuse policy settings that cannot work together (at start)."""
+        names = [n for n, _ in self.classes]
+        unknown = [n for n in self.internal_classes if n not in names]
+        if unknown:
+            raise ConfigError(
+                f"LARKNS_INTERNAL_CLASSES: no class {', '.join(unknown)} in LARKNS_CLASSES "
+                f"(defined: {', '.join(names) or 'none'})"
+            )
+        self.job_policy(None)
+
+    def job_policy(self, ad: Any) -> Policy:
+        """The destination policy of the job whose ClassAd is `ad` (None:
+        no ad, as under `larkns run`): LARKNS_POLICY's."""
+        from larkns import policy
+
+        text, what = self.policy, "LARKNS_POLICY"
+        if self.policy_expr is not None and ad is not None:
+            value = _expression(self.policy_expr).eval(ad)
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"LARKNS_POLICY: {self.policy_expr} gives {value!r} for this job "
+                    "(expected a policy: open, internal-only or closed, with +SET/-SET terms)"
+                )
+            text, what = value, f"LARKNS_POLICY ({self.policy_expr} for this job)"
+        found = policy.parse(text, what)
+        policy.check(found, what, self.destinations, self.internal_classes)
+        return found
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -232,6 +271,35 @@ def _parse_classes(knob: str, raw: str) -> tuple[str, object]:
             raise ConfigError(f"{knob}: class {name} is defined twice")
         classes.append((name, tuple(prefixes)))
     return "classes", tuple(classes)
+
+
+def _parse_policy(knob: str, raw: str) -> tuple[str, object]:
+    from larkns import policy
+
+    words = raw.strip().strip('"').split()
+    if words and words[0].lower() in policy.BASES:
+        return "policy", policy.parse(raw, knob).text()
+    # Not a policy: a ClassAd expression, evaluated per job (job_policy).
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", raw) and _expression(raw) is not None:
+        return "policy_expr", raw
+    raise ConfigError(
+        f"{knob}: expected a policy ({', '.join(policy.BASES)}, then +SET or -SET terms) "
+        f"or a ClassAd expression giving one, got {raw!r}"
+    )
+
+
+def _parse_destinations(knob: str, raw: str) -> tuple[str, object]:
+    from larkns import policy
+
+    return "destinations", policy.parse_destinations(knob, raw)
+
+
+def _parse_internal(knob: str, raw: str) -> tuple[str, object]:
+    names = tuple(n.strip() for n in raw.replace(",", " ").split() if n.strip())
+    bad = [n for n in names if not CLASS_NAME_RE.fullmatch(n)]
+    if bad:
+        raise ConfigError(f"{knob}: {', '.join(bad)} is no class name")
+    return "internal_classes", names
 
 
 def _parse_allowed(knob: str, raw: str) -> tuple[str, object]:
@@ -436,6 +504,9 @@ _PARSERS: dict[str, Parser] = {
     ),
     "LARKNS_BANDWIDTH": _parse_bandwidth("bandwidth"),
     "LARKNS_BANDWIDTH_MAX": _parse_bandwidth("bandwidth_max"),
+    "LARKNS_POLICY": _parse_policy,
+    "LARKNS_DESTINATIONS": _parse_destinations,
+    "LARKNS_INTERNAL_CLASSES": _parse_internal,
 }
 KNOBS = tuple(_PARSERS)
 

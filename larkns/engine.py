@@ -32,7 +32,7 @@ from larkns.kernel import links, netns, sysctl, tc
 from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.nft import LarknsTable, NftError
 from larkns.kernel.rtnl import Rtnl, RtnlError
-from larkns.modes.base import Driver, Failures, SetupError
+from larkns.modes.base import Driver, Failures, Requirement, SetupError
 from larkns.plan import (
     HOST_LINK_PREFIX,
     SHAPER_LINK_PREFIX,
@@ -40,6 +40,7 @@ from larkns.plan import (
     JobNetwork,
     LinkedNetwork,
 )
+from larkns.policy import OPEN, Policy
 from larkns.shaping import job_cap
 from larkns.traffic import Traffic
 
@@ -111,6 +112,7 @@ class Engine:
         """Refuse settings of `types` that cannot work together: at the start
         of larknsd (every type) or `larkns run` (its job's), not at the
         first job of a type."""
+        settings.check_policies()
         for mode in types:
             modes.driver_class(mode).validate(settings)
 
@@ -199,27 +201,30 @@ class Engine:
         mode: str,
         owner: Process,
         client: Process | None = None,
+        policy: Policy = OPEN,
         bandwidth: tuple[int, int] | None = None,
     ) -> JobNetwork:
-        """Build job `name`'s network; on any failure remove what was built
-        and raise.  `bandwidth`: the cap the job asked for, (down, up) bits/s
-        (refused above LARKNS_BANDWIDTH_MAX before anything is built)."""
+        """Build job `name`'s network (with destination `policy`); on any
+        failure remove what was built and raise.  `bandwidth`: the cap the
+        job asked for, (down, up) bits/s (refused above LARKNS_BANDWIDTH_MAX
+        before anything is built)."""
         check_name(name)
         cap = job_cap(self.settings, bandwidth)
         driver = self.driver(mode)
-        rules = driver.rules()  # no nftables: refused before anything is built
+        # No nftables: refused before anything is built.
+        needs = driver.requirements(policy)
         claimed = False
         try:
             # Shared: the last job out cannot remove the state dir or the
             # table while this job is being set up.
-            with self._setup_lock(rules):
+            with self._setup_lock(needs):
                 # Checked before the lease too, so that a name in use is
                 # reported as such even when the pool is full; claim() below
                 # is what guarantees it.
                 in_use = SetupError(f"job name {name!r} is in use (see `larkns list`)")
                 if self.journal.path(name).exists():
                     raise in_use
-                plan: JobNetwork = driver.plan(name)
+                plan: JobNetwork = driver.plan(name, policy)
                 if cap is not None and isinstance(plan, LinkedNetwork):
                     plan = dataclasses.replace(plan, bandwidth=cap)
                 record = Record(name=name, owner=owner, state="building", plan=plan, client=client)
@@ -261,9 +266,10 @@ class Engine:
             raise SetupError(f"address pool exhausted: {e} ({pools})") from None
 
     @contextlib.contextmanager
-    def _setup_lock(self, rules: LarknsTable | None) -> Iterator[None]:
-        """The journal's shared lock, held once the table counts this
-        process's traffic classes as configured.
+    def _setup_lock(self, needs: list[Requirement]) -> Iterator[None]:
+        """The journal's shared lock, held once what the job needs is met:
+        the table counts this process's traffic classes as configured, the
+        job's policy has its chain.
 
         Under the shared lock no other larkns process can change the table's
         classes or remove the table (both take the lock exclusively), so what
@@ -279,11 +285,13 @@ class Engine:
         """
         for _ in range(3):
             with self.journal.lock(exclusive=False):
-                if rules is None or rules.serves_classes():
+                if all(n.met() for n in needs):
                     yield
                     return
             with self.journal.lock(exclusive=True):
-                rules.update_classes()
+                for n in needs:
+                    if not n.met():
+                        n.meet()
         raise SetupError(
             f"the nft table larkns does not keep LARKNS_CLASSES "
             f"({', '.join(n for n, _ in self.settings.classes)}): something else changes it"
@@ -488,7 +496,6 @@ class Engine:
                     if t.exists():
                         t.delete_table()
             self.journal.remove_dir_if_unused()
-
 
     def records(self) -> list[Record]:
         out = []

@@ -133,6 +133,11 @@ class JobNetwork:
         """Whether the job's IPv6 comes by SLAAC, which setup waits for."""
         return False
 
+    @property
+    def destination_policy(self) -> str:
+        """Where the job may send (larkns/policy.py), as reports say it."""
+        return "open"
+
     def describe(self) -> str:
         return f"job {self.name}: mode {self.mode}, netns {self.netns}"
 

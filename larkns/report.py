@@ -55,6 +55,7 @@ def build(
     ipv6: list[str],
     traffic: Traffic,
     inbound_ports: tuple[int, int] | None = None,
+    policy: str | None = None,
     bandwidth: tuple[int, int] | None = None,
     shaper_leaf: str | None = None,
 ) -> dict[str, Any]:
@@ -96,6 +97,10 @@ def build(
         # What the job sent that was dropped (a spoofed source address, a
         # router advertisement, a DHCP server reply): not in the totals.
         "dropped": {"packets": traffic.dropped.packets, "bytes": traffic.dropped.bytes},
+        # The job's destination policy (LARKNS_POLICY, --policy), and what it
+        # refused: not in the totals either.
+        "policy": policy or "open",
+        "refused": {"packets": traffic.refused.packets, "bytes": traffic.refused.bytes},
     }
 
 
@@ -167,6 +172,12 @@ def summary(report: dict[str, Any]) -> str:
                 f"larkns:   dropped {dropped['packets']} pkts the job may not send (from "
                 "addresses not its own, as a router or DHCP server, or to another job "
                 "or the worker's services)"
+            )
+        refused = report.get("refused") or {"packets": 0}
+        if report.get("policy", "open") != "open" or refused["packets"]:
+            lines.append(
+                f"larkns:   destination policy {report.get('policy')}: refused "
+                f"{refused['packets']} pkts"
             )
     else:
         lines.append("larkns:   no network (loopback only)")

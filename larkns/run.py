@@ -209,7 +209,11 @@ def _run(
     t0 = time.monotonic()
     try:
         plan = engine.setup(
-            req.name, req.mode, Process.of(os.getpid()), bandwidth=req.bandwidth
+            req.name,
+            req.mode,
+            Process.of(os.getpid()),
+            policy=settings.job_policy(None),
+            bandwidth=req.bandwidth,
         )
     except BaseException:
         # setup() removed what it had built; a killed setup leaves it to gc.
@@ -257,6 +261,7 @@ def _run(
         ipv6=addresses[1],
         traffic=traffic,
         inbound_ports=plan.forwarded_ports,
+        policy=plan.destination_policy,
         bandwidth=getattr(plan, "bandwidth", None),
         shaper_leaf=engine.shaper_leaf,
     )

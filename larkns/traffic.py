@@ -28,6 +28,9 @@ class Traffic:
     # What the job sent that larkns dropped: spoofed source addresses, router
     # advertisements, DHCP server replies.  Not in the totals.
     dropped: Count = field(default_factory=Count)
+    # What the job's destination policy refused (larkns/policy.py).  Not in
+    # the totals either.
+    refused: Count = field(default_factory=Count)
     # class name -> (incoming, outgoing), for the admin's traffic classes
     classes: dict[str, tuple[Count, Count]] = field(default_factory=dict)
 

@@ -28,6 +28,8 @@ from tests.test_daemon import Larknsd
 from tests.world import PEER, PORT, SITE4, SITE6, WORKER4, WORKER6, World, sh
 
 ROUTED6 = "2001:db8:100::/56"
+# An address of the site outside its own prefixes, for the license server.
+LICENSE4 = "198.18.1.1"
 
 
 def node_config(world: World, copy: Path, *args: str, **knobs: str) -> str:
@@ -67,6 +69,10 @@ def node(world: World) -> Iterator[tuple[Pool, Larknsd]]:
         LARKNS_UPDATE_INTERVAL="2",
         # The type as the site decides it from the job's ad.
         LARKNS_NETWORK_TYPE='ifThenElse(LktLoopbackOnly =?= true, "none", "nat")',
+        # The "license server" (an address a test gives the site) only for
+        # jobs whose ad says they hold a license.
+        LARKNS_DESTINATIONS=f"license = {LICENSE4}/32 tcp {PORT}",
+        LARKNS_POLICY='ifThenElse(LktLicensed =?= true, "open", "open -license")',
     )
     p = Pool(world, extra_config=config, start=False)
     try:
@@ -380,6 +386,31 @@ def test_a_job_may_ask_for_a_routed_network_and_the_site_sees_it_as_itself(
     # No NAT: the site sees the job's own address, of the routed prefix.
     assert ipaddress.IPv6Address(seen) in ipaddress.IPv6Network(ROUTED6)
     assert seen in ad["LarkIPv6Addresses"]
+
+
+def test_the_license_server_admits_a_licensed_job_and_refuses_another_at_once(
+    pool: Pool, world: World
+) -> None:
+    """LARKNS_POLICY over the job ad: open for a job that says it holds a
+    license, "open -license" for the others, whose connect is refused at
+    once and counted in the job ad."""
+    sh("ip", "addr", "replace", f"{LICENSE4}/32", "dev", "lo", ns=world.site)
+    try:
+        script = f"/usr/bin/python3 peer.py tcp {LICENSE4} {PORT}"
+        licensed = JOB.replace("queue", "+LktLicensed = true\n    queue")
+        ok = pool.submit(licensed.format(script=script, tag="licensed"))
+        barred = pool.submit(JOB.format(script=script, tag="barred"))
+        ok_ad = pool.wait_done(ok)
+        barred_ad = pool.wait_done(barred)
+    finally:
+        sh("ip", "addr", "del", f"{LICENSE4}/32", "dev", "lo", ns=world.site, check=False)
+    assert ok_ad["ExitCode"] == "0", (ok_ad, (pool.home / "licensed.err").read_text())
+    assert ok_ad["LarkNetworkPolicy"] == "open"
+    assert barred_ad["ExitCode"] != "0"
+    assert "Connection refused" in (pool.home / "barred.err").read_text()
+    assert barred_ad["LarkNetworkPolicy"] == "open -license"
+    assert int(barred_ad["LarkNetworkRefusedPackets"]) >= 1, barred_ad
+    assert int(ok_ad.get("LarkNetworkRefusedPackets", "0")) == 0
 
 
 def test_a_job_asking_for_a_type_the_site_does_not_allow_is_held(pool: Pool) -> None:

@@ -116,7 +116,7 @@ def test_a_table_made_without_the_guard_gets_it_once() -> None:
     assert chains[:2] == ["guard", "spoofed"]
     assert chains.count("guard") == 1
     assert {"add": INET.counter(GUARD_MARKER)} in added
-    newer = [{"chain": {"name": c}} for c in ("guard", "control_out", "fence")]
+    newer = [{"chain": {"name": c}} for c in ("guard", "control_out", "fence", "policy")]
     assert feature_update(Ruleset.FEATURES, [*old_table, *newer]) == []
 
 
@@ -244,7 +244,7 @@ def test_a_table_made_before_link_control_by_scope_gets_its_counting_chains_rebu
     from larkns.kernel.nft import INET, LINK_CONTROL_MARKER, Ruleset
     from larkns.kernel.nftexpr import feature_update
 
-    chains = ("forward", "input", "output", "postrouting", "prerouting", "guard", "fence")
+    chains = ("forward", "input", "output", "postrouting", "prerouting", "guard", "fence", "policy")
     old_table: list[dict[str, Any]] = [{"chain": {"name": c}} for c in chains]
     old_table.append({"set": {"name": "cls_Site_4"}})
     added = feature_update(Ruleset.FEATURES, old_table)

@@ -211,6 +211,10 @@ def attributes(traffic: dict[str, Any]) -> dict[str, str]:
         # Packets the job sent that larkns dropped (spoofed sources, rogue
         # router advertisements or DHCP replies).
         out["LarkNetworkDroppedPackets"] = str(dropped["packets"])
+    refused = traffic.get("refused")
+    if refused is not None:
+        # Packets the job's destination policy refused (LARKNS_POLICY).
+        out["LarkNetworkRefusedPackets"] = str(refused["packets"])
     # Lark's per-class attributes: NetworkIncoming<Class>, NetworkOutgoing<Class>
     for name, c in traffic.get("classes", {}).items():
         out[f"NetworkIncoming{name}"] = str(c["bytes"]["incoming"])

@@ -290,8 +290,9 @@ class Daemon:
         # loopback, where nothing answers: relayed, as the starter sees it.
         servers = loopback_nameservers(caller.starter or caller.process)
         if plan is None:
+            policy = self.settings.job_policy(None)
             with self.lock:
-                plan = self.engine.setup(name, mode, self.me, client=wrapper)
+                plan = self.engine.setup(name, mode, self.me, client=wrapper, policy=policy)
         with self.lock:
             self._prepared_for.pop(name, None)
         relays: list[Relay | UdpRelay] = []
@@ -357,6 +358,7 @@ class Daemon:
                 chirp_to,
                 {
                     "LarkAssignedNetworkType": chirp.quote(mode),
+                    "LarkNetworkPolicy": chirp.quote(plan.destination_policy),
                     "LarkIPv4Address": chirp.quote(addresses[0] or ""),
                     "LarkIPv6Addresses": chirp.quote(",".join(addresses[1] or [])),
                     # The worker's ports that reach the job (TCP and UDP),
@@ -528,6 +530,7 @@ class Daemon:
         if plan is None:
             ad = job_ad(msg.get("ad"))
             mode = self.settings.job_mode(ad)
+            policy = self.settings.job_policy(ad)
             job_id = ad.get("GlobalJobId")
             starter = Process.of(caller.starter.pid)
             with self.lock:
@@ -537,7 +540,7 @@ class Daemon:
                         f"uid {caller.uid} has {waiting} networks prepared and not launched "
                         f"(LARKNS_MAX_PREPARED_PER_USER = {self.settings.max_prepared_per_user})"
                     )
-                plan = self.engine.setup(name, mode, self.me, client=starter)
+                plan = self.engine.setup(name, mode, self.me, client=starter, policy=policy)
                 record = self.engine.journal.read(name)
                 if record is not None and isinstance(job_id, str):
                     record.job_id = job_id
@@ -957,6 +960,7 @@ def _traffic(t: Any, relays: Sequence[Relay | UdpRelay] = ()) -> dict[str, Any]:
         "relayed": {"bytes": {"incoming": relayed_in, "outgoing": relayed_out}},
         "classes": {n: fam(inc, out) for n, (inc, out) in t.classes.items()},
         "dropped": {"packets": t.dropped.packets, "bytes": t.dropped.bytes},
+        "refused": {"packets": t.refused.packets, "bytes": t.refused.bytes},
     }
 
 

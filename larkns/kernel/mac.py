@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def parse(mac: str) -> bytes:
-    """"02:6c:6b:00:00:01" as its six bytes; ValueError for anything else."""
+    """ "02:6c:6b:00:00:01" as its six bytes; ValueError for anything else."""
     b = bytes(int(x, 16) for x in mac.split(":"))
     if len(b) != 6:
         raise ValueError(f"not a MAC address: {mac!r}")

@@ -74,7 +74,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from larkns.kernel import nftnl
 from larkns.kernel.nftexpr import (
@@ -113,6 +113,9 @@ from larkns.kernel.nftexpr import COUNTER_KEYS as COUNTER_KEYS
 from larkns.kernel.nftexpr import COUNTER_MAPS as COUNTER_MAPS
 from larkns.kernel.nftnl import Nftnl, NftnlError
 from larkns.traffic import Count
+
+if TYPE_CHECKING:
+    from larkns.policy import Destinations, Policy
 
 
 class NftError(Exception):
@@ -234,12 +237,12 @@ class LarknsTable:
     def _listing(self) -> Listing:
         return self._run([self.SPEC.listing()])
 
-    def _maps(self, classes: Sequence[str] | None) -> dict[str, str]:
+    def _maps(self, classes: Sequence[str] | None, refused: bool = False) -> dict[str, str]:
         """A job's counter keys and maps: those of `classes` (the job's, from
         its record), or by default those this process gives a new job."""
-        if classes is None:
-            return self.maps
-        return {**COUNTER_MAPS, **class_maps(classes)}
+        base = self.maps if classes is None else {**COUNTER_MAPS, **class_maps(classes)}
+        # what a destination policy refused: only a job with a policy has one
+        return {**base, "refused": "refused"} if refused else base
 
     def has_table(self) -> bool:
         # "list tables" costs the same with 1 or 500 jobs; listing the table
@@ -306,16 +309,21 @@ class LarknsTable:
             return ()
         return classes_in(self._listing())
 
-    def counters(self, job: str, classes: Sequence[str] | None = None) -> dict[str, Count]:
+    def counters(
+        self, job: str, classes: Sequence[str] | None = None, refused: bool = False
+    ) -> dict[str, Count]:
         """The job's counters by key (out4, in6, cout-NAME, ...), for the job's
-        `classes` (by default: this process's); missing ones read as zero."""
-        maps = self._maps(classes)
+        `classes` (by default: this process's), and what its policy refused;
+        missing ones read as zero."""
+        maps = self._maps(classes, refused)
         got = self._nl.counters(self.SPEC.name, [counter_name(job, k) for k in maps])
         return {k: Count(*got.get(counter_name(job, k), (0, 0))) for k in maps}
 
-    def has_job(self, job: str, classes: Sequence[str] | None = None) -> bool:
+    def has_job(
+        self, job: str, classes: Sequence[str] | None = None, refused: bool = False
+    ) -> bool:
         """Whether all of the job's counters exist."""
-        maps = self._maps(classes)
+        maps = self._maps(classes, refused)
         got = self._nl.counters(self.SPEC.name, [counter_name(job, k) for k in maps])
         return len(got) == len(maps)
 
@@ -336,7 +344,9 @@ INET = Table(
 )
 TABLE = INET.name
 # NAME-out4, NAME-ctl-in, NAME-cout-Campus, ...: the job's name is group 1.
-_COUNTER_NAME = re.compile(r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|drop|cout-\w+|cin-\w+)")
+_COUNTER_NAME = re.compile(
+    r"(.+)-(?:out4|out6|in4|in6|ctl-out|ctl-in|drop|refused|cout-\w+|cin-\w+)"
+)
 
 
 # The guard (chain guard, prerouting, before conntrack) is part of every
@@ -467,23 +477,13 @@ def _fence(_listing: Listing) -> list[Cmd]:
     from_job = match(meta("iifname"), "@job_links")
     refuse = goto("refused")
     accept = {"accept": None}
-    tcp = match(meta("l4proto"), "tcp")
     objs: list[Expr] = [
         # Refused at once (a TCP reset, or ICMP administratively
         # prohibited): the job's connect fails rather than waits.  Not a
         # reset to a link-local address: the kernel routes resets without
         # the interface such an address needs, and it leaves by another
         # link; ICMPv6 errors go back by the one the packet came in by.
-        t.chain("refused"),
-        t.rule("refused", count_into("iifname", "dropped")),
-        t.rule("refused", tcp, t.versions[0], {"reject": {"type": "tcp reset"}}),
-        t.rule(
-            "refused",
-            tcp,
-            match(payload("ip6", "daddr"), {"prefix": {"addr": "fe80::", "len": 10}}, "!="),
-            {"reject": {"type": "tcp reset"}},
-        ),
-        t.rule("refused", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        *refusal("refused", "dropped"),
         t.base_chain("fence", "forward", GUARD_PRIORITY),
         t.rule("fence", from_job, match(meta("oifname"), "@job_links"), refuse),
         t.chain("job_input"),
@@ -499,6 +499,135 @@ def _fence(_listing: Listing) -> list[Cmd]:
         t.counter(FENCE_MARKER),
     ]  # fmt: skip
     return [{"add": o} for o in objs]
+
+
+def refusal(chain: str, counters: str) -> list[Expr]:
+    """Chain `chain`: count into the job's counter of map `counters`, and
+    refuse at once (a TCP reset, or ICMP administratively prohibited): the
+    job's connect fails rather than waits.  Not a reset to a link-local
+    address: the kernel routes resets without the interface such an address
+    needs, and it leaves by another link; ICMPv6 errors go back by the one
+    the packet came in by."""
+    t = INET
+    tcp = match(meta("l4proto"), "tcp")
+    return [
+        t.chain(chain),
+        t.rule(chain, count_into("iifname", counters)),
+        t.rule(chain, tcp, t.versions[0], {"reject": {"type": "tcp reset"}}),
+        t.rule(
+            chain,
+            tcp,
+            match(payload("ip6", "daddr"), {"prefix": {"addr": "fe80::", "len": 10}}, "!="),
+            {"reject": {"type": "tcp reset"}},
+        ),
+        t.rule(chain, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+    ]
+
+
+POLICY_MARKER = "schema.policy"
+# After the fence (jobs to jobs), before conntrack's own hooks matter: a
+# policy is looked at for every packet a job sends beyond the worker.
+POLICY_PRIORITY = GUARD_PRIORITY + 50
+POLICY_PREFIX = "policy."
+
+
+def _policy(_listing: Listing) -> list[Cmd]:
+    """Destination policies (larkns/policy.py): a job with one has an
+    element in map `policies` that jumps to its policy's chain, and a
+    counter of what the policy refused.  A job without one (open) has
+    neither, and its packets one failed lookup."""
+    t = INET
+    objs: list[Expr] = [
+        t.map("policies", "ifname", "verdict"),
+        t.map("refused", "ifname", "counter"),
+        *refusal("policy_refused", "refused"),
+        t.base_chain("policy", "forward", POLICY_PRIORITY),
+        t.rule("policy", {"vmap": {"key": meta("iifname"), "data": "@policies"}}),
+        t.counter(POLICY_MARKER),
+    ]
+    return [{"add": o} for o in objs]
+
+
+def policy_chain(fingerprint: str) -> str:
+    return f"pol_{fingerprint}"
+
+
+def policy_objects(
+    fingerprint: str,
+    policy: Policy,
+    sets: dict[str, Destinations],
+    internal: Sequence[tuple[str, Sequence[int]]],
+) -> list[Cmd]:
+    """A policy's chain, the destination sets it names, and its marker:
+    `create` for what must not be there yet (two processes adding the same
+    policy at once: the second fails, and finds it made)."""
+    t = INET
+    chain = policy_chain(fingerprint)
+    cmds: list[Cmd] = []
+
+    def matches(d: Destinations) -> list[tuple[list[Expr], Expr]]:
+        """Per IP version of `d`: its set's declaration, and the matches."""
+        out = []
+        for version, proto, kind in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
+            nets = [n for n in d.nets if n.version == version]
+            if not nets:
+                continue
+            name = f"dst_{d.name}_{_digest(d.text())[:8]}_{version}"
+            cmds.append({"add": t.set(name, kind, ["interval"])})
+            elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in nets]
+            cmds.append({"add": t.element(name, elems)})
+            m = [match(payload(proto, "daddr"), f"@{name}")]
+            if d.protocol is not None:
+                m.append(match(meta("l4proto"), d.protocol))
+                if d.ports is not None:
+                    lo, hi = d.ports
+                    ports: Any = lo if lo == hi else {"range": [lo, hi]}
+                    m.append(match(payload("th", "dport"), ports))
+            out.append((m, t.versions[0] if version == 4 else t.versions[1]))
+        return out
+
+    rules: list[Expr] = [
+        t.rule(
+            chain,
+            match({"ct": {"key": "state"}}, {"set": ["established", "related"]}),
+            {"accept": None},
+        )
+    ]
+    for name in policy.deny:
+        for m, is_version in matches(sets[name]):
+            rules.append(t.rule(chain, is_version, *m, goto("policy_refused")))
+    for name in policy.allow:
+        for m, is_version in matches(sets[name]):
+            rules.append(t.rule(chain, is_version, *m, {"accept": None}))
+    if policy.base == "internal-only":
+        for cls, versions in internal:
+            for version in versions:
+                proto = "ip" if version == 4 else "ip6"
+                rules.append(
+                    t.rule(chain, match(payload(proto, "daddr"), f"@cls_{cls}_{version}"),
+                           {"accept": None})
+                )  # fmt: skip
+    if policy.base != "open":
+        rules.append(t.rule(chain, goto("policy_refused")))
+    cmds.append({"create": t.chain(chain)})
+    cmds += [{"add": r} for r in rules]
+    cmds.append({"create": t.counter(POLICY_PREFIX + fingerprint)})
+    return cmds
+
+
+def policy_fingerprint(
+    policy: Policy, sets: dict[str, Destinations], internal: Sequence[str]
+) -> str:
+    """What a policy's chain is named after: its text, the sets it names as
+    they are defined, the internal classes; anything else is another chain."""
+    named = [sets[n].text() for n in (*policy.deny, *policy.allow)]
+    return _digest("|".join([policy.text(), *named, *internal]))[:12]
+
+
+def _digest(text: str) -> str:
+    import hashlib  # only for policies and classes: OpenSSL's _hashlib costs ~2.5 ms
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Inbound(NamedTuple):
@@ -528,6 +657,7 @@ class Ruleset(LarknsTable):
         Feature(INBOUND_MARKER, "prerouting", _inbound),
         Feature(LINK_CONTROL_MARKER, "control_out", _link_control),
         Feature(FENCE_MARKER, "fence", _fence),
+        Feature(POLICY_MARKER, "policy", _policy),
     )
     NFPROTO = nftnl.NFPROTO_INET
 
@@ -556,19 +686,22 @@ class Ruleset(LarknsTable):
         masquerade: bool,
         inbound: Inbound | None = None,
         sources: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+        policy: str | None = None,
     ) -> None:
         """Counters and map entries of one job, in one transaction; with
-        `inbound`, its forwarded ports.
+        `inbound`, its forwarded ports; with `policy` (a fingerprint, whose
+        chain add_policy made), its destination policy.
 
         The table must serve this process's classes (serves_classes, or
         update_classes under the journal's exclusive lock); a table that is
         missing is declared with them.
         """
         key = nftnl.ifname_key(link)
-        ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in self.maps]
-        ops += [
-            nftnl.add_element(TABLE, m, key, counter_name(job, k)) for k, m in self.maps.items()
-        ]
+        maps = self._maps(None, refused=policy is not None)
+        ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in maps]
+        ops += [nftnl.add_element(TABLE, m, key, counter_name(job, k)) for k, m in maps.items()]
+        if policy is not None:
+            ops.append(nftnl.add_element(TABLE, "policies", key, jump=policy_chain(policy)))
         ops.append(nftnl.add_element(TABLE, "job_links", key))
         if masquerade:
             ops.append(nftnl.add_element(TABLE, "masquerade_from", key))
@@ -587,7 +720,14 @@ class Ruleset(LarknsTable):
             if e.errno == errno.EEXIST:
                 # A killed job of the same name left its objects (its record,
                 # and so its name, is ours now): remove them, start at zero.
-                self.remove_job(job, link, self.table_classes(), inbound=inbound, sources=sources)
+                self.remove_job(
+                    job,
+                    link,
+                    self.table_classes(),
+                    inbound=inbound,
+                    sources=sources,
+                    policy=policy is not None,
+                )
             elif e.errno == errno.ENOENT:
                 # The table went since our last look (the last job out
                 # removed it, or someone flushed the ruleset).
@@ -607,6 +747,26 @@ class Ruleset(LarknsTable):
         key = nftnl.concat_key(nftnl.ifname_key(link), addr.packed)
         return nftnl.add_element(TABLE, s, key) if add else nftnl.delete_element(TABLE, s, key)
 
+    def has_policy(self, fingerprint: str) -> bool:
+        """Whether the chain of the policy with this fingerprint is in the
+        table (its marker: one netlink round trip)."""
+        name = POLICY_PREFIX + fingerprint
+        return name in self._nl.counters(TABLE, [name])
+
+    def add_policy(
+        self,
+        fingerprint: str,
+        policy: Policy,
+        sets: dict[str, Destinations],
+        internal: Sequence[tuple[str, Sequence[int]]],
+    ) -> None:
+        """Add a policy's chain and sets (under the journal's exclusive lock,
+        with the table serving this process's classes, whose sets an
+        internal-only policy uses)."""
+        if not self._ready:
+            self.ensure_table()
+        self._run(policy_objects(fingerprint, policy, sets, internal))
+
     def allow(
         self, link: str, sources: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]
     ) -> None:
@@ -623,10 +783,12 @@ class Ruleset(LarknsTable):
         masquerade: bool = True,
         inbound: Inbound | None = None,
         sources: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+        policy: bool = False,
     ) -> bool:
         """Remove everything of `job`, whose counters cover `classes` (by
-        default: this process's); True if anything was there (remove_all)."""
-        maps = self._maps(classes)
+        default: this process's), and its policy's entry and counter if it
+        has one; True if anything was there (remove_all)."""
+        maps = self._maps(classes, refused=policy)
         ops = []
         if inbound is not None:
             for port in inbound.ports:
@@ -640,6 +802,8 @@ class Ruleset(LarknsTable):
             ops += [nftnl.delete_element(TABLE, m, key) for m in maps.values()]
             sets = ("job_links", "masquerade_from") if masquerade else ("job_links",)
             ops += [nftnl.delete_element(TABLE, s, key) for s in sets]
+            if policy:
+                ops.append(nftnl.delete_element(TABLE, "policies", key))
         ops += [nftnl.delete_counter(TABLE, counter_name(job, k)) for k in maps]
         return remove_all(ops, self._nl.batch, NftnlError)
 
@@ -652,7 +816,8 @@ class Ruleset(LarknsTable):
         jobs: set[str] = set()
         links: set[str] = set()
         sources: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
-        maps = set(self._maps(classes).values()) | {"job_links", "masquerade_from"}
+        maps = set(self._maps(classes, refused=True).values())
+        maps |= {"job_links", "masquerade_from", "policies"}
         for obj in listing:
             if "counter" in obj:
                 name = obj["counter"]["name"]

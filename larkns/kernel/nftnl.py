@@ -51,6 +51,10 @@ NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
 NFTA_SET_ELEM_OBJREF = 9  # after NFTA_SET_ELEM_PAD
 NFTA_DATA_VALUE = 1
+NFTA_DATA_VERDICT = 2
+NFTA_VERDICT_CODE = 1
+NFTA_VERDICT_CHAIN = 2
+NFT_JUMP = -3
 
 IFNAMSIZ = 16
 
@@ -106,13 +110,25 @@ def delete_counter(table: str, name: str) -> Op:
 
 
 def _element(
-    table: str, set_name: str, key: bytes, objref: str | None, data: bytes | None = None
+    table: str,
+    set_name: str,
+    key: bytes,
+    objref: str | None,
+    data: bytes | None = None,
+    jump: str | None = None,
 ) -> bytes:
     elem = _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key), nested=True)
     if objref is not None:
         elem += _attr(NFTA_SET_ELEM_OBJREF, _str(objref))
     if data is not None:
         elem += _attr(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, data), nested=True)
+    if jump is not None:
+        verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)) + _attr(
+            NFTA_VERDICT_CHAIN, _str(jump)
+        )
+        elem += _attr(
+            NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VERDICT, verdict, nested=True), nested=True
+        )
     return (
         _attr(NFTA_SET_ELEM_LIST_TABLE, _str(table))
         + _attr(NFTA_SET_ELEM_LIST_SET, _str(set_name))
@@ -121,15 +137,20 @@ def _element(
 
 
 def add_element(
-    table: str, set_name: str, key: bytes, objref: str | None = None, data: bytes | None = None
+    table: str,
+    set_name: str,
+    key: bytes,
+    objref: str | None = None,
+    data: bytes | None = None,
+    jump: str | None = None,
 ) -> Op:
-    """An element of a set, of a map to named objects (objref), or of a map
-    to values (data)."""
+    """An element of a set, of a map to named objects (objref), of a map
+    to values (data), or of a verdict map (jump to a chain)."""
     return Op(
         f"add element to {set_name}",
         NFT_MSG_NEWSETELEM,
         NLM_F_CREATE | NLM_F_EXCL,
-        _element(table, set_name, key, objref, data),
+        _element(table, set_name, key, objref, data, jump),
     )
 
 

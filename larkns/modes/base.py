@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, NamedTuple, TypeVar
 
 from larkns.config import ConfigError, Settings
 from larkns.journal import Record
 from larkns.kernel.nft import LarknsTable
 from larkns.kernel.rtnl import Rtnl, RtnlError
 from larkns.plan import JobNetwork
+from larkns.policy import Policy
 from larkns.traffic import Count, Traffic
 
 if TYPE_CHECKING:
@@ -33,6 +34,14 @@ _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNO
 class SetupError(ConfigError):
     """A job's network could not be built; nothing of it is left.  Its
     message is a one-line reason, shown (and refused) as a ConfigError's."""
+
+
+class Requirement(NamedTuple):
+    """Something shared that jobs need (a table's classes, a policy's chain):
+    whether it is there, and how to make it so."""
+
+    met: Callable[[], bool]
+    meet: Callable[[], None]
 
 
 class Failures:
@@ -83,9 +92,16 @@ class Driver(Generic[P]):
         """The engine's handle on the table the type's jobs are counted in."""
         return None if self.table is None else self.engine.table(self.table)
 
-    def plan(self, name: str) -> P:
-        """Job `name`'s plan, with a slot leased if the type needs one."""
+    def plan(self, name: str, policy: Policy) -> P:
+        """Job `name`'s plan, with a slot leased if the type needs one, and
+        its destination policy."""
         raise NotImplementedError
+
+    def requirements(self, policy: Policy) -> list[Requirement]:
+        """What the table must have before a job of this type with `policy`
+        is added: each met, or met under the journal's exclusive lock."""
+        rules = self.rules()
+        return [] if rules is None else [Requirement(rules.serves_classes, rules.update_classes)]
 
     def prepare(self, plan: P) -> None:
         """In the job's new namespace, before any link is in it."""
@@ -164,4 +180,5 @@ def traffic(c: dict[str, Count], classes: Sequence[str]) -> Traffic:
         control_out=c["ctl-out"],
         dropped=c["drop"],
         classes={n: (c[f"cin-{n}"], c[f"cout-{n}"]) for n in classes},
+        refused=c.get("refused", Count()),
     )

@@ -33,6 +33,7 @@ from larkns.plan import (
     random_mac,
     slot_mac,
 )
+from larkns.policy import Policy
 
 if TYPE_CHECKING:
     from larkns.engine import Engine
@@ -197,8 +198,15 @@ class BridgeDriver(LinkedDriver[BridgeNetwork]):
                     prefixes.append(net)
         return BridgeFacts(subnet, gateway, tuple(prefixes))
 
-    def plan(self, name: str) -> BridgeNetwork:
+    def plan(self, name: str, policy: Policy) -> BridgeNetwork:
         settings = self.settings
+        if not policy.unrestricted:
+            # Refused rather than run unrestricted: the bridge table has no
+            # policy chains (yet).
+            raise SetupError(
+                f"destination policy {policy.text()!r}: bridge-mode jobs can only be open "
+                "(policies are for nat and routed jobs)"
+            )
         facts = self.facts()
         # A configuration that cannot work is refused before a slot is taken.
         plan(settings, name, 0, facts, random_mac())

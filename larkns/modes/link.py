@@ -55,7 +55,9 @@ class LinkedDriver(Driver[L]):
         elif not links.is_up(ipr, idx):
             problems.append(f"link {plan.host_link} is not up")
         rules = self.rules()
-        if not rules.has_job(plan.name, classes_of(plan, rules, self.settings)):
+        if not rules.has_job(
+            plan.name, classes_of(plan, rules, self.settings), self.counts_refused(plan)
+        ):
             problems.append(f"nft counters of {plan.name} are missing")
         return problems
 
@@ -66,4 +68,9 @@ class LinkedDriver(Driver[L]):
         classes = plan.classes
         if classes is None:
             classes = tuple(n for n, _ in self.settings.classes)
-        return traffic(self.rules().counters(plan.name, classes), classes)
+        counted = self.rules().counters(plan.name, classes, self.counts_refused(plan))
+        return traffic(counted, classes)
+
+    def counts_refused(self, plan: L) -> bool:
+        """Whether the job has a counter of what its policy refused."""
+        return False

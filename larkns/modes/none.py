@@ -9,6 +9,7 @@ from larkns.kernel import rtnl
 from larkns.kernel.rtnl import Rtnl
 from larkns.modes.base import Driver
 from larkns.plan import JobNetwork
+from larkns.policy import Policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,7 +20,8 @@ class NoNetwork(JobNetwork):
 class NoneDriver(Driver[NoNetwork]):
     mode = "none"
 
-    def plan(self, name: str) -> NoNetwork:
+    def plan(self, name: str, policy: Policy) -> NoNetwork:
+        # Nothing to restrict: the job has no way out of its namespace.
         return NoNetwork(name=name, netns=self.settings.netns_prefix + name)
 
     def build(self, plan: NoNetwork, job: Rtnl, record: Record) -> None:

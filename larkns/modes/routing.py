@@ -15,12 +15,13 @@ from larkns.config import host_ula_prefix
 from larkns.journal import Record
 from larkns.kernel import addrs, sysctl
 from larkns.kernel.mac import parse as parse_mac
-from larkns.kernel.nft import Inbound, NftError, Ruleset
+from larkns.kernel.nft import Inbound, NftError, Ruleset, policy_fingerprint
 from larkns.kernel.rtnl import Rtnl
 from larkns.modes import clat
-from larkns.modes.base import Failures, all_classes, classes_of
+from larkns.modes.base import Failures, Requirement, all_classes, classes_of
 from larkns.modes.link import LinkedDriver
 from larkns.plan import HOST_LINK_PREFIX, Address, LinkedNetwork, eui64
+from larkns.policy import Destinations, Policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,14 @@ class RoutingNetwork(LinkedNetwork):
     # IPv6-only worker: the job's IPv4 is a CLAT's (192.0.0.1), translated
     # to IPv6 toward this NAT64 prefix; the job's link has no IPv4.
     nat64_prefix: ipaddress.IPv6Network | None = None
+    # Its destination policy (larkns/policy.py), as text, and the
+    # fingerprint its chain is named after; None: open.
+    policy: str | None = None
+    policy_id: str | None = None
+
+    @property
+    def destination_policy(self) -> str:
+        return self.policy or "open"
 
     @property
     def clat(self) -> bool:
@@ -88,6 +97,8 @@ class RoutingNetwork(LinkedNetwork):
             lines.append(
                 f"  ipv4 {clat.JOB4.ip} by CLAT, as {self.ipv6_clat} toward {self.nat64_prefix}"
             )
+        if self.policy:
+            lines.append(f"  destination policy {self.policy}")
         return "\n".join(lines)
 
 
@@ -126,6 +137,7 @@ class RoutingDriver(LinkedDriver[R]):
             masquerade=self.masquerade,
             inbound=self.inbound(plan),
             sources=plan.sources(),
+            policy=plan.policy_id,
         )
         idx = self.create_veth(plan)
         addrs.host_side(
@@ -163,7 +175,40 @@ class RoutingDriver(LinkedDriver[R]):
     def plan_slot(self, name: str, slot: int, prefix: ipaddress.IPv6Network) -> R:
         raise NotImplementedError
 
-    def plan(self, name: str) -> R:
+    # -- destination policies ------------------------------------------------
+
+    def _policy_id(self, policy: Policy) -> str | None:
+        if policy.unrestricted:
+            return None
+        return policy_fingerprint(policy, self._sets(), self.settings.internal_classes)
+
+    def _sets(self) -> dict[str, Destinations]:
+        return {d.name: d for d in self.settings.destinations}
+
+    def requirements(self, policy: Policy) -> list[Requirement]:
+        rules = self.rules()
+        out = super().requirements(policy)
+        fingerprint = self._policy_id(policy)
+        if fingerprint is not None:
+            # The internal classes' sets: a class has a set for each IP
+            # version it has prefixes of.
+            internal = [
+                (name, sorted({n.version for n in nets}))
+                for name, nets in self.settings.classes
+                if name in self.settings.internal_classes
+            ]
+            out.append(
+                Requirement(
+                    lambda: rules.has_policy(fingerprint),
+                    lambda: rules.add_policy(fingerprint, policy, self._sets(), internal),
+                )
+            )
+        return out
+
+    def counts_refused(self, plan: R) -> bool:
+        return plan.policy_id is not None
+
+    def plan(self, name: str, policy: Policy) -> R:
         settings = self.settings
         prefix = settings.ipv6_prefix or host_ula_prefix(settings.lib_dir)
         clat = self.clat().needed()
@@ -175,6 +220,9 @@ class RoutingDriver(LinkedDriver[R]):
             p = dataclasses.replace(
                 p, ipv4_host=None, ipv4_job=None, nat64_prefix=settings.nat64_prefix
             )
+        fingerprint = self._policy_id(policy)
+        if fingerprint is not None:
+            p = dataclasses.replace(p, policy=policy.text(), policy_id=fingerprint)
         return p
 
     def publish(self, plan: R, add: bool = True) -> None:
@@ -250,6 +298,7 @@ class RoutingDriver(LinkedDriver[R]):
                     HOST_LINK_PREFIX + name,
                     all_classes(rules, self.settings),
                     masquerade=True,
+                    policy=True,
                 )
                 return
             rules.remove_job(
@@ -259,6 +308,7 @@ class RoutingDriver(LinkedDriver[R]):
                 masquerade=self.masquerade,
                 inbound=self.inbound(plan),
                 sources=[*plan.sources(), *taken],
+                policy=plan.policy_id is not None,
             )
 
     def sweep(self, live: set[str], left: list[str]) -> list[str]:
@@ -275,13 +325,15 @@ class RoutingDriver(LinkedDriver[R]):
             job = link[len(HOST_LINK_PREFIX) :]
             if job not in live:
                 try:
-                    rules.remove_job(job, link, table.classes, sources=table.sources.get(link, []))
+                    rules.remove_job(
+                        job, link, table.classes, sources=table.sources.get(link, []), policy=True
+                    )
                     removed.append(f"nft map entries of {link}")
                 except NftError as e:
                     left.append(f"nft map entries of {link}: {e}")
         for job in sorted(table.jobs - live):
             try:
-                rules.remove_job(job, None, table.classes)
+                rules.remove_job(job, None, table.classes, policy=True)
                 removed.append(f"nft counters of {job}")
             except NftError as e:
                 left.append(f"nft counters of {job}: {e}")
