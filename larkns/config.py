@@ -111,9 +111,11 @@ class Settings:
     max_prepared_per_user: int = DEFAULT_MAX_PREPARED_PER_USER
     # larknsd serves at most this many connections of one user at once.
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
-    # A job's cap, (down, up) bits/s (larkns/shaping.py): the default, and
-    # the most a job may ask for.  None: jobs are not shaped.
+    # A job's cap, (down, up) bits/s (larkns/shaping.py): the default, or
+    # a ClassAd expression giving one per job ("DOWN[/UP]"), and the most a
+    # job may have.  None: jobs are not shaped.
     bandwidth: tuple[int, int] | None = None
+    bandwidth_expr: str | None = None
     bandwidth_max: tuple[int, int] | None = None
     # Where jobs may send (larkns/policy.py): the policy's text, or a
     # ClassAd expression giving it per job; the site's named destination
@@ -151,6 +153,24 @@ class Settings:
         found = policy.parse(text, what)
         policy.check(found, what, self.destinations, self.internal_classes)
         return found
+
+    def job_bandwidth(self, ad: Any) -> tuple[int, int] | None:
+        """The cap LARKNS_BANDWIDTH's expression gives the job whose ClassAd
+        is `ad` (None: no expression, no ad, or undefined for this job),
+        before LARKNS_BANDWIDTH_MAX is applied (shaping.job_cap)."""
+        if self.bandwidth_expr is None or ad is None:
+            return None
+        from larkns import shaping
+
+        value = _expression(self.bandwidth_expr).eval(ad)
+        what = f"LARKNS_BANDWIDTH ({self.bandwidth_expr} for this job)"
+        if isinstance(value, str):
+            return shaping.parse_cap(value, what)
+        import classad2
+
+        if value is classad2.Value.Undefined:
+            return None
+        raise ConfigError(f"{what}: gives {value!r}, expected a rate like \"100mbit/20mbit\"")
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -441,6 +461,17 @@ def _parse_bandwidth(attr: str) -> Parser:
     return parse
 
 
+def _parse_default_bandwidth(knob: str, raw: str) -> tuple[str, object]:
+    """DOWN[/UP], or a ClassAd expression giving one per job."""
+    try:
+        return _parse_bandwidth("bandwidth")(knob, raw)
+    except ConfigError:
+        # A bare word or a rate is a misspelt rate, not an expression.
+        if re.fullmatch(r"[A-Za-z0-9_./ -]*", raw) or _expression(raw) is None:
+            raise
+    return "bandwidth_expr", raw
+
+
 def _parse_dir(attr: str) -> Parser:
     def parse(knob: str, raw: str) -> tuple[str, object]:
         if not raw.startswith("/") or "\0" in raw:
@@ -502,7 +533,7 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_MAX_CONNECTIONS_PER_UID": _parse_count(
         "max_connections_per_uid", 1, 1 << 20, "connections"
     ),
-    "LARKNS_BANDWIDTH": _parse_bandwidth("bandwidth"),
+    "LARKNS_BANDWIDTH": _parse_default_bandwidth,
     "LARKNS_BANDWIDTH_MAX": _parse_bandwidth("bandwidth_max"),
     "LARKNS_POLICY": _parse_policy,
     "LARKNS_DESTINATIONS": _parse_destinations,

@@ -209,7 +209,7 @@ class Engine:
         job asked for, (down, up) bits/s (refused above LARKNS_BANDWIDTH_MAX
         before anything is built)."""
         check_name(name)
-        cap = job_cap(self.settings, bandwidth)
+        cap = job_cap(self.settings, bandwidth, "the job's cap")
         driver = self.driver(mode)
         # No nftables: refused before anything is built.
         needs = driver.requirements(policy)
@@ -414,7 +414,7 @@ class Engine:
         for d in drivers:
             d.remove(name, plan, record, failures)
         # A capped job's IFB (its veth's qdiscs went with the veth), kept for
-        # the slot's next job by a process that serves many.  Without a
+        # a later capped job by a process that serves many.  Without a
         # plan, whatever a job of this name could have left.
         if plan is None or (isinstance(plan, LinkedNetwork) and plan.bandwidth is not None):
             shaper = SHAPER_LINK_PREFIX + name

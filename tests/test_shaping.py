@@ -76,6 +76,36 @@ def test_a_job_gets_its_own_cap_within_the_maximum_else_the_default_else_the_max
         config.load({"LARKNS_BANDWIDTH": "2gbit", "LARKNS_BANDWIDTH_MAX": "1gbit"}, condor=False)
 
 
+def test_a_classad_expression_gives_each_job_its_cap_within_the_maximum() -> None:
+    classad2 = pytest.importorskip("classad2")
+    # HTCondor hands out a node's bandwidth as a custom machine resource
+    # (MACHINE_RESOURCE_Bandwidth); a job asks with request_bandwidth.
+    settings = config.load(
+        {
+            "LARKNS_BANDWIDTH": 'strcat(RequestBandwidth, "mbit")',
+            "LARKNS_BANDWIDTH_MAX": "1gbit",
+        },
+        condor=False,
+    )
+    assert settings.bandwidth is None and settings.bandwidth_expr is not None
+    asked = settings.job_bandwidth(classad2.ClassAd({"RequestBandwidth": 100}))
+    assert asked == (100_000_000, 100_000_000)
+    assert shaping.job_cap(settings, asked) == asked
+    # a job that asks nothing gets the maximum, never more
+    assert settings.job_bandwidth(classad2.ClassAd({})) is None
+    assert shaping.job_cap(settings, None) == (10**9, 10**9)
+    above = settings.job_bandwidth(classad2.ClassAd({"RequestBandwidth": 2000}))
+    with pytest.raises(ConfigError, match="above LARKNS_BANDWIDTH_MAX"):
+        shaping.job_cap(settings, above, "the job's cap")
+    with pytest.raises(ConfigError, match=r"LARKNS_BANDWIDTH \(.*\): expected a rate"):
+        settings.job_bandwidth(classad2.ClassAd({"RequestBandwidth": "lots"}))
+    with pytest.raises(ConfigError, match="LARKNS_BANDWIDTH"):
+        settings.job_bandwidth(classad2.ExprTree("[RequestBandwidth = 1 / 0]").eval())
+    # a bare word is a misspelt rate, not an attribute
+    with pytest.raises(ConfigError, match="expected a rate"):
+        config.load({"LARKNS_BANDWIDTH": "fast"}, condor=False)
+
+
 def test_the_burst_lets_the_first_second_exceed_the_cap_by_little() -> None:
     for rate in (500_000, 1_000_000, 10_000_000, 100_000_000, 1_000_000_000, 10**11):
         assert shaping.burst(rate) * 8 <= 0.1 * rate, rate
@@ -147,9 +177,12 @@ def transfers(out: str) -> list[dict[str, float]]:
 
 
 def assert_near_cap(t: dict[str, float], cap: int, what: str) -> None:
-    # payload is ~95% of the link-layer cap
-    assert 0.85 * cap <= t["steady_bps"] <= 1.05 * cap, (what, t["steady_bps"], cap)
-    assert 0.75 * cap <= t["bps"] <= 1.05 * cap, (what, t["bps"], cap)
+    # Payload is ~95% of the link-layer cap.  Below it: a sender starved of
+    # CPU on a VM that others load too (the lower bounds are loose); above
+    # it: the shaper's own fault.
+    steady, whole = t["steady_bps"] / cap, t["bps"] / cap
+    assert 0.8 <= steady <= 1.05, (what, steady, t)
+    assert 0.7 <= whole <= 1.05, (what, whole, t)
     # no CNI-style burst: the first second stays within the cap (+15%)
     assert t["first_bps"] <= 1.15 * cap, (what, t["first_bps"], cap)
 

@@ -531,6 +531,7 @@ class Daemon:
             ad = job_ad(msg.get("ad"))
             mode = self.settings.job_mode(ad)
             policy = self.settings.job_policy(ad)
+            bandwidth = self.settings.job_bandwidth(ad)
             job_id = ad.get("GlobalJobId")
             starter = Process.of(caller.starter.pid)
             with self.lock:
@@ -540,7 +541,9 @@ class Daemon:
                         f"uid {caller.uid} has {waiting} networks prepared and not launched "
                         f"(LARKNS_MAX_PREPARED_PER_USER = {self.settings.max_prepared_per_user})"
                     )
-                plan = self.engine.setup(name, mode, self.me, client=starter, policy=policy)
+                plan = self.engine.setup(
+                    name, mode, self.me, client=starter, policy=policy, bandwidth=bandwidth
+                )
                 record = self.engine.journal.read(name)
                 if record is not None and isinstance(job_id, str):
                     record.job_id = job_id

@@ -10,7 +10,8 @@ nothing.
 
 Encoded here as tc(8) would send them (linux/pkt_sched.h, pkt_cls.h,
 tc_act/tc_mirred.h) and sent with larkns's own rtnetlink in one sendmsg:
-tc(8) in batch mode costs ~6 ms a job (a process), this ~0.3 ms.
+tc(8) in batch mode added ~6 ms to a job's setup (a process), this 0.3-0.8 ms
+(bench/shaping.py).
 """
 
 from __future__ import annotations
