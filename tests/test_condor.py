@@ -73,7 +73,14 @@ def node(world: World) -> Iterator[tuple[Pool, Larknsd]]:
         # jobs whose ad says they hold a license.
         LARKNS_DESTINATIONS=f"license = {LICENSE4}/32 tcp {PORT}",
         LARKNS_POLICY='ifThenElse(LktLicensed =?= true, "open", "open -license")',
+        # A job's cap is what it asks of the node's bandwidth (Mbit/s), a
+        # resource the negotiator hands out: MACHINE_RESOURCE_Bandwidth below.
+        LARKNS_BANDWIDTH="ifThenElse(RequestBandwidth =?= undefined || RequestBandwidth <= 0, "
+        'undefined, strcat(RequestBandwidth, "mbit"))',
+        LARKNS_BANDWIDTH_MAX="100mbit",
     )
+    # 100 Mbit/s for the node to hand out to its jobs.
+    config += "MACHINE_RESOURCE_Bandwidth = 100\n"
     p = Pool(world, extra_config=config, start=False)
     try:
         # larknsd knows the node's starter and startd from the pool's
@@ -419,3 +426,33 @@ def test_a_job_asking_for_a_type_the_site_does_not_allow_is_held(pool: Pool) -> 
     ad = _held(pool, cluster)
     assert "LarkNetworkType: the job asks for 'bridge'" in ad.get("HoldReason", ""), ad
     pool.run("condor_rm", str(cluster), user=True)
+
+
+def test_request_bandwidth_in_a_submit_file_becomes_the_job_s_cap_and_is_not_overcommitted(
+    pool: Pool, world: World
+) -> None:
+    """The node's bandwidth is a machine resource: a job asking for 30 Mbit/s
+    runs capped at 30 (HTB on its veth, download, and on its IFB, upload);
+    two jobs asking for 60 each of the node's 100 never run at once."""
+    capped = JOB.replace("queue", "request_bandwidth = 30\n    queue")
+    cluster = pool.submit(capped.format(script="sleep 6", tag="capped"))
+    _wait_status(pool, cluster, "2")
+    deadline = time.monotonic() + 20
+    classes = ""
+    while time.monotonic() < deadline and "rate 30Mbit" not in classes:
+        ifbs = sh("ip", "-o", "link", "show", "type", "ifb", ns=world.worker).stdout
+        names = [line.split(": ")[1] for line in ifbs.splitlines()]
+        classes = "".join(
+            sh("tc", "class", "show", "dev", n, ns=world.worker).stdout for n in names
+        )
+        time.sleep(0.2)
+    assert "rate 30Mbit ceil 30Mbit" in classes, classes
+    assert pool.wait_done(cluster)["ExitCode"] == "0"
+
+    greedy = JOB.replace("queue", "request_bandwidth = 60\n    queue")
+    first = pool.submit(greedy.format(script="sleep 4", tag="greedy1"))
+    second = pool.submit(greedy.format(script="sleep 4", tag="greedy2"))
+    ads = [pool.wait_done(first), pool.wait_done(second)]
+    assert all(ad["ExitCode"] == "0" for ad in ads), ads
+    (s1, e1), (s2, e2) = ((int(a["JobCurrentStartDate"]), int(a["CompletionDate"])) for a in ads)
+    assert s2 >= e1 or s1 >= e2, ads  # one after the other
