@@ -24,15 +24,17 @@ _UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)")
 # tc's HTB takes 64-bit rates; above this no NIC a worker has could send.
 MAX_RATE = 10**12
-# Below a few full frames a second HTB's timing is all burst.
+# One kB a second: below it no job could do anything with its link.
 MIN_RATE = 8_000
 
 # The first second of a transfer may run ahead of the rate by one burst:
-# 20 ms of the rate keeps that to 2%, and is still many timer ticks of HTB's
-# hrtimer (CNI's bandwidth plugin, with its default burst, let a 10 Mbit/s
-# cap run at ~2 Gbit/s for the first second: kubernetes #90838).
+# 20 ms of the rate keeps that to 2% (CNI's bandwidth plugin, with its
+# default burst, let a 10 Mbit/s cap run at ~2 Gbit/s for the first second:
+# kubernetes #90838), and still fills a 1 Gbit/s cap (bench/shaping.py: TCP
+# payload 0.94-0.95 of it, the first second 0.98).
 BURST_S = 0.02
-# Two full-size frames at least, so HTB never waits to send one.
+# Two full-size frames at least, so HTB never waits to send one (at rates
+# below 1.2 Mbit/s that is more than 2% of a second).
 MIN_BURST = 2 * 1514
 # A FIFO leaf (kernels without fq_codel or sfq) holds at most 20 ms of the
 # rate, and room for two 64 kB GSO packets: TCP through a 10 or 100 Mbit/s

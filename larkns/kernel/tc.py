@@ -61,9 +61,9 @@ _U32_KEY = struct.Struct("=IIii")  # mask, val, off, offmask
 _MIRRED = struct.Struct("=IIiiiiI")  # index, capab, action, refcnt, bindcnt, eaction, ifindex
 _FIFO = struct.Struct("=I")  # limit
 
-# The leaf under HTB, best first: fq_codel keeps the queueing delay of a
-# saturated cap at ~5 ms, sfq at least keeps one flow from starving others;
-# without either, a byte FIFO bounded to 100 ms of the rate (shaping.fifo_limit).
+# The leaf under HTB, best first: fq_codel (its default target: 5 ms of
+# queueing delay, per flow), sfq (flows served in turn); without either, a
+# byte FIFO bounded to 20 ms of the rate (shaping.fifo_limit).
 LEAVES = ("fq_codel", "sfq")
 FIFO = "bfifo"
 # One class of its own under each HTB: its quantum only matters between
