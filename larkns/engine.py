@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 from larkns import core, leases, modes
 from larkns.config import Settings, check_name
 from larkns.journal import Journal, NameInUse, Process, Record, pid_alive
-from larkns.kernel import links, netns, sysctl, tc
+from larkns.kernel import links, netns, sysctl
 from larkns.kernel.iproute import PinnedIPRoute
 from larkns.kernel.nft import LarknsTable, NftError
 from larkns.kernel.rtnl import Rtnl, RtnlError
@@ -41,10 +41,10 @@ from larkns.plan import (
     LinkedNetwork,
 )
 from larkns.policy import OPEN, Policy
-from larkns.shaping import job_cap
 from larkns.traffic import Traffic
 
 if TYPE_CHECKING:
+    from larkns.kernel import tc
     from larkns.kernel.ra import Advertiser
 
 __all__ = ["Engine", "SetupError", "Swept", "TeardownError"]
@@ -209,7 +209,13 @@ class Engine:
         job asked for, (down, up) bits/s (refused above LARKNS_BANDWIDTH_MAX
         before anything is built)."""
         check_name(name)
-        cap = job_cap(self.settings, bandwidth, "the job's cap")
+        cap = None
+        settings = self.settings
+        if bandwidth or settings.bandwidth or settings.bandwidth_max or settings.bandwidth_expr:
+            # Imported only for a cap: a job without one costs nothing.
+            from larkns.shaping import job_cap
+
+            cap = job_cap(settings, bandwidth, "the job's cap")
         driver = self.driver(mode)
         # No nftables: refused before anything is built.
         needs = driver.requirements(policy)
@@ -315,6 +321,8 @@ class Engine:
         with job:
             driver.build(plan, job, record)
         if isinstance(plan, LinkedNetwork) and plan.bandwidth is not None:
+            from larkns.kernel import tc
+
             self.shaper_leaf = tc.shape(
                 self.rtnl,
                 plan.host_link,
@@ -417,6 +425,8 @@ class Engine:
         # a later capped job by a process that serves many.  Without a
         # plan, whatever a job of this name could have left.
         if plan is None or (isinstance(plan, LinkedNetwork) and plan.bandwidth is not None):
+            from larkns.kernel import tc
+
             shaper = SHAPER_LINK_PREFIX + name
             with failures.step(f"link {shaper}"):
                 spares = self._spare_shapers() if plan is not None else None

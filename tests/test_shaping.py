@@ -487,3 +487,23 @@ def test_a_bridged_job_is_capped_both_ways_too(bridged: World, tmp_path: Path) -
         assert_near_cap(down, CAP, "a bridged job's download")
         assert_near_cap(up, UP_CAP, "a bridged job's upload")
         assert rep["bandwidth"]["up_bps"] == UP_CAP  # type: ignore[index]
+
+
+def test_a_job_without_a_cap_loads_nothing_of_shaping(clean_world: World) -> None:
+    code = (
+        "import sys\nfrom larkns import cli\n"
+        'assert cli.main(["run", "--", "true"]) == 0\n'
+        'print("\\n".join(sorted(sys.modules)))\n'
+    )
+    out = subprocess.run(
+        clean_world.worker_cmd(PY, "-c", code),
+        env=clean_world.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    modules = out.stdout.split()
+    assert "larkns.engine" in modules
+    assert "larkns.shaping" not in modules and "larkns.kernel.tc" not in modules
