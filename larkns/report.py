@@ -56,6 +56,7 @@ def build(
     traffic: Traffic,
     inbound_ports: tuple[int, int] | None = None,
     policy: str | None = None,
+    uncounted_s: float = 0.0,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -93,6 +94,10 @@ def build(
         # refused: not in the totals either.
         "policy": policy or "open",
         "refused": {"packets": traffic.refused.packets, "bytes": traffic.refused.bytes},
+        # Seconds of traffic that may be missing from the counts: a flush of
+        # the worker's ruleset took the job's counters, and they went on from
+        # their last reading (at most a second before it).
+        "uncounted_s": round(uncounted_s, 3),
     }
 
 
