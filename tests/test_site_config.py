@@ -136,6 +136,9 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "LARKNS_INBOUND_PORTS": "40000-40999",
         "LARKNS_INBOUND_PORTS_PER_JOB": "8",
         "LARKNS_MAX_CONNECTIONS_PER_UID": "99",
+        "LARKNS_POLICY": 'ifThenElse(Owner == "alice", "open", "internal-only -lic")',
+        "LARKNS_DESTINATIONS": "lic = 198.18.5.10/32 tcp 27000-27010",
+        "LARKNS_INTERNAL_CLASSES": "Campus",
     }
     assert set(values) == set(config.KNOBS), "a knob is missing from this test"
     text = run("--no-install", *(f"--set={k}={v}" for k, v in values.items())).stdout
@@ -150,7 +153,8 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "str(s.lib_dir), s.netns_prefix, s.slaac_timeout, s.update_interval, "
         "s.reattach_timeout, str(s.routed_ipv6_prefix), str(s.routed_ipv4_pool), s.proxy_nd, "
         "s.bridge, str(s.bridge_ipv4_pool), s.bridge_ipv4, s.clat, str(s.nat64_prefix), "
-        "s.dhcp_timeout, s.inbound_ports, s.inbound_per_job, s.max_connections_per_uid)))"
+        "s.dhcp_timeout, s.inbound_ports, s.inbound_per_job, s.max_connections_per_uid, "
+        "s.policy_expr, s.destinations[0].text(), s.internal_classes)))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
@@ -183,5 +187,8 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
             (40000, 40999),
             8,
             99,
+            'ifThenElse(Owner == "alice", "open", "internal-only -lic")',
+            "lic = 198.18.5.10/32 tcp 27000-27010",
+            ("Campus",),
         )
     )
