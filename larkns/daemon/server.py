@@ -532,7 +532,16 @@ class Daemon:
             v4 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET))
             v6 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET6))
         modes = available_modes(self.settings)
-        return {"modes": modes, "default_mode": self.settings.mode, "ipv4": v4, "ipv6": v6}
+        return {
+            "modes": modes,
+            "default_mode": self.settings.mode,
+            "ipv4": v4,
+            "ipv6": v6,
+            # Destination policies (nat and routed jobs), and the site's
+            # destination sets a job's policy may name.
+            "policies": bool({"nat", "routed"} & set(modes)),
+            "destination_sets": [d.name for d in self.settings.destinations],
+        }
 
     def _prepare(self, conn: socket.socket, caller: Caller, msg: dict[str, Any]) -> None:
         """Build the network of the caller's job ahead of it (the PREPARE_JOB
