@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,19 +264,27 @@ def _expression(raw: str) -> Any:
 CLASS_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}")
 
 
-def _parse_classes(knob: str, raw: str) -> tuple[str, object]:
-    """ "Campus = 198.18.0.0/16, 2001:db8::/32; Cloud = 198.19.0.0/16" """
-    classes: list[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]] = []
+def named_parts(knob: str, raw: str, syntax: str) -> Iterator[tuple[str, str]]:
+    """(NAME, what follows "=") of each "NAME = ..." of `raw`, parts split
+    by ";"; ConfigError giving `syntax` (what follows "=") for one that is
+    not."""
     for part in (p.strip() for p in raw.split(";")):
         if not part:
             continue
-        name, sep, nets = part.partition("=")
+        name, sep, rest = part.partition("=")
         name = name.strip()
         if not sep or not CLASS_NAME_RE.fullmatch(name):
             raise ConfigError(
-                f"{knob}: expected NAME = PREFIX, ... (NAME: a letter, then up to 15 "
+                f"{knob}: expected NAME = {syntax} (NAME: a letter, then up to 15 "
                 f"letters or digits), got {part!r}"
             )
+        yield name, rest
+
+
+def _parse_classes(knob: str, raw: str) -> tuple[str, object]:
+    """ "Campus = 198.18.0.0/16, 2001:db8::/32; Cloud = 198.19.0.0/16" """
+    classes: list[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]] = []
+    for name, nets in named_parts(knob, raw, "PREFIX, ..."):
         prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for text in (t.strip() for t in nets.split(",")):
             try:

@@ -22,7 +22,8 @@ import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from larkns import core, leases, modes
@@ -41,7 +42,7 @@ from larkns.plan import (
     LinkedNetwork,
 )
 from larkns.policy import OPEN, Policy
-from larkns.traffic import Traffic
+from larkns.traffic import Count, Traffic
 
 if TYPE_CHECKING:
     from larkns.kernel import tc
@@ -52,6 +53,10 @@ __all__ = ["Engine", "SetupError", "Swept", "TeardownError"]
 # At most this many spare IFBs (each a net device the host lists): enough
 # for as many capped jobs as end together to start together again.
 MAX_SPARE_SHAPERS = 64
+
+# A record's states once its job's network is whole (`larkns run` marks its
+# job running once the command is started).
+LIVE_STATES = ("ready", "running")
 
 T = TypeVar("T")
 TB = TypeVar("TB", bound=LarknsTable)
@@ -101,6 +106,9 @@ class Engine:
         # SPARE_SHAPER_PREFIX); only a process that serves many keeps any.
         # None: not yet looked for those a previous larknsd kept.
         self._spares: list[tc.Spare] | None = None
+        # job -> (when, its counters then): the last reading, from which a
+        # flushed job's counters go on.
+        self.last_counts: dict[str, tuple[float, dict[str, Count]]] = {}
         self.advertised: dict[str, int] = {}  # job -> host link RAs go out of
         # For the engine's shared netlink and nft handles when more than one
         # thread works with it (larknsd takes it around every verb; the DHCP
@@ -382,6 +390,56 @@ class Engine:
             return Traffic()
         return self.driver(record.plan.mode).stats(record.plan)
 
+    # -- after a flush of the ruleset -----------------------------------------
+
+    def sample(self, names: Collection[str]) -> None:
+        """Read the counters of jobs `names` (this process's), so that a
+        flush of the ruleset loses at most what they counted since."""
+        with self.lock:
+            for name in names:
+                record = self.journal.read(name)
+                if record is None or record.plan is None or record.state not in LIVE_STATES:
+                    self.last_counts.pop(name, None)
+                    continue
+                with contextlib.suppress(Exception):
+                    counts = self.driver(record.plan.mode).counters(record.plan)
+                    if counts:
+                        self.last_counts[name] = (time.time(), counts)
+
+    def restore(self, names: Collection[str]) -> list[str]:
+        """Put back what a flush of the ruleset took from live jobs `names`
+        (this process's: another's puts back its own): tables, counters
+        (going on from their last reading), maps, guards, NAT, forwarded
+        ports, policies.  What was put back, one line each."""
+        from larkns import policy
+
+        out: list[str] = []
+        if not names:
+            return out
+        with self.lock, self.journal.lock(exclusive=True):
+            for name in names:
+                record = self.journal.read(name)
+                plan = record.plan if record is not None else None
+                if record is None or plan is None or record.state not in LIVE_STATES:
+                    continue
+                driver = self.driver(plan.mode)
+                try:
+                    if driver.intact(plan):
+                        continue
+                    for need in driver.requirements(policy.parse(plan.destination_policy, "")):
+                        if not need.met():
+                            need.meet()
+                    taken, start = self.last_counts.get(plan.name, (record.created, {}))
+                    driver.restore(plan, record, start)
+                except Exception as e:
+                    out.append(f"job {plan.name}: not put back: {e}")
+                    continue
+                gap = max(time.time() - taken, 0.0)
+                record.uncounted += gap
+                self.journal.write(record)
+                out.append(f"job {plan.name}: put back ({gap:.1f} s of its traffic uncounted)")
+        return out
+
     # -- teardown / gc -----------------------------------------------------
 
     def teardown(self, name: str) -> bool:
@@ -389,7 +447,10 @@ class Engine:
         TeardownError if something could not be removed (the record stays,
         saying what, and gc tries again)."""
         try:
-            return self._teardown(name)
+            # Under the lock a watcher that puts back flushed jobs takes:
+            # never a job half removed.
+            with self.lock:
+                return self._teardown(name)
         finally:
             self._after_teardown()
 

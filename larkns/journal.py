@@ -125,6 +125,10 @@ class Record:
     relayed: tuple[int, int] | None = None
     # What a teardown could not remove (state "teardown-failed"): gc tries again.
     problems: tuple[str, ...] = ()
+    # Seconds of the job's traffic that may be missing from its counts: from
+    # the last reading of its counters before a flush of the ruleset took
+    # them, to when they were put back.
+    uncounted: float = 0.0
 
     def alive(self) -> bool:
         """Whether the job still has its owner (and its client, if it has
@@ -158,6 +162,7 @@ class Record:
             "chirp": None if self.chirp is None else vars(self.chirp),
             "relayed": None if self.relayed is None else list(self.relayed),
             "problems": list(self.problems),
+            "uncounted": self.uncounted,
         }
 
     @classmethod
@@ -196,6 +201,7 @@ class Record:
             ),
             relayed=None if not relayed else (int(relayed[0]), int(relayed[1])),
             problems=tuple(str(p) for p in d.get("problems") or ()),
+            uncounted=float(d.get("uncounted") or 0.0),
         )
 
 

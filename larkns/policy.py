@@ -23,7 +23,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from larkns.config import CLASS_NAME_RE, ConfigError
+from larkns.config import ConfigError, named_parts
 
 BASES = ("open", "internal-only", "closed")
 PROTOCOLS = ("tcp", "udp")
@@ -117,16 +117,7 @@ def check(
 def parse_destinations(knob: str, raw: str) -> tuple[Destinations, ...]:
     """ "license = 198.18.5.10/32, 2001:db8:5::10/128 tcp 27000-27010; dns = 198.18.0.53 udp 53" """
     out: list[Destinations] = []
-    for part in (p.strip() for p in raw.split(";")):
-        if not part:
-            continue
-        name, sep, rest = part.partition("=")
-        name = name.strip()
-        if not sep or not CLASS_NAME_RE.fullmatch(name):
-            raise ConfigError(
-                f"{knob}: expected NAME = PREFIX, ... [tcp|udp [PORT[-PORT]]] (NAME: a "
-                f"letter, then up to 15 letters or digits), got {part!r}"
-            )
+    for name, rest in named_parts(knob, raw, "PREFIX, ... [tcp|udp [PORT[-PORT]]]"):
         words = rest.replace(",", " ").split()
         protocol: str | None = None
         ports: tuple[int, int] | None = None

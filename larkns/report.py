@@ -58,6 +58,7 @@ def build(
     policy: str | None = None,
     bandwidth: tuple[int, int] | None = None,
     shaper_leaf: str | None = None,
+    uncounted_s: float = 0.0,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -101,6 +102,10 @@ def build(
         # refused: not in the totals either.
         "policy": policy or "open",
         "refused": {"packets": traffic.refused.packets, "bytes": traffic.refused.bytes},
+        # Seconds of traffic that may be missing from the counts: a flush of
+        # the worker's ruleset took the job's counters, and they went on from
+        # their last reading (at most a second before it).
+        "uncounted_s": round(uncounted_s, 3),
     }
 
 

@@ -35,6 +35,7 @@ from larkns.engine import Engine, TeardownError
 from larkns.journal import Process
 from larkns.kernel import netns
 from larkns.plan import JobNetwork
+from larkns.watch import Watcher
 
 # Before the command exists, these end larkns (it tears down, exits 128+N).
 ABORTING = {
@@ -244,9 +245,17 @@ def _run(
         if path is None:
             outcome = report.Outcome(exit_code=127, error=f"{req.argv[0]}: command not found")
         else:
-            outcome = _spawn_and_wait(engine, req, plan, path, env, ident)
+            # Puts back the job's table objects should the ruleset be
+            # flushed while it runs.
+            watcher = Watcher(engine, lambda: (req.name,))
+            try:
+                outcome = _spawn_and_wait(engine, req, plan, path, env, ident)
+            finally:
+                watcher.close()
         duration = time.monotonic() - started
         traffic = engine.stats(req.name)
+        ended = engine.journal.read(req.name)
+        uncounted = ended.uncounted if ended is not None else 0.0
     finally:
         _teardown(engine, req.name)
     rep = report.build(
@@ -264,6 +273,7 @@ def _run(
         policy=plan.destination_policy,
         bandwidth=getattr(plan, "bandwidth", None),
         shaper_leaf=engine.shaper_leaf,
+        uncounted_s=uncounted,
     )
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)

@@ -501,3 +501,43 @@ def test_bridged_jobs_do_not_reach_each_other(site: World, tmp_path: Path) -> No
         other.communicate(timeout=10)
     assert proc.returncode == 0, proc.stderr
     assert _dropped(report) >= 1  # the datagram to the other job
+
+
+def test_a_flushed_bridged_job_is_put_back_with_its_guard_and_counters(site: World) -> None:
+    """bridge larkns goes with a flush of the ruleset like inet larkns:
+    put back at once, the job's guard admitting its addresses again and
+    its counters going on."""
+    import time
+
+    from larkns import watch
+
+    burst = f"{sys.executable} {PEER} udp {SITE4} {PORT} 20 100 100"
+    job = site.larkns_popen(
+        "run", "--mode", "bridge", "--name", "lktbfl", "--",
+        "sh", "-c", f"{burst} && echo ready && read go && {burst}",
+        stdin=True, knobs=KNOBS,
+    )  # fmt: skip
+    assert job.stdout is not None and job.stdin is not None
+    try:
+        assert json.loads(job.stdout.readline())["received"] == 20
+        assert job.stdout.readline().strip() == "ready"
+        time.sleep(watch.SAMPLE_INTERVAL * 1.5)
+        before = json.loads(site.larkns("show", "lktbfl", knobs=KNOBS).stdout)["counters"]
+        sh("nft", "flush", "ruleset", ns=site.worker)
+        deadline = time.monotonic() + 1.0
+        while site.larkns("check", "lktbfl", knobs=KNOBS).returncode != 0:
+            assert time.monotonic() < deadline, "not put back within 1 s"
+            time.sleep(0.02)
+        after = json.loads(site.larkns("show", "lktbfl", knobs=KNOBS).stdout)["counters"]
+        assert after["ipv4"] == before["ipv4"]
+        job.stdin.write("go\n")
+        job.stdin.flush()
+        assert json.loads(job.stdout.readline())["received"] == 20  # the guard lets it out
+        _, err = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+            site.larkns("gc", knobs=KNOBS)
+    assert job.returncode == 0, err
+    assert "larkns: job lktbfl: put back" in err, err

@@ -301,6 +301,8 @@ def test_the_machine_ad_says_what_the_node_offers(pool: Pool) -> None:
     assert ad.get("LarkAvailable") == "true", ad
     assert ad.get("LarkNetworkTypes") == '"nat,routed,none"'
     assert ad.get("LarkHasIPv4") == "true" and ad.get("LarkHasIPv6") == "true"
+    assert ad.get("LarkNetworkPolicies") == "true"
+    assert ad.get("LarkDestinationSets") == '"license"'
     # and a job can require it
     cluster = pool.submit(
         JOB.replace("queue", "requirements = LarkHasIPv6\n    queue").format(

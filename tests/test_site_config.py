@@ -138,8 +138,8 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "LARKNS_MAX_CONNECTIONS_PER_UID": "99",
         "LARKNS_BANDWIDTH": "100mbit/20mbit",
         "LARKNS_BANDWIDTH_MAX": "1gbit",
-        "LARKNS_POLICY": "open -license",
-        "LARKNS_DESTINATIONS": "license = 198.18.9.0/24 tcp 27000",
+        "LARKNS_POLICY": 'ifThenElse(Owner == "alice", "open", "internal-only -lic")',
+        "LARKNS_DESTINATIONS": "lic = 198.18.5.10/32 tcp 27000-27010",
         "LARKNS_INTERNAL_CLASSES": "Campus",
     }
     assert set(values) == set(config.KNOBS), "a knob is missing from this test"
@@ -156,7 +156,8 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "s.reattach_timeout, str(s.routed_ipv6_prefix), str(s.routed_ipv4_pool), s.proxy_nd, "
         "s.bridge, str(s.bridge_ipv4_pool), s.bridge_ipv4, s.clat, str(s.nat64_prefix), "
         "s.dhcp_timeout, s.inbound_ports, s.inbound_per_job, s.max_connections_per_uid, "
-        "s.bandwidth, s.bandwidth_max, s.policy, len(s.destinations), s.internal_classes)))"
+        "s.bandwidth, s.bandwidth_max, "
+        "s.policy_expr, s.destinations[0].text(), s.internal_classes)))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
@@ -191,8 +192,8 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
             99,
             (100_000_000, 20_000_000),
             (1_000_000_000, 1_000_000_000),
-            "open -license",
-            1,
+            'ifThenElse(Owner == "alice", "open", "internal-only -lic")',
+            "lic = 198.18.5.10/32 tcp 27000-27010",
             ("Campus",),
         )
     )

@@ -5,6 +5,8 @@
     LarkNetworkType = "nat"         the default
     LarkHasIPv4 = true              jobs reach the site over IPv4
     LarkHasIPv6 = true              ... and IPv6
+    LarkNetworkPolicies = true      destination policies can be applied
+    LarkDestinationSets = "license" the site's sets a policy may name
 
 so that jobs can require them (requirements = LarkHasIPv6).  Runs as the
 condor user: standard library only.
@@ -32,4 +34,6 @@ def main(sock_path: str) -> int:
     print(f'LarkNetworkType = "{info.get("default_mode", "")}"')
     print(f"LarkHasIPv4 = {_bool(info.get('ipv4'))}")
     print(f"LarkHasIPv6 = {_bool(info.get('ipv6'))}")
+    print(f"LarkNetworkPolicies = {_bool(info.get('policies'))}")
+    print(f'LarkDestinationSets = "{",".join(info.get("destination_sets", []))}"')
     return 0

@@ -211,6 +211,12 @@ def attributes(traffic: dict[str, Any]) -> dict[str, str]:
         # Packets the job sent that larkns dropped (spoofed sources, rogue
         # router advertisements or DHCP replies).
         out["LarkNetworkDroppedPackets"] = str(dropped["packets"])
+    uncounted = traffic.get("uncounted_s")
+    if uncounted:
+        # Seconds of the job's traffic that may be missing from its counts (a
+        # flush of the worker's ruleset took its counters; they went on from
+        # their last reading).
+        out["LarkNetworkUncountedSeconds"] = str(uncounted)
     refused = traffic.get("refused")
     if refused is not None:
         # Packets the job's destination policy refused (LARKNS_POLICY).

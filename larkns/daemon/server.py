@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from larkns import core, seal
 from larkns.config import ConfigError, Settings, check_name
@@ -34,6 +34,9 @@ from larkns.engine import Engine, TeardownError
 from larkns.journal import ChirpAccess, Process, Record, Relays, start_time
 from larkns.kernel import netns
 from larkns.kernel.nft import NftError
+
+if TYPE_CHECKING:
+    from larkns.watch import Watcher
 
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
 
@@ -121,6 +124,7 @@ class Daemon:
         self.advertiser = Advertiser()
         # A node serving jobs all day keeps its table and state dir.
         self.engine = Engine(settings, self.advertiser, clean_when_idle=False)
+        self.watcher: Watcher | None = None
         # Opened now, in the worker's netns: a connection thread may be inside
         # a job's namespace (netns is per thread) when it first needs them.
         _ = (self.engine.rtnl, self.engine.ipr)
@@ -213,11 +217,24 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
 
+    def watch(self) -> None:
+        """Put back what a flush of the ruleset takes from this larknsd's
+        jobs (larkns/watch.py); from the worker's netns, as __init__."""
+        from larkns.watch import Watcher
+
+        self.watcher = Watcher(
+            self.engine,
+            lambda: [r.name for r in self.engine.records() if r.owner == self.me],
+            lambda line: print(f"larknsd: {line}", file=sys.stderr),
+        )
+
     def close(self) -> None:
         # Jobs still running keep their networks (a restarted daemon takes
         # them over); with none left, nothing of larkns stays.  The lock is
         # kept: a teardown in progress ends first, and none starts after
         # (what is left then is the next larknsd's).
+        if self.watcher is not None:
+            self.watcher.close()
         self.lock.acquire()
         self.engine.clean_if_idle()
         self.engine.close()
@@ -452,6 +469,9 @@ class Daemon:
                 r.close()
             with self.lock:
                 traffic = _traffic(self.engine.stats(name), relays)
+                ended = self.engine.journal.read(name)
+                if ended is not None and ended.uncounted:
+                    traffic["uncounted_s"] = round(ended.uncounted, 3)
         finally:
             if keeper_fd is not None:
                 os.close(keeper_fd)
@@ -512,7 +532,16 @@ class Daemon:
             v4 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET))
             v6 = bool(self.engine.ipr.get_default_routes(family=socket.AF_INET6))
         modes = available_modes(self.settings)
-        return {"modes": modes, "default_mode": self.settings.mode, "ipv4": v4, "ipv6": v6}
+        return {
+            "modes": modes,
+            "default_mode": self.settings.mode,
+            "ipv4": v4,
+            "ipv6": v6,
+            # Destination policies (nat and routed jobs), and the site's
+            # destination sets a job's policy may name.
+            "policies": bool({"nat", "routed"} & set(modes)),
+            "destination_sets": [d.name for d in self.settings.destinations],
+        }
 
     def _prepare(self, conn: socket.socket, caller: Caller, msg: dict[str, Any]) -> None:
         """Build the network of the caller's job ahead of it (the PREPARE_JOB
@@ -1025,6 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     threading.Thread(target=daemon.gc_forever, args=(60.0,), name="gc", daemon=True).start()
+    daemon.watch()
     if args.exit_with_parent or _parent_is("condor_master"):
         # condor_master did not signal a DAEMON_LIST program on a fast
         # shutdown (condor_off -master -fast, seen on HTCondor 25.0):

@@ -50,7 +50,7 @@ alive.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from larkns.kernel import nftnl
 from larkns.kernel.nft import LarknsTable, NftError, remove_all
@@ -74,6 +74,7 @@ from larkns.kernel.nftexpr import (
     rogue,
     spoofed,
 )
+from larkns.traffic import Count
 
 BRIDGE = Table(
     family="bridge",
@@ -230,12 +231,21 @@ class BridgeRuleset(LarknsTable):
         mac: str,
         ipv4: ipaddress.IPv4Address | None,
         ipv6: Sequence[ipaddress.IPv6Address],
+        start: Mapping[str, Count] | None = None,
     ) -> None:
-        """The job's counters, map entries and guard chain, in one transaction."""
+        """The job's counters (going on from `start`, put back after a
+        flush), map entries and guard chain, in one transaction."""
         self.ensure_table()
         t = BRIDGE
         chain = guard_chain(job)
-        cmds: list[Cmd] = [{"add": t.counter(counter_name(job, k))} for k in self.maps]
+        begin = start or {}
+        cmds: list[Cmd] = []
+        for k in self.maps:
+            counter = t.counter(counter_name(job, k))
+            c = begin.get(k)
+            if c is not None:
+                counter["counter"] |= {"packets": c.packets, "bytes": c.bytes}
+            cmds.append({"add": counter})
         cmds += [
             {"add": t.element(m, [[port, counter_name(job, k)]])} for k, m in self.maps.items()
         ]

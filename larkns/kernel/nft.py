@@ -73,7 +73,7 @@ import errno
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from larkns.kernel import nftnl
@@ -687,18 +687,25 @@ class Ruleset(LarknsTable):
         inbound: Inbound | None = None,
         sources: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
         policy: str | None = None,
+        start: Mapping[str, Count] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         """Counters and map entries of one job, in one transaction; with
         `inbound`, its forwarded ports; with `policy` (a fingerprint, whose
-        chain add_policy made), its destination policy.
+        chain add_policy made), its destination policy; with `start`, the
+        counters go on from those values (put back after a flush).
 
         The table must serve this process's classes (serves_classes, or
         update_classes under the journal's exclusive lock); a table that is
         missing is declared with them.
         """
         key = nftnl.ifname_key(link)
-        maps = self._maps(None, refused=policy is not None)
-        ops = [nftnl.add_counter(TABLE, counter_name(job, k)) for k in maps]
+        maps = self._maps(classes, refused=policy is not None)
+        begin = start or {}
+        ops = []
+        for k in maps:
+            c = begin.get(k, Count())
+            ops.append(nftnl.add_counter(TABLE, counter_name(job, k), c.packets, c.bytes))
         ops += [nftnl.add_element(TABLE, m, key, counter_name(job, k)) for k, m in maps.items()]
         if policy is not None:
             ops.append(nftnl.add_element(TABLE, "policies", key, jump=policy_chain(policy)))

@@ -85,15 +85,17 @@ class Op:
     attrs: bytes
 
 
-def add_counter(table: str, name: str) -> Op:
+def add_counter(table: str, name: str, packets: int = 0, nbytes: int = 0) -> Op:
+    """A named counter, starting from `packets` and `nbytes` (a job's
+    counters put back after a flush go on from where they were)."""
     attrs = (
         _attr(NFTA_OBJ_TABLE, _str(table))
         + _attr(NFTA_OBJ_NAME, _str(name))
         + _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
         + _attr(
             NFTA_OBJ_DATA,
-            _attr(NFTA_COUNTER_BYTES, struct.pack("!Q", 0))
-            + _attr(NFTA_COUNTER_PACKETS, struct.pack("!Q", 0)),
+            _attr(NFTA_COUNTER_BYTES, struct.pack("!Q", nbytes))
+            + _attr(NFTA_COUNTER_PACKETS, struct.pack("!Q", packets)),
             nested=True,
         )
     )

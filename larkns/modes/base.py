@@ -132,6 +132,18 @@ class Driver(Generic[P]):
     def stats(self, plan: P) -> Traffic:
         return Traffic()
 
+    def counters(self, plan: P) -> dict[str, Count]:
+        """The job's counters by key (out4, cin-NAME, ...), as read now."""
+        return {}
+
+    def intact(self, plan: P) -> bool:
+        """Whether the job's objects in its table are all there."""
+        return True
+
+    def restore(self, plan: P, record: Record, start: dict[str, Count]) -> None:
+        """Put back the job's objects in its table (a flush of the ruleset
+        took them), its counters going on from `start`."""
+
     def release(self, name: str, plan: P | None, record: Record | None, failures: Failures) -> None:
         """Teardown, before the job's namespace goes.  `plan` is None for a
         job killed before its plan was written: remove what a job of this

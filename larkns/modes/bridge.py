@@ -34,6 +34,7 @@ from larkns.plan import (
     slot_mac,
 )
 from larkns.policy import Policy
+from larkns.traffic import Count
 
 if TYPE_CHECKING:
     from larkns.engine import Engine
@@ -402,6 +403,20 @@ class BridgeDriver(LinkedDriver[BridgeNetwork]):
                 rules.remove_job(name, plan.host_link, classes_of(plan, rules, self.settings))
             elif rules.has_table():
                 rules.remove_job(name, HOST_LINK_PREFIX + name, all_classes(rules, self.settings))
+
+    def restore(self, plan: BridgeNetwork, record: Record, start: dict[str, Count]) -> None:
+        ipv4 = self._ipv4(plan)
+        if ipv4 is None and record.dhcp is not None:
+            ipv4 = record.dhcp.address.ip  # another process's lease
+        rules = self.rules()
+        rules.add_job(
+            plan.name,
+            plan.host_link,
+            plan.job_mac,
+            ipv4,
+            [*plan.allowed_ipv6(), *record.sources],
+            start=start,
+        )
 
     def sweep(self, live: set[str], left: list[str]) -> list[str]:
         try:

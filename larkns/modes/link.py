@@ -11,7 +11,7 @@ from larkns.kernel.nft import LarknsTable
 from larkns.kernel.rtnl import RtnlError
 from larkns.modes.base import Driver, SetupError, classes_of, traffic
 from larkns.plan import LinkedNetwork
-from larkns.traffic import Traffic
+from larkns.traffic import Count, Traffic
 
 L = TypeVar("L", bound=LinkedNetwork)
 
@@ -46,6 +46,17 @@ class LinkedDriver(Driver[L]):
             links.delete(engine.ipr, plan.host_link)
             return links.create_veth(engine.rtnl, *args)
 
+    def intact(self, plan: L) -> bool:
+        rules = self.rules()
+        classes = classes_of(plan, rules, self.settings)
+        return rules.exists() and rules.has_job(plan.name, classes, self.counts_refused(plan))
+
+    def restore_classes(self, plan: L) -> tuple[str, ...]:
+        """The classes a job put back gets counters of: its own that the
+        table (declared anew, with this process's) still has."""
+        own = tuple(n for n, _ in self.settings.classes)
+        return own if plan.classes is None else tuple(c for c in plan.classes if c in own)
+
     def check(self, plan: L) -> list[str]:
         problems = []
         ipr = self.engine.ipr
@@ -68,8 +79,13 @@ class LinkedDriver(Driver[L]):
         classes = plan.classes
         if classes is None:
             classes = tuple(n for n, _ in self.settings.classes)
-        counted = self.rules().counters(plan.name, classes, self.counts_refused(plan))
-        return traffic(counted, classes)
+        return traffic(self.counters(plan), classes)
+
+    def counters(self, plan: L) -> dict[str, Count]:
+        classes = plan.classes
+        if classes is None:
+            classes = tuple(n for n, _ in self.settings.classes)
+        return self.rules().counters(plan.name, classes, self.counts_refused(plan))
 
     def counts_refused(self, plan: L) -> bool:
         """Whether the job has a counter of what its policy refused."""

@@ -22,6 +22,7 @@ from larkns.modes.base import Failures, Requirement, all_classes, classes_of
 from larkns.modes.link import LinkedDriver
 from larkns.plan import HOST_LINK_PREFIX, Address, LinkedNetwork, eui64
 from larkns.policy import Destinations, Policy
+from larkns.traffic import Count
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,6 +311,18 @@ class RoutingDriver(LinkedDriver[R]):
                 sources=[*plan.sources(), *taken],
                 policy=plan.policy_id is not None,
             )
+
+    def restore(self, plan: R, record: Record, start: dict[str, Count]) -> None:
+        self.rules().add_job(
+            plan.name,
+            plan.host_link,
+            masquerade=self.masquerade,
+            inbound=self.inbound(plan),
+            sources=[*plan.sources(), *record.sources],
+            policy=plan.policy_id,
+            start=start,
+            classes=self.restore_classes(plan),
+        )
 
     def sweep(self, live: set[str], left: list[str]) -> list[str]:
         removed: list[str] = []

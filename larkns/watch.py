@@ -1,0 +1,135 @@
+"""Putting back what a flush of the ruleset takes from live jobs.
+
+`nft flush ruleset`, or a firewall reload that does it (nftables.service,
+firewalld), deletes larkns's tables with every job's counters, guard, NAT
+and policy in them.  A Watcher hears the kernel say so (nf_tables'
+multicast group: a message per deleted table, no polling) and puts it all
+back at once through the engine (Engine.restore).  Meanwhile it reads the
+counters of its process's jobs every second, so that a job's counters go
+on from at most a second before the flush: what the job sent in between
+is what may be missing, and its record says for how long.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
+
+from larkns.kernel import netlink
+from larkns.kernel.nftexpr import NAME
+
+if TYPE_CHECKING:
+    from larkns.engine import Engine
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_DELTABLE = 2
+NFTA_TABLE_NAME = 1
+_NFGEN = 4  # the nfgenmsg header: family, version, resource id
+SAMPLE_INTERVAL = 1.0
+
+
+def deleted_tables(data: bytes) -> list[str]:
+    """The names of the tables whose deletion the messages in `data` tell."""
+    out = []
+    pos = 0
+    while pos + netlink.HDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = netlink.HDR.unpack_from(data, pos)
+        if length < netlink.HDR.size:
+            break
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE:
+            body = data[pos + netlink.HDR.size + _NFGEN : pos + length]
+            apos = 0
+            while apos + 4 <= len(body):
+                alen, atype = struct.unpack_from("=HH", body, apos)
+                if alen < 4:
+                    break
+                if atype & 0x3FFF == NFTA_TABLE_NAME:
+                    out.append(body[apos + 4 : apos + alen].rstrip(b"\0").decode(errors="replace"))
+                apos += (alen + 3) & ~3
+        pos += (length + 3) & ~3
+    return out
+
+
+class Watcher:
+    """A thread that puts back the tables' objects of `jobs()` (the names
+    of this process's jobs) when the ruleset is flushed.  Made in the
+    worker's netns: its socket hears that namespace's tables."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        jobs: Callable[[], Collection[str]],
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.jobs = jobs
+        self.say = say or (lambda line: print(f"larkns: {line}", file=sys.stderr))
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        try:
+            self._sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+            # A burst of events (one per table, per flush) must not be lost.
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._stop = threading.Event()
+        # close() wakes the thread at once, not at its next reading.
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self.restored = 0  # flushes this watcher has put back after
+        self._thread = threading.Thread(target=self._run, name="flush-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        next_sample = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_sample:
+                self.engine.sample(self.jobs())
+                next_sample = now + SAMPLE_INTERVAL
+            ready = {fd for fd, _ in poller.poll(max(next_sample - now, 0.0) * 1000)}
+            if self._stop.is_set():
+                break
+            if self._sock.fileno() not in ready:
+                continue
+            try:
+                flushed = NAME in deleted_tables(self._sock.recv(1 << 16))
+            except OSError:
+                # ENOBUFS: events were lost; look whether anything is gone.
+                flushed = True
+            if not flushed or self._stop.is_set():
+                continue
+            # The rest of the flush (the other table, in the same
+            # transaction) comes at once: take it before putting back.
+            while self._sock.fileno() in {fd for fd, _ in poller.poll(20)}:
+                try:
+                    self._sock.recv(1 << 16)
+                except OSError:
+                    break
+            try:
+                for line in self.engine.restore(self.jobs()):
+                    self.say(line)
+                self.restored += 1
+            except Exception as e:
+                self.say(f"after a flush of the ruleset: {e}")
+
+    def close(self) -> None:
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
