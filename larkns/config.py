@@ -170,7 +170,7 @@ class Settings:
 
         if value is classad2.Value.Undefined:
             return None
-        raise ConfigError(f"{what}: gives {value!r}, expected a rate like \"100mbit/20mbit\"")
+        raise ConfigError(f'{what}: gives {value!r}, expected a rate like "100mbit/20mbit"')
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""

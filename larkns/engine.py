@@ -390,7 +390,38 @@ class Engine:
             return Traffic()
         return self.driver(record.plan.mode).stats(record.plan)
 
-    # -- after a flush of the ruleset -----------------------------------------
+    # -- after a flush of the ruleset, or of a job's qdiscs ---------------------
+
+    def reshape(self, names: Collection[str], links: Collection[int]) -> list[str]:
+        """Put back the shapers of jobs `names` (this process's) whose host
+        link or IFB is among `links` (their root or ingress qdisc was
+        deleted).  What was put back, one line each."""
+        out: list[str] = []
+        with self.lock:
+            for name in names:
+                record = self.journal.read(name)
+                plan = record.plan if record is not None else None
+                if (
+                    record is None
+                    or record.state not in LIVE_STATES
+                    or not isinstance(plan, LinkedNetwork)
+                    or plan.bandwidth is None
+                ):
+                    continue
+                mine = {
+                    self.rtnl.link_index(plan.host_link),
+                    self.rtnl.link_index(plan.shaper_link),
+                }
+                if not mine & set(links):
+                    continue
+                from larkns.kernel import tc
+
+                try:
+                    if tc.reshape(self.rtnl, plan.host_link, plan.shaper_link, plan.bandwidth):
+                        out.append(f"job {name}: its shapers put back")
+                except (OSError, RtnlError) as e:
+                    out.append(f"job {name}: shapers not put back: {e}")
+        return out
 
     def sample(self, names: Collection[str]) -> None:
         """Read the counters of jobs `names` (this process's), so that a

@@ -35,6 +35,7 @@ NFT_MSG_DELTABLE = 2
 NFTA_TABLE_NAME = 1
 _NFGEN = 4  # the nfgenmsg header: family, version, resource id
 SAMPLE_INTERVAL = 1.0
+RTNLGRP_TC = 4
 
 
 def deleted_tables(data: bytes) -> list[str]:
@@ -83,6 +84,16 @@ class Watcher:
         except BaseException:
             self._sock.close()
             raise
+        # Deleted qdiscs (`tc qdisc del` on a job's host link or IFB).
+        self._tc = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        )
+        try:
+            self._tc.bind((0, 1 << (RTNLGRP_TC - 1)))
+        except BaseException:
+            self._tc.close()
+            self._sock.close()
+            raise
         self._stop = threading.Event()
         # close() wakes the thread at once, not at its next reading.
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
@@ -93,6 +104,7 @@ class Watcher:
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._tc.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         next_sample = 0.0
         while not self._stop.is_set():
@@ -103,6 +115,8 @@ class Watcher:
             ready = {fd for fd, _ in poller.poll(max(next_sample - now, 0.0) * 1000)}
             if self._stop.is_set():
                 break
+            if self._tc.fileno() in ready:
+                self._qdiscs_deleted()
             if self._sock.fileno() not in ready:
                 continue
             try:
@@ -126,10 +140,26 @@ class Watcher:
             except Exception as e:
                 self.say(f"after a flush of the ruleset: {e}")
 
+    def _qdiscs_deleted(self) -> None:
+        from larkns.kernel import tc
+
+        try:
+            links = tc.deleted_qdiscs(self._tc.recv(1 << 16), self.engine.rtnl.port)
+        except OSError:
+            return
+        if not links:
+            return
+        try:
+            for line in self.engine.reshape(self.jobs(), links):
+                self.say(line)
+        except Exception as e:
+            self.say(f"after a qdisc was deleted: {e}")
+
     def close(self) -> None:
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
         self._sock.close()
+        self._tc.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -507,3 +507,43 @@ def test_a_job_without_a_cap_loads_nothing_of_shaping(clean_world: World) -> Non
     modules = out.stdout.split()
     assert "larkns.engine" in modules
     assert "larkns.shaping" not in modules and "larkns.kernel.tc" not in modules
+
+
+@pytest.mark.parametrize(
+    "deleted",
+    [
+        ("lk-{name}", "root"),  # the download's HTB
+        ("lk-{name}", "ingress"),  # the upload's redirect
+        ("lkb{name}", "root"),  # the upload's HTB
+    ],
+)
+def test_a_qdisc_deleted_on_the_host_side_is_put_back_at_once(
+    clean_world: World, deleted: tuple[str, str]
+) -> None:
+    """`tc qdisc del` on the worker (an admin, a network service): larkns
+    hears it (rtnetlink's TC group) and puts the job's shapers back whole."""
+    import time
+
+    name = "lktsdel"
+    job = clean_world.serving(
+        "run", "--name", name, "--bandwidth", "20mbit/10mbit", "--",
+        "sh", "-c", "echo ready; exec sleep 30",
+    )  # fmt: skip
+
+    def shapers() -> list[str]:
+        # The mirred action's index is a new one each time it is added.
+        text = "\n".join(_host_side(clean_world, name))
+        return [line for line in text.splitlines() if not line.strip().startswith("index ")]
+
+    try:
+        whole = shapers()
+        link, which = deleted
+        sh("tc", "qdisc", "del", "dev", link.format(name=name), which, ns=clean_world.worker)
+        deadline = time.monotonic() + 1.0
+        while shapers() != whole:
+            assert time.monotonic() < deadline, (shapers(), whole)
+            time.sleep(0.02)
+    finally:
+        job.terminate()
+        _, err = job.communicate(timeout=30)
+    assert f"larkns: job {name}: its shapers put back" in err, err

@@ -64,6 +64,13 @@ class Socket:
     def close(self) -> None:
         self._sock.close()
 
+    @property
+    def port(self) -> int:
+        """The socket's netlink port id (what the kernel's notifications of
+        its changes carry as their sender)."""
+        port: int = self._sock.getsockname()[0]
+        return port
+
     def message(self, mtype: int, flags: int, body: bytes) -> tuple[int, bytes]:
         """(sequence number, bytes) of a new message."""
         self._seq += 1

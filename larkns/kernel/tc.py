@@ -222,6 +222,54 @@ def shape(
     return kind
 
 
+def reshape(host_rtnl: Rtnl, host_link: str, shaper_link: str, cap: shaping.Cap) -> bool:
+    """Put a job's shapers back whole (someone deleted a qdisc of them):
+    what is left of them goes, then all is added again, in one sendmsg
+    each.  False if the job's links are gone (it is being torn down)."""
+    host = host_rtnl.link_index(host_link)
+    ifb = host_rtnl.link_index(shaper_link)
+    if host is None or ifb is None:
+        return False
+    kind = leaf()
+    down, up = cap
+    host_rtnl.run(
+        _delete_root(host, host_link),
+        _delete_ingress(host, host_link),
+        _delete_root(ifb, shaper_link),
+        ignore=_NO_ROOT,
+    )
+    host_rtnl.run(
+        *_htb(host, host_link, down, kind),
+        *_redirect(host, host_link, ifb, shaper_link),
+        *_htb(ifb, shaper_link, up, kind),
+    )
+    return True
+
+
+def _delete_ingress(index: int, dev: str) -> Request:
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, INGRESS_HANDLE, TC_H_INGRESS, 0)
+    return Request(f"delete the ingress qdisc of {dev}", RTM_DELQDISC, 0, body)
+
+
+def deleted_qdiscs(data: bytes, own: int) -> list[int]:
+    """The links whose root or ingress qdisc the rtnetlink messages in
+    `data` say was deleted (RTNLGRP_TC), but not by the socket whose port
+    id is `own` (larkns's own: putting shapers back deletes what is left
+    of them first)."""
+    out = []
+    pos = 0
+    while pos + netlink.HDR.size <= len(data):
+        length, mtype, _flags, _seq, pid = netlink.HDR.unpack_from(data, pos)
+        if length < netlink.HDR.size:
+            break
+        if mtype == RTM_DELQDISC and pid != own and length >= netlink.HDR.size + _TCMSG.size:
+            _fam, index, _handle, parent, _info = _TCMSG.unpack_from(data, pos + netlink.HDR.size)
+            if parent in (TC_H_ROOT, TC_H_INGRESS):
+                out.append(index)
+        pos += (length + 3) & ~3
+    return out
+
+
 def unshape(host_rtnl: Rtnl, shaper_link: str) -> bool:
     """Remove the job's IFB (its veth's qdiscs go with the veth); False if
     it was not there."""
