@@ -303,6 +303,7 @@ def test_the_machine_ad_says_what_the_node_offers(pool: Pool) -> None:
     assert ad.get("LarkHasIPv4") == "true" and ad.get("LarkHasIPv6") == "true"
     assert ad.get("LarkNetworkPolicies") == "true"
     assert ad.get("LarkDestinationSets") == '"license"'
+    assert ad.get("LarkNetworkShaping") == "true"
     # and a job can require it
     cluster = pool.submit(
         JOB.replace("queue", "requirements = LarkHasIPv6\n    queue").format(
@@ -449,7 +450,10 @@ def test_request_bandwidth_in_a_submit_file_becomes_the_job_s_cap_and_is_not_ove
         )
         time.sleep(0.2)
     assert "rate 30Mbit ceil 30Mbit" in classes, classes
-    assert pool.wait_done(cluster)["ExitCode"] == "0"
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0"
+    # The job's ad says the cap it had (bits/s, both ways).
+    assert ad["LarkNetworkCapDown"] == ad["LarkNetworkCapUp"] == "30000000", ad
 
     greedy = JOB.replace("queue", "request_bandwidth = 60\n    queue")
     first = pool.submit(greedy.format(script="sleep 4", tag="greedy1"))

@@ -7,6 +7,7 @@
     LarkHasIPv6 = true              ... and IPv6
     LarkNetworkPolicies = true      destination policies can be applied
     LarkDestinationSets = "license" the site's sets a policy may name
+    LarkNetworkShaping = true       jobs can be capped (HTB and IFB)
 
 so that jobs can require them (requirements = LarkHasIPv6).  Runs as the
 condor user: standard library only.
@@ -36,4 +37,5 @@ def main(sock_path: str) -> int:
     print(f"LarkHasIPv6 = {_bool(info.get('ipv6'))}")
     print(f"LarkNetworkPolicies = {_bool(info.get('policies'))}")
     print(f'LarkDestinationSets = "{",".join(info.get("destination_sets", []))}"')
+    print(f"LarkNetworkShaping = {_bool(info.get('shaping'))}")
     return 0

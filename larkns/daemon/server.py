@@ -34,6 +34,7 @@ from larkns.engine import Engine, TeardownError
 from larkns.journal import ChirpAccess, Process, Record, Relays, start_time
 from larkns.kernel import netns
 from larkns.kernel.nft import NftError
+from larkns.plan import JobNetwork, LinkedNetwork
 
 if TYPE_CHECKING:
     from larkns.watch import Watcher
@@ -125,6 +126,7 @@ class Daemon:
         # A node serving jobs all day keeps its table and state dir.
         self.engine = Engine(settings, self.advertiser, clean_when_idle=False)
         self.watcher: Watcher | None = None
+        self._shaping: bool | None = None
         # Opened now, in the worker's netns: a connection thread may be inside
         # a job's namespace (netns is per thread) when it first needs them.
         _ = (self.engine.rtnl, self.engine.ipr)
@@ -376,6 +378,8 @@ class Daemon:
                 {
                     "LarkAssignedNetworkType": chirp.quote(mode),
                     "LarkNetworkPolicy": chirp.quote(plan.destination_policy),
+                    # The job's cap, bits/s of link-layer bytes (none: uncapped).
+                    **_cap_attributes(plan),
                     "LarkIPv4Address": chirp.quote(addresses[0] or ""),
                     "LarkIPv6Addresses": chirp.quote(",".join(addresses[1] or [])),
                     # The worker's ports that reach the job (TCP and UDP),
@@ -541,7 +545,20 @@ class Daemon:
             # destination sets a job's policy may name.
             "policies": bool({"nat", "routed"} & set(modes)),
             "destination_sets": [d.name for d in self.settings.destinations],
+            "shaping": self._can_shape(),
         }
+
+    def _can_shape(self) -> bool:
+        """Whether jobs can be capped here (HTB and IFB), probed once."""
+        if self._shaping is None:
+            from larkns.doctor import _shaping_probe
+
+            try:
+                _shaping_probe()
+                self._shaping = True
+            except Exception:
+                self._shaping = False
+        return self._shaping
 
     def _prepare(self, conn: socket.socket, caller: Caller, msg: dict[str, Any]) -> None:
         """Build the network of the caller's job ahead of it (the PREPARE_JOB
@@ -994,6 +1011,13 @@ def _traffic(t: Any, relays: Sequence[Relay | UdpRelay] = ()) -> dict[str, Any]:
         "dropped": {"packets": t.dropped.packets, "bytes": t.dropped.bytes},
         "refused": {"packets": t.refused.packets, "bytes": t.refused.bytes},
     }
+
+
+def _cap_attributes(plan: JobNetwork) -> dict[str, str]:
+    cap = plan.bandwidth if isinstance(plan, LinkedNetwork) else None
+    if cap is None:
+        return {}
+    return {"LarkNetworkCapDown": str(cap[0]), "LarkNetworkCapUp": str(cap[1])}
 
 
 def _parent_is(comm: str) -> bool:
