@@ -967,12 +967,19 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines)}
 
 
+# The shell's own status is read first, by the shell itself (no child):
+# while it forks a child, dash blocks every signal for a moment, and a
+# child reading /proc/$$/status then may see that.
 _SHOW = r"""
+while read -r line; do
+  case $line in SigBlk:*|SigIgn:*|Cap[IPEBA]??:*) status="$status$line
+";; esac
+done < /proc/$$/status
 printf '<%s>\n' "$0" "$@"
 env | LC_ALL=C sort
 pwd; umask; id -u; id -g; id -G
 readlink /proc/self/ns/net; ls /sys/class/net
-grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|SigIgn|SigBlk)' /proc/$$/status
+printf '%s' "$status"
 [ "$(cut -d' ' -f6 /proc/$$/stat)" = $$ ] && echo session leader
 """
 
