@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import struct
 import sys
 import threading
 import time
@@ -40,24 +39,13 @@ RTNLGRP_TC = 4
 
 def deleted_tables(data: bytes) -> list[str]:
     """The names of the tables whose deletion the messages in `data` tell."""
-    out = []
-    pos = 0
-    while pos + netlink.HDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = netlink.HDR.unpack_from(data, pos)
-        if length < netlink.HDR.size:
-            break
-        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE:
-            body = data[pos + netlink.HDR.size + _NFGEN : pos + length]
-            apos = 0
-            while apos + 4 <= len(body):
-                alen, atype = struct.unpack_from("=HH", body, apos)
-                if alen < 4:
-                    break
-                if atype & 0x3FFF == NFTA_TABLE_NAME:
-                    out.append(body[apos + 4 : apos + alen].rstrip(b"\0").decode(errors="replace"))
-                apos += (alen + 3) & ~3
-        pos += (length + 3) & ~3
-    return out
+    return [
+        value.rstrip(b"\0").decode(errors="replace")
+        for mtype, _seq, _pid, payload in netlink.messages(data)
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE
+        for kind, value in netlink.attrs(payload, _NFGEN)
+        if kind == NFTA_TABLE_NAME
+    ]
 
 
 class Watcher:

@@ -43,6 +43,19 @@ def attrs(payload: bytes, offset: int) -> list[tuple[int, bytes]]:
     return out
 
 
+def messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, seq, sender's port id, payload) of each message in a datagram."""
+    out = []
+    pos = 0
+    while pos + HDR.size <= len(data):
+        length, mtype, _flags, seq, pid = HDR.unpack_from(data, pos)
+        if length < HDR.size:
+            break
+        out.append((mtype, seq, pid, data[pos + HDR.size : pos + length]))
+        pos += (length + 3) & ~3
+    return out
+
+
 def error_code(payload: bytes) -> int:
     """The errno of an NLMSG_ERROR message (0: an ack)."""
     (code,) = struct.unpack_from("=i", payload)
@@ -81,16 +94,9 @@ class Socket:
 
     def receive(self) -> list[tuple[int, int, bytes]]:
         """(type, seq, payload) of each message in the next datagram."""
-        data = self._sock.recv(1 << 16)
-        out = []
-        pos = 0
-        while pos + HDR.size <= len(data):
-            length, mtype, _flags, seq, _pid = HDR.unpack_from(data, pos)
-            if length < HDR.size:
-                break
-            out.append((mtype, seq, data[pos + HDR.size : pos + length]))
-            pos += (length + 3) & ~3
-        return out
+        return [
+            (mtype, seq, payload) for mtype, seq, _, payload in messages(self._sock.recv(1 << 16))
+        ]
 
     def await_acks(
         self,

@@ -257,16 +257,11 @@ def deleted_qdiscs(data: bytes, own: int) -> list[int]:
     id is `own` (larkns's own: putting shapers back deletes what is left
     of them first)."""
     out = []
-    pos = 0
-    while pos + netlink.HDR.size <= len(data):
-        length, mtype, _flags, _seq, pid = netlink.HDR.unpack_from(data, pos)
-        if length < netlink.HDR.size:
-            break
-        if mtype == RTM_DELQDISC and pid != own and length >= netlink.HDR.size + _TCMSG.size:
-            _fam, index, _handle, parent, _info = _TCMSG.unpack_from(data, pos + netlink.HDR.size)
+    for mtype, _seq, pid, payload in netlink.messages(data):
+        if mtype == RTM_DELQDISC and pid != own and len(payload) >= _TCMSG.size:
+            _fam, index, _handle, parent, _info = _TCMSG.unpack_from(payload)
             if parent in (TC_H_ROOT, TC_H_INGRESS):
                 out.append(index)
-        pos += (length + 3) & ~3
     return out
 
 
