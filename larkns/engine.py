@@ -423,17 +423,18 @@ class Engine:
                     out.append(f"job {name}: shapers not put back: {e}")
         return out
 
-    def sample(self, names: Collection[str]) -> None:
-        """Read the counters of jobs `names` (this process's), so that a
-        flush of the ruleset loses at most what they counted since."""
+    def sample(self, records: Collection[Record]) -> None:
+        """Read the counters of the jobs of `records` (this process's), so
+        that a flush of the ruleset loses at most what they counted since."""
         with self.lock:
-            for name in names:
-                record = self.journal.read(name)
-                if record is None or record.plan is None or record.state not in LIVE_STATES:
-                    self.last_counts.pop(name, None)
-                    continue
+            live = {
+                r.name: r.plan for r in records if r.plan is not None and r.state in LIVE_STATES
+            }
+            for gone in self.last_counts.keys() - live.keys():
+                del self.last_counts[gone]
+            for name, plan in live.items():
                 with contextlib.suppress(Exception):
-                    counts = self.driver(record.plan.mode).counters(record.plan)
+                    counts = self.driver(plan.mode).counters(plan)
                     if counts:
                         self.last_counts[name] = (time.time(), counts)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from larkns import core, modes, report, signals
 from larkns.config import ConfigError, Settings
 from larkns.engine import Engine, TeardownError
-from larkns.journal import Process
+from larkns.journal import Process, Record
 from larkns.kernel import netns
 from larkns.plan import JobNetwork
 from larkns.watch import Watcher
@@ -247,7 +247,7 @@ def _run(
         else:
             # Puts back the job's table objects should the ruleset be
             # flushed while it runs.
-            watcher = Watcher(engine, lambda: (req.name,))
+            watcher = Watcher(engine, lambda: _own(engine, req.name))
             try:
                 outcome = _spawn_and_wait(engine, req, plan, path, env, ident)
             finally:
@@ -288,6 +288,12 @@ def _remove_unless_others(engine: Engine, name: str) -> None:
     record = engine.journal.read(name)
     if record is None or record.owner.pid == os.getpid():
         _teardown(engine, name)
+
+
+def _own(engine: Engine, name: str) -> list[Record]:
+    """This process's job's record (none once it is gone)."""
+    record = engine.journal.read(name)
+    return [] if record is None else [record]
 
 
 def _teardown(engine: Engine, name: str) -> None:

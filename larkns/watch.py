@@ -26,6 +26,7 @@ from larkns.kernel.nftexpr import NAME
 
 if TYPE_CHECKING:
     from larkns.engine import Engine
+    from larkns.journal import Record
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -49,14 +50,14 @@ def deleted_tables(data: bytes) -> list[str]:
 
 
 class Watcher:
-    """A thread that puts back the tables' objects of `jobs()` (the names
+    """A thread that puts back the tables' objects of `jobs()` (the records
     of this process's jobs) when the ruleset is flushed.  Made in the
     worker's netns: its socket hears that namespace's tables."""
 
     def __init__(
         self,
         engine: Engine,
-        jobs: Callable[[], Collection[str]],
+        jobs: Callable[[], Collection[Record]],
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -125,7 +126,7 @@ class Watcher:
                 except OSError:
                     break
             try:
-                for line in self.engine.restore(self.jobs()):
+                for line in self.engine.restore([r.name for r in self.jobs()]):
                     self.say(line)
                 self.restored += 1
             except Exception as e:
@@ -141,7 +142,7 @@ class Watcher:
         if not links:
             return
         try:
-            for line in self.engine.reshape(self.jobs(), links):
+            for line in self.engine.reshape([r.name for r in self.jobs()], links):
                 self.say(line)
         except Exception as e:
             self.say(f"after a qdisc was deleted: {e}")

@@ -226,7 +226,7 @@ class Daemon:
 
         self.watcher = Watcher(
             self.engine,
-            lambda: [r.name for r in self.engine.records() if r.owner == self.me],
+            lambda: [r for r in self.engine.records() if r.owner == self.me],
             lambda line: print(f"larknsd: {line}", file=sys.stderr),
         )
 
