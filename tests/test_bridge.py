@@ -510,6 +510,7 @@ def test_a_flushed_bridged_job_is_put_back_with_its_guard_and_counters(site: Wor
     import time
 
     from larkns import watch
+    from tests.test_flush import stop_if_running, table_back
 
     burst = f"{sys.executable} {PEER} udp {SITE4} {PORT} 20 100 100"
     job = site.larkns_popen(
@@ -524,10 +525,7 @@ def test_a_flushed_bridged_job_is_put_back_with_its_guard_and_counters(site: Wor
         time.sleep(watch.SAMPLE_INTERVAL * 1.5)
         before = json.loads(site.larkns("show", "lktbfl", knobs=KNOBS).stdout)["counters"]
         sh("nft", "flush", "ruleset", ns=site.worker)
-        deadline = time.monotonic() + 1.0
-        while site.larkns("check", "lktbfl", knobs=KNOBS).returncode != 0:
-            assert time.monotonic() < deadline, "not put back within 1 s"
-            time.sleep(0.02)
+        assert table_back(site, "lktbfl", within=1.0, knobs=KNOBS) < 1.0
         after = json.loads(site.larkns("show", "lktbfl", knobs=KNOBS).stdout)["counters"]
         assert after["ipv4"] == before["ipv4"]
         job.stdin.write("go\n")
@@ -535,9 +533,6 @@ def test_a_flushed_bridged_job_is_put_back_with_its_guard_and_counters(site: Wor
         assert json.loads(job.stdout.readline())["received"] == 20  # the guard lets it out
         _, err = job.communicate(timeout=30)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-            site.larkns("gc", knobs=KNOBS)
+        stop_if_running(job, site, KNOBS)
     assert job.returncode == 0, err
     assert "larkns: job lktbfl: put back" in err, err

@@ -5,6 +5,7 @@ policy at once, and its counters go on from their last reading."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,15 +16,27 @@ from tests.world import PEER, PORT, SITE4, World, sh
 PY = sys.executable
 
 
-def _table_back(world: World, name: str, within: float) -> float:
+def table_back(
+    world: World, name: str, within: float, knobs: dict[str, str] | None = None
+) -> float:
     """Seconds until the job's objects are whole again (check passes)."""
     t0 = time.monotonic()
     while True:
-        if world.larkns("check", name).returncode == 0:
+        if world.larkns("check", name, knobs=knobs).returncode == 0:
             return time.monotonic() - t0
         if time.monotonic() - t0 > within:
             raise AssertionError(f"job {name} not put back within {within} s")
         time.sleep(0.02)
+
+
+def stop_if_running(
+    job: subprocess.Popen[str], world: World, knobs: dict[str, str] | None = None
+) -> None:
+    """A job a failed test left running: killed, and what it had removed."""
+    if job.poll() is None:
+        job.kill()
+        job.wait()
+        world.larkns("gc", knobs=knobs)
 
 
 def test_a_flushed_job_is_put_back_at_once_and_its_counters_go_on(
@@ -50,7 +63,7 @@ def test_a_flushed_job_is_put_back_at_once_and_its_counters_go_on(
         sh("nft", "flush", "ruleset", ns=world.worker)
         # Gone with the flush, and back within a second (the check below
         # runs in a process of its own, ~0.1 s to start: it may find it back).
-        assert _table_back(world, "lktfl", within=1.0) < 1.0
+        assert table_back(world, "lktfl", within=1.0) < 1.0
         after = json.loads(world.larkns("show", "lktfl").stdout)["counters"]["ipv4"]["out"]
         assert after == before  # going on from where they were, never lower
         # NAT, forwarding and the guard work again: the second burst is answered.
@@ -60,10 +73,7 @@ def test_a_flushed_job_is_put_back_at_once_and_its_counters_go_on(
         assert second["received"] == 20
         _, err = job.communicate(timeout=30)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-            world.larkns("gc")
+        stop_if_running(job, world)
     assert job.returncode == 0, err
     assert "larkns: job lktfl: put back" in err, err
     rep = json.loads(report.read_text())
@@ -106,15 +116,12 @@ def test_a_flushed_job_keeps_its_policy(clean_world: World) -> None:
         assert job.stdout.readline().strip() == "ready"  # refused: nothing printed
         time.sleep(watch.SAMPLE_INTERVAL * 1.5)  # its refusal read before the flush
         sh("nft", "flush", "ruleset", ns=world.worker)
-        assert _table_back(world, "lktflp", within=1.0) < 1.0
+        assert table_back(world, "lktflp", within=1.0) < 1.0
         job.stdin.write("go\n")
         job.stdin.flush()
         out, err = job.communicate(timeout=30)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-            world.larkns("gc")
+        stop_if_running(job, world)
         sh("ip", "addr", "del", f"{EXTERNAL4}/32", "dev", "lo", ns=world.site, check=False)
     assert out.strip() == "", out  # the second connect was refused as well
     assert err.count("ConnectionRefusedError") == 2, err
@@ -144,7 +151,7 @@ def test_larknsd_puts_back_its_jobs_after_a_flush(clean_world: World, tmp_path: 
         time.sleep(watch.SAMPLE_INTERVAL * 1.5)
         before = _show(world, name)["counters"]["ipv4"]
         sh("nft", "flush", "ruleset", ns=world.worker)
-        assert _table_back(world, name, within=1.0) < 1.0
+        assert table_back(world, name, within=1.0) < 1.0
         assert _show(world, name)["counters"]["ipv4"] == before
         go.touch()
         _out, err = p.communicate(timeout=20)
