@@ -9,6 +9,7 @@ the leaf.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -128,11 +129,9 @@ def test_the_cap_is_journaled_with_the_plan() -> None:
 # -- the kernel side --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces")
-    w = World("lkts")
+@contextlib.contextmanager
+def rate_sink(w: World) -> Iterator[None]:
+    """tests/rate.py's sink on the site, for the while."""
     sink = subprocess.Popen(
         ["ip", "netns", "exec", w.site, PY, RATE, "sink", str(SINK_PORT)],
         stdout=subprocess.PIPE,
@@ -140,22 +139,25 @@ def world() -> Iterator[World]:
     )
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        yield w
+        yield
     finally:
         sink.kill()
         sink.wait()
         if sink.stdout:
             sink.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    """This module's world (conftest's clean_world checks it for leaks)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces")
+    w = World("lkts")
+    try:
+        with rate_sink(w):
+            yield w
+    finally:
         w.close()
-
-
-@pytest.fixture()
-def clean_world(world: World) -> Iterator[World]:
-    yield world
-    left = world.wait_no_leftovers()
-    if left:
-        world.larkns("gc")
-        pytest.fail(f"leaked: {left}")
 
 
 def run_job(
@@ -453,19 +455,8 @@ def bridged() -> Iterator[World]:
     from tests.test_bridge import bridged_world
 
     for w in bridged_world("lkts"):
-        sink = subprocess.Popen(
-            ["ip", "netns", "exec", w.site, PY, RATE, "sink", str(SINK_PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        with rate_sink(w):
             yield w
-        finally:
-            sink.kill()
-            sink.wait()
-            if sink.stdout:
-                sink.stdout.close()
 
 
 def test_a_bridged_job_is_capped_both_ways_too(bridged: World, tmp_path: Path) -> None:
