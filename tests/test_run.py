@@ -29,6 +29,7 @@ def run_job(
     **knobs: str,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
     report = tmp_path / "report.json"
+    report.unlink(missing_ok=True)  # an earlier run's, in the same tmp_path
     args = ["run", "--json-report", str(report), *extra]
     if name:
         args += ["--name", name]

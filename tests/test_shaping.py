@@ -25,6 +25,7 @@ from larkns import config, shaping
 from larkns.config import ConfigError, Settings
 from larkns.kernel import tc
 from larkns.plan import JobNetwork, LinkedNetwork
+from tests.test_run import run_job
 from tests.world import SITE4, SITE6, World, sh
 
 PY = sys.executable
@@ -160,20 +161,6 @@ def world() -> Iterator[World]:
         w.close()
 
 
-def run_job(
-    world: World,
-    tmp_path: Path,
-    *cmd: str,
-    extra: tuple[str, ...] = (),
-    knobs: dict[str, str] | None = None,
-) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
-    report = tmp_path / "report.json"
-    report.unlink(missing_ok=True)
-    proc = world.larkns("run", "--json-report", str(report), *extra, "--", *cmd, knobs=knobs)
-    text = report.read_text() if report.exists() else ""
-    return proc, json.loads(text) if text else {}
-
-
 def transfers(out: str) -> list[dict[str, float]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -278,12 +265,21 @@ def test_an_uncapped_job_has_no_qdisc_and_no_ifb(clean_world: World, tmp_path: P
 def test_a_site_default_cap_applies_and_a_job_above_the_maximum_is_refused(
     clean_world: World, tmp_path: Path
 ) -> None:
-    knobs = {"LARKNS_BANDWIDTH": "10mbit/5mbit", "LARKNS_BANDWIDTH_MAX": "50mbit"}
-    proc, rep = run_job(clean_world, tmp_path, "true", knobs=knobs)
+    def run(*extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+        return run_job(
+            clean_world,
+            tmp_path,
+            "true",
+            extra=extra,
+            LARKNS_BANDWIDTH="10mbit/5mbit",
+            LARKNS_BANDWIDTH_MAX="50mbit",
+        )
+
+    proc, rep = run()
     assert proc.returncode == 0, proc.stderr
     assert rep["bandwidth"]["down_bps"] == 10_000_000  # type: ignore[index]
     assert rep["bandwidth"]["up_bps"] == 5_000_000  # type: ignore[index]
-    proc, rep = run_job(clean_world, tmp_path, "true", extra=("--bandwidth", "50mbit"), knobs=knobs)
+    proc, rep = run("--bandwidth", "50mbit")
     assert proc.returncode == 0 and rep["bandwidth"]["down_bps"] == 50_000_000  # type: ignore[index]
     proc, rep = run_job(clean_world, tmp_path, "true")
     assert proc.returncode == 0 and rep["bandwidth"] is None
@@ -471,33 +467,13 @@ def test_a_bridged_job_is_capped_both_ways_too(bridged: World, tmp_path: Path) -
             f"{PY} {RATE} get {SITE4} {SINK_PORT} {SECONDS} && "
             f"{PY} {RATE} put {SITE4} {SINK_PORT} {SECONDS}",
             extra=("--mode", "bridge", "--bandwidth", "20mbit/10mbit"),
-            knobs=KNOBS,
+            **KNOBS,
         )
         assert proc.returncode == 0, proc.stderr
         down, up = transfers(proc.stdout)
         assert_near_cap(down, CAP, "a bridged job's download")
         assert_near_cap(up, UP_CAP, "a bridged job's upload")
         assert rep["bandwidth"]["up_bps"] == UP_CAP  # type: ignore[index]
-
-
-def test_a_job_without_a_cap_loads_nothing_of_shaping(clean_world: World) -> None:
-    code = (
-        "import sys\nfrom larkns import cli\n"
-        'assert cli.main(["run", "--", "true"]) == 0\n'
-        'print("\\n".join(sorted(sys.modules)))\n'
-    )
-    out = subprocess.run(
-        clean_world.worker_cmd(PY, "-c", code),
-        env=clean_world.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
-    assert out.returncode == 0, out.stderr
-    modules = out.stdout.split()
-    assert "larkns.engine" in modules
-    assert "larkns.shaping" not in modules and "larkns.kernel.tc" not in modules
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ print("\\n".join(sorted(sys.modules)))
 # Heavy, and needed by no verb's hot path: pyroute2's package import brings
 # asyncio, ndb, ipdb and conntrack.
 NEVER_AT_START = ("pyroute2", "asyncio")
+# What only a capped job needs (a job without a cap costs nothing of it).
+CAP_ONLY = ("larkns.shaping", "larkns.kernel.tc")
 # The modules of verbs that are not run, and of the daemon.
 OTHER_VERBS = ("larkns.doctor", "larkns.seal", "larkns.daemon")
 
@@ -49,6 +51,7 @@ def test_larkns_run_loads_no_pyroute2_asyncio_or_other_verbs(clean_world: World)
     assert "larkns.engine" in modules  # the job did run through the engine
     assert _loaded(modules, NEVER_AT_START) == []
     assert _loaded(modules, OTHER_VERBS) == []
+    assert _loaded(modules, CAP_ONLY) == []
 
 
 def test_the_command_line_alone_loads_no_verb() -> None:
