@@ -91,16 +91,18 @@ int lk_spawn(const struct lk_spawn_attr *a, int *pidfd_out, int *err_stage,
 int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
                   int *keeper_pidfd, int *job_pid, int *job_pidfd, int *err_stage,
                   int *err_errno);
+int lk_bpf_prog_load(uint32_t type, const void *insns, uint32_t n, const char *name,
+                     char *log, uint32_t log_size);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 # The C is embedded rather than listed in sources= so that setuptools needs no
 # path relative to the build directory; spawn.c comes after Python.h, which
-# already defines _GNU_SOURCE.
+# already defines _GNU_SOURCE; bpf.c (the bpf syscall) follows it.
 ffibuilder.set_source(
     "larkns._core",
-    (HERE / "spawn.c").read_text(),
+    (HERE / "spawn.c").read_text() + (HERE / "bpf.c").read_text(),
     include_dirs=[str(HERE)],
     extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

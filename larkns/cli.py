@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -32,6 +33,7 @@ RUN_VALUE_OPTIONS = (
     "--ipv6-prefix",
     "--policy",
     "--bandwidth",
+    "--weight",
 )
 
 
@@ -89,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="DOWN[/UP]",
         help="cap the job's download (and upload: UP, default DOWN), e.g. 100mbit/20mbit "
         "(at most LARKNS_BANDWIDTH_MAX; default LARKNS_BANDWIDTH)",
+    )
+    r.add_argument(
+        "--weight",
+        default=None,
+        help="the job's weight, 1 to 100, in the uplink's share (with "
+        "LARKNS_UPLINK_BANDWIDTH; default LARKNS_WEIGHT, else 1)",
     )
     r.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
 
@@ -155,6 +163,10 @@ def cmd_run(args: SimpleNamespace) -> int:
 
         bandwidth = parse_cap(args.bandwidth, "--bandwidth")
         job_cap(settings, bandwidth)  # refused now, before anything else
+    if args.weight is not None:
+        from larkns.shaping import parse_weight
+
+        settings = dataclasses.replace(settings, weight=parse_weight(args.weight, "--weight"))
     _require_root("run")
     # os.urandom, as secrets.token_hex does: importing secrets (hmac, OpenSSL's
     # _hashlib) costs ~4 ms of every `larkns run`.

@@ -117,6 +117,14 @@ class Settings:
     bandwidth: tuple[int, int] | None = None
     bandwidth_expr: str | None = None
     bandwidth_max: tuple[int, int] | None = None
+    # The uplink's capacity that jobs share by weight, (down, up) bits/s
+    # (larkns/kernel/uplink.py; None: not shared), the uplink (None: the
+    # link of the default route), and a job's weight or a ClassAd
+    # expression giving it.
+    uplink_bandwidth: tuple[int, int] | None = None
+    uplink: str | None = None
+    weight: float = 1.0
+    weight_expr: str | None = None
     # Where jobs may send (larkns/policy.py): the policy's text, or a
     # ClassAd expression giving it per job; the site's named destination
     # sets; the classes of LARKNS_CLASSES that are the site's own.
@@ -171,6 +179,20 @@ class Settings:
         if value is classad2.Value.Undefined:
             return None
         raise ConfigError(f'{what}: gives {value!r}, expected a rate like "100mbit/20mbit"')
+
+    def job_weight(self, ad: Any) -> float:
+        """The weight of the job whose ClassAd is `ad` in the uplink's
+        share (None: no ad): LARKNS_WEIGHT's."""
+        if self.weight_expr is None or ad is None:
+            return self.weight
+        from larkns import shaping
+
+        value = _expression(self.weight_expr).eval(ad)
+        import classad2
+
+        if value is classad2.Value.Undefined:
+            return self.weight
+        return shaping.parse_weight(value, f"LARKNS_WEIGHT ({self.weight_expr} for this job)")
 
     def job_mode(self, ad: Any) -> str:
         """The network type of the job whose ClassAd is `ad` (None: no ad)."""
@@ -480,6 +502,15 @@ def _parse_default_bandwidth(knob: str, raw: str) -> tuple[str, object]:
     return "bandwidth_expr", raw
 
 
+def _parse_weight(knob: str, raw: str) -> tuple[str, object]:
+    """A weight, or a ClassAd expression giving one per job."""
+    from larkns.shaping import parse_weight
+
+    if re.fullmatch(r"[0-9.+-]*", raw) or _expression(raw) is None:
+        return "weight", parse_weight(raw, knob)
+    return "weight_expr", raw
+
+
 def _parse_dir(attr: str) -> Parser:
     def parse(knob: str, raw: str) -> tuple[str, object]:
         if not raw.startswith("/") or "\0" in raw:
@@ -543,6 +574,9 @@ _PARSERS: dict[str, Parser] = {
     ),
     "LARKNS_BANDWIDTH": _parse_default_bandwidth,
     "LARKNS_BANDWIDTH_MAX": _parse_bandwidth("bandwidth_max"),
+    "LARKNS_UPLINK_BANDWIDTH": _parse_bandwidth("uplink_bandwidth"),
+    "LARKNS_UPLINK": _parse_ifname("uplink", "the uplink jobs share"),
+    "LARKNS_WEIGHT": _parse_weight,
     "LARKNS_POLICY": _parse_policy,
     "LARKNS_DESTINATIONS": _parse_destinations,
     "LARKNS_INTERNAL_CLASSES": _parse_internal,

@@ -440,3 +440,28 @@ def spawn_kept(
     if pid < 0:
         raise _failed(spec, err_stage, err_errno)
     return Kept(pid, int(out[0][0]), int(out[1][0]), int(out[2][0]))
+
+
+#: bpf(2) program types (linux/bpf.h): a tc classifier.
+BPF_PROG_TYPE_SCHED_CLS: Final[int] = 3
+
+
+def bpf_prog_load(prog_type: int, insns: bytes, name: str) -> int:
+    """Load the eBPF program `insns` (8 bytes an instruction); its fd, which
+    the caller closes.  A refused program raises CoreError with the
+    verifier's reason."""
+    if len(insns) % 8:
+        raise ValueError("eBPF instructions are 8 bytes each")
+    code = ffi.from_buffer(insns)
+    log = ffi.new("char[]", 4096)
+    fd = int(
+        lib.lk_bpf_prog_load(prog_type, code, len(insns) // 8, _encode(name, "name"), log, 4096)
+    )
+    if fd < 0:
+        err = int(ffi.errno)
+        # The verifier's reason is the last line before its statistics.
+        lines = ffi.string(log).decode(errors="replace").strip().splitlines()
+        why = [ln for ln in lines if not ln.startswith(("processed ", "verification time"))]
+        detail = f": {why[-1]}" if why else ""
+        raise CoreError(err, f"bpf(BPF_PROG_LOAD) failed: {os.strerror(err)}{detail}")
+    return fd

@@ -74,6 +74,7 @@ def findings() -> list[Finding]:
     finally:
         netns.delete(name)
     out.append(_probe("shaping (per-job caps)", _shaping_probe, needed=False))
+    out.append(_probe("the uplink shared by weight", _share_probe, needed=False))
     fwd4 = sysctl.read("ipv4/ip_forward") == "1"
     fwd6 = sysctl.read("ipv6/conf/all/forwarding") == "1"
     out.append(
@@ -98,6 +99,19 @@ def _shaping_probe() -> str:
     if not (have["htb"] and ifb):
         raise RuntimeError(f"jobs cannot be capped (needs htb and ifb): {listed}")
     return f"HTB with {tc.leaf()} leaves, upload through an IFB ({listed})"
+
+
+def _share_probe() -> str:
+    """The whole of the uplink's share (clsact, eBPF classifiers, HTB on
+    IFBs), made and removed in a throwaway namespace, an IFB its uplink."""
+    from larkns.kernel import links, uplink
+    from larkns.kernel.rtnl import Rtnl
+
+    with netns.throwaway(), Rtnl() as r:
+        links.create_ifb(r, "lkd-uplink", 0)
+        uplink.ensure(r, "lkd-uplink", (10**8, 10**8))
+        uplink.remove(r, "lkd-uplink")
+    return "clsact, cls_bpf and HTB on IFBs work (set LARKNS_UPLINK_BANDWIDTH to use it)"
 
 
 def _ifb_rtnl() -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import sys
 import threading
@@ -45,7 +46,7 @@ from larkns.policy import OPEN, Policy
 from larkns.traffic import Count, Traffic
 
 if TYPE_CHECKING:
-    from larkns.kernel import tc
+    from larkns.kernel import tc, uplink
     from larkns.kernel.ra import Advertiser
 
 __all__ = ["Engine", "SetupError", "Swept", "TeardownError"]
@@ -106,6 +107,8 @@ class Engine:
         # SPARE_SHAPER_PREFIX); only a process that serves many keeps any.
         # None: not yet looked for those a previous larknsd kept.
         self._spares: list[tc.Spare] | None = None
+        # The uplink's share as this process made or found it (uplink.ensure).
+        self._share: uplink.Shared | None = None
         # job -> (when, its counters then): the last reading, from which a
         # flushed job's counters go on.
         self.last_counts: dict[str, tuple[float, dict[str, Count]]] = {}
@@ -211,11 +214,13 @@ class Engine:
         client: Process | None = None,
         policy: Policy = OPEN,
         bandwidth: tuple[int, int] | None = None,
+        weight: float | None = None,
     ) -> JobNetwork:
         """Build job `name`'s network (with destination `policy`); on any
         failure remove what was built and raise.  `bandwidth`: the cap the
         job asked for, (down, up) bits/s (refused above LARKNS_BANDWIDTH_MAX
-        before anything is built)."""
+        before anything is built); `weight`: its weight in the uplink's
+        share, if the uplink is shared (None: LARKNS_WEIGHT's)."""
         check_name(name)
         cap = None
         settings = self.settings
@@ -239,6 +244,10 @@ class Engine:
                 if self.journal.path(name).exists():
                     raise in_use
                 plan: JobNetwork = driver.plan(name, policy)
+                if isinstance(plan, LinkedNetwork) and settings.uplink_bandwidth is not None:
+                    plan = dataclasses.replace(
+                        plan, weight=settings.weight if weight is None else weight
+                    )
                 if cap is not None and isinstance(plan, LinkedNetwork):
                     plan = dataclasses.replace(plan, bandwidth=cap)
                 record = Record(name=name, owner=owner, state="building", plan=plan, client=client)
@@ -328,7 +337,9 @@ class Engine:
             job = Rtnl()
         with job:
             driver.build(plan, job, record)
-        if isinstance(plan, LinkedNetwork) and plan.bandwidth is not None:
+        if isinstance(plan, LinkedNetwork) and (
+            plan.bandwidth is not None or plan.weight is not None
+        ):
             from larkns.kernel import tc
 
             self.shaper_leaf = tc.shape(
@@ -337,8 +348,29 @@ class Engine:
                 plan.shaper_link,
                 plan.shaper_index,
                 plan.bandwidth,
-                spare=self._spare_shaper(),
+                spare=self._spare_shaper() if plan.bandwidth is not None else None,
+                share=self._member(plan),
             )
+
+    def _member(self, plan: LinkedNetwork) -> uplink.Member | None:
+        """The job's part in the uplink's share (None: not shared), the
+        share made first if this process has not made or found it yet, or
+        if it is gone."""
+        if plan.weight is None or plan.slot is None:
+            return None
+        from larkns.kernel import uplink
+
+        capacity = self.settings.uplink_bandwidth
+        if capacity is None:
+            raise SetupError(f"job {plan.name} has a weight, but LARKNS_UPLINK_BANDWIDTH is unset")
+        shared = self._share
+        if (
+            shared is None
+            or shared.capacity != capacity
+            or self.rtnl.link_index(uplink.DOWN_LINK) != shared.down
+        ):
+            shared = self._share = uplink.ensure(self.rtnl, self.settings.uplink, capacity)
+        return uplink.Member(shared, plan.slot, plan.weight, plan.bandwidth)
 
     # -- what a running job's callers ask ------------------------------------
 
@@ -394,33 +426,62 @@ class Engine:
 
     def reshape(self, names: Collection[str], links: Collection[int]) -> list[str]:
         """Put back the shapers of jobs `names` (this process's) whose host
-        link or IFB is among `links` (their root or ingress qdisc was
-        deleted).  What was put back, one line each."""
+        link or IFB is among `links` (their root or clsact qdisc was
+        deleted), and the uplink's share if its IFBs or the uplink are.
+        What was put back, one line each."""
+        from larkns.kernel import tc, uplink
+
         out: list[str] = []
+        deleted = set(links)
         with self.lock:
+            plans = []
             for name in names:
                 record = self.journal.read(name)
                 plan = record.plan if record is not None else None
                 if (
-                    record is None
-                    or record.state not in LIVE_STATES
-                    or not isinstance(plan, LinkedNetwork)
-                    or plan.bandwidth is None
+                    record is not None
+                    and record.state in LIVE_STATES
+                    and isinstance(plan, LinkedNetwork)
+                    and (plan.bandwidth is not None or plan.weight is not None)
                 ):
-                    continue
-                mine = {
-                    self.rtnl.link_index(plan.host_link),
-                    self.rtnl.link_index(plan.shaper_link),
-                }
-                if not mine & set(links):
-                    continue
-                from larkns.kernel import tc
-
+                    plans.append(plan)
+            share = self._share
+            shared_hit = share is not None and bool(
+                {share.down, share.up, share.uplink_index} & deleted
+            )
+            if share is not None and shared_hit:
+                self._share = None
+                if any(p.weight is not None for p in plans):
+                    try:
+                        share = self._share = uplink.ensure(
+                            self.rtnl, self.settings.uplink, share.capacity
+                        )
+                        out.append("the uplink's share put back")
+                    except (OSError, RtnlError) as e:
+                        out.append(f"the uplink's share not put back: {e}")
+                        share = None
+            for plan in plans:
+                member = None
+                if plan.weight is not None and share is not None and plan.slot is not None:
+                    member = uplink.Member(share, plan.slot, plan.weight, plan.bandwidth)
+                mine = {self.rtnl.link_index(plan.host_link)}
+                if plan.bandwidth is not None:
+                    mine.add(self.rtnl.link_index(plan.shaper_link))
                 try:
-                    if tc.reshape(self.rtnl, plan.host_link, plan.shaper_link, plan.bandwidth):
-                        out.append(f"job {name}: its shapers put back")
+                    if mine & deleted:
+                        tc.reshape(
+                            self.rtnl, plan.host_link, plan.shaper_link, plan.bandwidth, member
+                        )
+                        out.append(f"job {plan.name}: its shapers put back")
+                    elif shared_hit and member is not None:
+                        # Its classes went with the IFB's root (if that is
+                        # what went; else they are still there).
+                        requests = uplink.class_requests(
+                            member.shared, member.slot, member.weight, member.cap, tc.leaf()
+                        )
+                        self.rtnl.run(*requests, ignore=(errno.EEXIST,))
                 except (OSError, RtnlError) as e:
-                    out.append(f"job {name}: shapers not put back: {e}")
+                    out.append(f"job {plan.name}: shapers not put back: {e}")
         return out
 
     def sample(self, records: Collection[Record]) -> None:
@@ -527,6 +588,14 @@ class Engine:
                     tc.unshape(self.rtnl, shaper)
                 elif spare := tc.park(self.rtnl, shaper, SPARE_SHAPER_PREFIX):
                     spares.append(spare)
+        # Its classes in the uplink's share; without a plan, those of its slots.
+        if plan is None or (isinstance(plan, LinkedNetwork) and plan.weight is not None):
+            from larkns.kernel import uplink
+
+            with failures.step("its classes in the uplink's share"):
+                if plan is not None or uplink.present(self.rtnl):
+                    for slot in slots:
+                        uplink.leave(self.rtnl, slot)
         if failures:
             left = Record(name=name, owner=Process(0, 0)) if record is None else record
             left.state = "teardown-failed"
@@ -579,6 +648,15 @@ class Engine:
                 removed.append(f"link {link} (a spare upload shaper)")
         return removed
 
+    def _remove_share(self) -> list[str]:
+        """The uplink's share, when no job is left in it."""
+        from larkns.kernel import uplink
+
+        self._share = None
+        if not uplink.present(self.rtnl):
+            return []
+        return uplink.remove(self.rtnl, self.settings.uplink)
+
     def _after_teardown(self) -> None:
         """The last job out removes the tables and the state dir."""
         # Checked first without the lock: a teardown while other jobs run
@@ -590,6 +668,7 @@ class Engine:
 
     def _remove_tables_and_state(self) -> None:
         if not self.journal.names():
+            self._remove_share()
             for kind in modes.TABLES:
                 with contextlib.suppress(Exception):
                     t = self.table(kind)
@@ -660,6 +739,7 @@ class Engine:
                 removed.append(f"link {link}")
         if not live:
             removed += self._remove_spare_shapers()
+            removed += self._remove_share()
         swept: set[type[LarknsTable]] = set()
         for d in self.drivers():
             if d.table is not None and d.table not in swept:

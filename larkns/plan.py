@@ -185,6 +185,9 @@ class LinkedNetwork(JobNetwork):
     # The job's cap, (down, up) bits/s on the link (larkns/shaping.py);
     # None: not shaped.
     bandwidth: tuple[int, int] | None = None
+    # Its weight in the uplink's share (larkns/kernel/uplink.py); None: the
+    # uplink is not shared.
+    weight: float | None = None
 
     @property
     def shaper_link(self) -> str:
@@ -215,6 +218,7 @@ class LinkedNetwork(JobNetwork):
                 if self.bandwidth
                 else ""
             )
+            + (f"\n  weight {self.weight:g} in the uplink's share" if self.weight else "")
         )
 
 
@@ -252,6 +256,7 @@ def _plain(v: Any) -> Any:
 _DECODERS: dict[str, Any] = {
     "str": str,
     "int": int,
+    "float": float,
     "bool": bool,
     "ipaddress.IPv4Interface": ipaddress.IPv4Interface,
     "ipaddress.IPv4Address": ipaddress.IPv4Address,

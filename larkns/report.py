@@ -58,6 +58,7 @@ def build(
     policy: str | None = None,
     bandwidth: tuple[int, int] | None = None,
     shaper_leaf: str | None = None,
+    weight: float | None = None,
     uncounted_s: float = 0.0,
 ) -> dict[str, Any]:
     return {
@@ -85,6 +86,9 @@ def build(
         "bandwidth": None
         if bandwidth is None
         else {"down_bps": bandwidth[0], "up_bps": bandwidth[1], "leaf_qdisc": shaper_leaf},
+        # The job's weight in the uplink's share (LARKNS_UPLINK_BANDWIDTH,
+        # LARKNS_WEIGHT, --weight); null: the uplink is not shared.
+        "weight": weight,
         **_family(traffic.incoming, traffic.outgoing),
         "families": {
             "ipv4": _family(traffic.ipv4_in, traffic.ipv4_out),
@@ -171,6 +175,8 @@ def summary(report: dict[str, Any]) -> str:
                 f"larkns:   capped at {cap['down_bps'] / 1e6:g} Mbit/s down, "
                 f"{cap['up_bps'] / 1e6:g} Mbit/s up (HTB, {cap['leaf_qdisc']} leaves)"
             )
+        if report.get("weight") is not None:
+            lines.append(f"larkns:   weight {report['weight']:g} in the uplink's share")
         dropped = report["dropped"]
         if dropped["packets"]:
             lines.append(

@@ -273,6 +273,7 @@ def _run(
         policy=plan.destination_policy,
         bandwidth=getattr(plan, "bandwidth", None),
         shaper_leaf=engine.shaper_leaf,
+        weight=getattr(plan, "weight", None),
         uncounted_s=uncounted,
     )
     if outcome.error:

@@ -114,3 +114,24 @@ def burst(rate: int) -> int:
 def fifo_limit(rate: int) -> int:
     """A FIFO leaf's limit (bytes) for `rate` bits/s."""
     return max(MIN_FIFO, int(rate / 8 * FIFO_S))
+
+
+# A job's weight in the uplink's share (larkns/kernel/uplink.py): shares are
+# relative, 1 the least (HTB could not honour less than one 64 KiB packet a
+# turn), 100 the most (a turn of 6.4 MB is already 51 ms of a 1 Gbit/s link).
+MIN_WEIGHT = 1.0
+MAX_WEIGHT = 100.0
+
+
+def parse_weight(value: object, what: str) -> float:
+    """A weight: a number (or its text) from 1 to 100; ConfigError naming `what`."""
+    number: float | None = None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if numeric or (isinstance(value, str) and re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*", value)):
+        number = float(value)  # type: ignore[arg-type]
+    if number is None or not MIN_WEIGHT <= number <= MAX_WEIGHT:
+        raise ConfigError(
+            f"{what}: expected a weight from 1 to 100 (shares are relative; 1 is the least), "
+            f"got {value!r}"
+        )
+    return number

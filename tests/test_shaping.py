@@ -229,7 +229,7 @@ def test_a_privileged_job_that_deletes_its_qdiscs_keeps_its_cap(
         f" {PY} {RATE} put {SITE4} {SINK_PORT} {SECONDS}",
     )
     qd, filt, ifb = _host_side(clean_world, name)
-    assert "htb 1: root" in qd and "ingress ffff:" in qd, qd
+    assert "htb 1: root" in qd and "clsact ffff:" in qd, qd
     assert "mirred" in filt and f"lkb{name}" in filt, filt
     assert "htb 1: root" in ifb and tc.leaf() in qd and tc.leaf() in ifb, ifb
     assert (
@@ -253,7 +253,7 @@ def test_an_uncapped_job_has_no_qdisc_and_no_ifb(clean_world: World, tmp_path: P
     job = clean_world.serving("run", "--name", name, "--", "sh", "-c", "echo ready; sleep 30")
     try:
         qd, filt, ifb = _host_side(clean_world, name)
-        assert qd.split()[:2] == ["qdisc", "noqueue"] and "ingress" not in qd, qd
+        assert qd.split()[:2] == ["qdisc", "noqueue"] and "clsact" not in qd, qd
         assert filt == "" and ifb == ""
         ifbs = sh("ip", "-o", "link", "show", "type", "ifb", ns=clean_world.worker).stdout
         assert ifbs == ""
@@ -480,7 +480,7 @@ def test_a_bridged_job_is_capped_both_ways_too(bridged: World, tmp_path: Path) -
     "deleted",
     [
         ("lk-{name}", "root"),  # the download's HTB
-        ("lk-{name}", "ingress"),  # the upload's redirect
+        ("lk-{name}", "clsact"),  # the upload's redirect
         ("lkb{name}", "root"),  # the upload's HTB
     ],
 )

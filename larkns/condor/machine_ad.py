@@ -8,6 +8,8 @@
     LarkNetworkPolicies = true      destination policies can be applied
     LarkDestinationSets = "license" the site's sets a policy may name
     LarkNetworkShaping = true       jobs can be capped (HTB and IFB)
+    LarkUplinkBandwidthDown = 10000000000   what jobs share of the uplink,
+    LarkUplinkBandwidthUp = 10000000000     bits/s (when it is shared)
 
 so that jobs can require them (requirements = LarkHasIPv6).  Runs as the
 condor user: standard library only.
@@ -38,4 +40,8 @@ def main(sock_path: str) -> int:
     print(f"LarkNetworkPolicies = {_bool(info.get('policies'))}")
     print(f'LarkDestinationSets = "{",".join(info.get("destination_sets", []))}"')
     print(f"LarkNetworkShaping = {_bool(info.get('shaping'))}")
+    uplink = info.get("uplink_bandwidth")
+    if isinstance(uplink, list) and len(uplink) == 2 and all(isinstance(v, int) for v in uplink):
+        print(f"LarkUplinkBandwidthDown = {uplink[0]}")
+        print(f"LarkUplinkBandwidthUp = {uplink[1]}")
     return 0

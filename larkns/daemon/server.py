@@ -546,6 +546,8 @@ class Daemon:
             "policies": bool({"nat", "routed"} & set(modes)),
             "destination_sets": [d.name for d in self.settings.destinations],
             "shaping": self._can_shape(),
+            # What jobs share of the uplink, bits/s (LARKNS_UPLINK_BANDWIDTH).
+            "uplink_bandwidth": self.settings.uplink_bandwidth,
         }
 
     def _can_shape(self) -> bool:
@@ -578,6 +580,7 @@ class Daemon:
             mode = self.settings.job_mode(ad)
             policy = self.settings.job_policy(ad)
             bandwidth = self.settings.job_bandwidth(ad)
+            weight = self.settings.job_weight(ad)
             job_id = ad.get("GlobalJobId")
             starter = Process.of(caller.starter.pid)
             with self.lock:
@@ -588,7 +591,13 @@ class Daemon:
                         f"(LARKNS_MAX_PREPARED_PER_USER = {self.settings.max_prepared_per_user})"
                     )
                 plan = self.engine.setup(
-                    name, mode, self.me, client=starter, policy=policy, bandwidth=bandwidth
+                    name,
+                    mode,
+                    self.me,
+                    client=starter,
+                    policy=policy,
+                    bandwidth=bandwidth,
+                    weight=weight,
                 )
                 record = self.engine.journal.read(name)
                 if record is not None and isinstance(job_id, str):
@@ -1014,10 +1023,15 @@ def _traffic(t: Any, relays: Sequence[Relay | UdpRelay] = ()) -> dict[str, Any]:
 
 
 def _cap_attributes(plan: JobNetwork) -> dict[str, str]:
-    cap = plan.bandwidth if isinstance(plan, LinkedNetwork) else None
-    if cap is None:
+    if not isinstance(plan, LinkedNetwork):
         return {}
-    return {"LarkNetworkCapDown": str(cap[0]), "LarkNetworkCapUp": str(cap[1])}
+    out = {}
+    if plan.bandwidth is not None:
+        out["LarkNetworkCapDown"] = str(plan.bandwidth[0])
+        out["LarkNetworkCapUp"] = str(plan.bandwidth[1])
+    if plan.weight is not None:
+        out["LarkNetworkWeight"] = f"{plan.weight:g}"
+    return out
 
 
 def _parent_is(comm: str) -> bool:

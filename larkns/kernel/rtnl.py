@@ -285,7 +285,7 @@ class Rtnl(netlink.Socket):
         """Every link in this socket's netns."""
         return [
             _link(p)
-            for t, p in self._dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0))
+            for t, p in self.dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0))
             if t == RTM_NEWLINK
         ]
 
@@ -302,7 +302,7 @@ class Rtnl(netlink.Socket):
     def addresses(self, family: int, index: int) -> list[Address]:
         """Every address of `family` on link `index`."""
         out = []
-        for mtype, payload in self._dump(RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0)):
+        for mtype, payload in self.dump(RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0)):
             if mtype != RTM_NEWADDR:
                 continue
             fam, plen, flags, scope, idx = _IFADDR.unpack_from(payload)
@@ -332,7 +332,7 @@ class Rtnl(netlink.Socket):
         """The routes of `family` to everywhere (no destination) in `table`."""
         out = []
         body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-        for mtype, payload in self._dump(RTM_GETROUTE, body):
+        for mtype, payload in self.dump(RTM_GETROUTE, body):
             if mtype != RTM_NEWROUTE:
                 continue
             fam, dst_len, _src, _tos, rtm_table, *_ = _RTMSG.unpack_from(payload)
@@ -355,7 +355,7 @@ class Rtnl(netlink.Socket):
                 out.append(Route(oif, gateway))
         return out
 
-    def _dump(self, mtype: int, body: bytes) -> list[tuple[int, bytes]]:
+    def dump(self, mtype: int, body: bytes) -> list[tuple[int, bytes]]:
         seq, msg = self.message(mtype, NLM_F_REQUEST | NLM_F_DUMP, body)
         self.send(msg)
         replies = self.replies(seq, dump=True)
