@@ -506,8 +506,16 @@ def _parse_weight(knob: str, raw: str) -> tuple[str, object]:
     """A weight, or a ClassAd expression giving one per job."""
     from larkns.shaping import parse_weight
 
-    if re.fullmatch(r"[0-9.+-]*", raw) or _expression(raw) is None:
+    if not raw:
+        return "weight", 1.0
+    expr = _expression(raw)
+    if re.fullmatch(r"[0-9.+-]*", raw) or expr is None:
         return "weight", parse_weight(raw, knob)
+    import classad2
+
+    # An expression naming no attribute ("1e3", "2 * 2") is checked now.
+    if not [ref for ref in classad2.ClassAd().externalRefs(expr) if ref]:
+        return "weight", parse_weight(expr.eval(), knob)
     return "weight_expr", raw
 
 

@@ -175,8 +175,12 @@ class World:
         left += [
             f"link {line.split(': ')[1].split('@')[0]}"
             for line in links.splitlines()
-            if ": lk-" in line or ": lkb" in line
+            if ": lk-" in line or ": lkb" in line or ": lkshare" in line
         ]
+        # the uplink's share: larkns's filter (and clsact) on the uplink
+        uplink = sh("tc", "qdisc", "show", "dev", "up0", ns=self.worker, check=False).stdout
+        if "clsact" in uplink:
+            left.append(f"qdisc clsact on up0: {uplink.strip()}")
         tables = sh("nft", "list", "tables", ns=self.worker, check=False).stdout
         left += [f"nft {t}" for t in tables.splitlines() if t.strip()]
         if self.state_dir.exists():
