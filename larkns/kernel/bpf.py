@@ -46,20 +46,25 @@ _MATCH = _insn(_MOV64_K, R0, imm=-1) + _insn(_EXIT)
 _NO_MATCH = _insn(_MOV64_K, R0, imm=0) + _insn(_EXIT)
 
 
-def download(uplink: int, classid: int) -> bytes:
+def download(uplink: int, classid: int, bridge: int = 0) -> bytes:
     """On a job's host link (egress): a packet that came in through the
-    uplink (ifindex `uplink`) gets priority `classid`, which picks the job's
-    class on the shared IFB, and matches.  Anything else (the node's own
-    packets, another job's) does not: it is not the uplink's to share.
+    uplink (ifindex `uplink`; or through `bridge`, the bridge the uplink is
+    a port of, whence a routed packet comes) gets priority `classid`, which
+    picks the job's class on the shared IFB, and matches.  Anything else
+    (the node's own packets, another job's) does not: it is not the
+    uplink's to share.
 
         r0 = skb->ingress_ifindex
-        if r0 != uplink: return 0
+        if r0 == uplink: goto set
+        if r0 != bridge: return 0
+    set:
         skb->priority = classid
         return -1
     """
     return (
         _insn(_LDX_W, R0, R1, SKB_INGRESS_IFINDEX)
-        + _insn(_JNE_K, R0, off=4, imm=uplink)
+        + _insn(_JEQ_K, R0, off=1, imm=uplink)
+        + _insn(_JNE_K, R0, off=4, imm=bridge or uplink)
         + _insn(_MOV64_K, R2, imm=classid)
         + _insn(_STX_W, R1, R2, SKB_PRIORITY)
         + _MATCH

@@ -370,6 +370,7 @@ class Link(NamedTuple):
     name: str
     kind: str | None  # veth, bridge, ...; None for a plain device
     up: bool  # operational state UP: carrier, and both ends of a veth up
+    master: int = 0  # the bridge (or bond) it is a port of; 0: none
 
 
 class Address(NamedTuple):
@@ -389,16 +390,19 @@ def _link(payload: bytes) -> Link:
     name = ""
     kind = None
     up = False
+    master = 0
     for t, data in netlink.attrs(payload, _IFINFO.size):
         if t == IFLA_IFNAME:
             name = data.rstrip(b"\0").decode(errors="replace")
+        elif t == IFLA_MASTER:
+            (master,) = struct.unpack_from("=I", data)
         elif t == IFLA_OPERSTATE:
             up = data[:1] == bytes([IF_OPER_UP])
         elif t == IFLA_LINKINFO:
             for t2, d2 in netlink.attrs(data, 0):
                 if t2 == IFLA_INFO_KIND:
                     kind = d2.rstrip(b"\0").decode(errors="replace")
-    return Link(int(index), name, kind, up)
+    return Link(int(index), name, kind, up, master)
 
 
 _NDMSG = struct.Struct("=BBHiHBB")

@@ -76,6 +76,7 @@ class Shared:
 
     uplink: str
     uplink_index: int
+    bridge: int  # the bridge the uplink is a port of (0: none)
     down: int  # the IFBs' indexes
     up: int
     capacity: shaping.Cap
@@ -157,7 +158,9 @@ def ensure(rtnl: Rtnl, uplink: str | None, capacity: shaping.Cap) -> Shared:
         )
     finally:
         os.close(fd)
-    return Shared(name, uplink_index, down, up, capacity)
+    link = rtnl.link(uplink_index)
+    bridge = link.master if link is not None else 0
+    return Shared(name, uplink_index, bridge, down, up, capacity)
 
 
 def class_requests(
@@ -202,7 +205,7 @@ class Member:
         """`before` (the job's own shapers and its tagging filter, which
         make the clsact), then the job's classes and its link's download
         filter, in one sendmsg."""
-        prog = bpf.download(self.shared.uplink_index, self.tag)
+        prog = bpf.download(self.shared.uplink_index, self.tag, self.shared.bridge)
         fd = bpf.load(prog, "larkns_down")
         try:
             host_rtnl.run(
