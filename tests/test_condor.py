@@ -74,10 +74,16 @@ def node(world: World) -> Iterator[tuple[Pool, Larknsd]]:
         LARKNS_DESTINATIONS=f"license = {LICENSE4}/32 tcp {PORT}",
         LARKNS_POLICY='ifThenElse(LktLicensed =?= true, "open", "open -license")',
         # A job's cap is what it asks of the node's bandwidth (Mbit/s), a
-        # resource the negotiator hands out: MACHINE_RESOURCE_Bandwidth below.
-        LARKNS_BANDWIDTH="ifThenElse(RequestBandwidth =?= undefined || RequestBandwidth <= 0, "
-        'undefined, strcat(RequestBandwidth, "mbit"))',
+        # resource the negotiator hands out: MACHINE_RESOURCE_Bandwidth below;
+        # or a rate its ad names (LktCap), within LARKNS_BANDWIDTH_MAX too.
+        LARKNS_BANDWIDTH="ifThenElse(LktCap =!= undefined, LktCap, "
+        "ifThenElse(RequestBandwidth =?= undefined || RequestBandwidth <= 0, "
+        'undefined, strcat(RequestBandwidth, "mbit")))',
         LARKNS_BANDWIDTH_MAX="100mbit",
+        # Jobs share the uplink by weight; those whose ad says so weigh 3.
+        LARKNS_UPLINK_BANDWIDTH="1gbit",
+        LARKNS_UPLINK="up0",
+        LARKNS_WEIGHT="ifThenElse(LktHeavy =?= true, 3, 1)",
     )
     # 100 Mbit/s for the node to hand out to its jobs.
     config += "MACHINE_RESOURCE_Bandwidth = 100\n"
@@ -304,6 +310,7 @@ def test_the_machine_ad_says_what_the_node_offers(pool: Pool) -> None:
     assert ad.get("LarkNetworkPolicies") == "true"
     assert ad.get("LarkDestinationSets") == '"license"'
     assert ad.get("LarkNetworkShaping") == "true"
+    assert ad.get("LarkUplinkBandwidthDown") == ad.get("LarkUplinkBandwidthUp") == "1000000000"
     # and a job can require it
     cluster = pool.submit(
         JOB.replace("queue", "requirements = LarkHasIPv6\n    queue").format(
@@ -431,13 +438,22 @@ def test_a_job_asking_for_a_type_the_site_does_not_allow_is_held(pool: Pool) -> 
     pool.run("condor_rm", str(cluster), user=True)
 
 
+def test_a_job_whose_cap_is_above_the_maximum_is_held_never_run_unshaped(pool: Pool) -> None:
+    job = JOB.replace("queue", '+LktCap = "500mbit"\n    queue')
+    cluster = pool.submit(job.format(script="echo ran", tag="overcap"))
+    ad = _held(pool, cluster)
+    reason = ad.get("HoldReason", "")
+    assert "500mbit/500mbit is above LARKNS_BANDWIDTH_MAX (100mbit/100mbit)" in reason, ad
+    pool.run("condor_rm", str(cluster), user=True)
+
+
 def test_request_bandwidth_in_a_submit_file_becomes_the_job_s_cap_and_is_not_overcommitted(
     pool: Pool, world: World
 ) -> None:
     """The node's bandwidth is a machine resource: a job asking for 30 Mbit/s
     runs capped at 30 (HTB on its veth, download, and on its IFB, upload);
     two jobs asking for 60 each of the node's 100 never run at once."""
-    capped = JOB.replace("queue", "request_bandwidth = 30\n    queue")
+    capped = JOB.replace("queue", "request_bandwidth = 30\n    +LktHeavy = true\n    queue")
     cluster = pool.submit(capped.format(script="sleep 6", tag="capped"))
     _wait_status(pool, cluster, "2")
     deadline = time.monotonic() + 20
@@ -454,6 +470,8 @@ def test_request_bandwidth_in_a_submit_file_becomes_the_job_s_cap_and_is_not_ove
     assert ad["ExitCode"] == "0"
     # The job's ad says the cap it had (bits/s, both ways).
     assert ad["LarkNetworkCapDown"] == ad["LarkNetworkCapUp"] == "30000000", ad
+    # ... and its weight in the uplink's share, from its ad (LARKNS_WEIGHT)
+    assert ad["LarkNetworkWeight"] == "3", ad
 
     greedy = JOB.replace("queue", "request_bandwidth = 60\n    queue")
     first = pool.submit(greedy.format(script="sleep 4", tag="greedy1"))
