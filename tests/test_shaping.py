@@ -9,7 +9,6 @@ the leaf.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -26,10 +25,9 @@ from larkns.config import ConfigError, Settings
 from larkns.kernel import tc
 from larkns.plan import JobNetwork, LinkedNetwork
 from tests.test_run import run_job
-from tests.world import SITE4, SITE6, World, sh
+from tests.world import RATE, SITE4, SITE6, World, sh
 
 PY = sys.executable
-RATE = str(Path(__file__).resolve().parent / "rate.py")
 SINK_PORT = 7780
 CAP = 20_000_000
 UP_CAP = 10_000_000
@@ -130,35 +128,22 @@ def test_the_cap_is_journaled_with_the_plan() -> None:
 # -- the kernel side --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def rate_sink(w: World) -> Iterator[None]:
-    """tests/rate.py's sink on the site, for the while."""
-    sink = subprocess.Popen(
-        ["ip", "netns", "exec", w.site, PY, RATE, "sink", str(SINK_PORT)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def sink_world(prefix: str) -> Iterator[World]:
+    """A world with tests/rate.py's sink on its site, for a module's tests
+    (conftest's clean_world checks it for leaks)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces")
+    w = World(prefix)
     try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        yield
+        with w.rate_sink(SINK_PORT):
+            yield w
     finally:
-        sink.kill()
-        sink.wait()
-        if sink.stdout:
-            sink.stdout.close()
+        w.close()
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    """This module's world (conftest's clean_world checks it for leaks)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces")
-    w = World("lkts")
-    try:
-        with rate_sink(w):
-            yield w
-    finally:
-        w.close()
+    yield from sink_world("lkts")
 
 
 def transfers(out: str) -> list[dict[str, float]]:
@@ -451,7 +436,7 @@ def bridged() -> Iterator[World]:
     from tests.test_bridge import bridged_world
 
     for w in bridged_world("lkts"):
-        with rate_sink(w):
+        with w.rate_sink(SINK_PORT):
             yield w
 
 

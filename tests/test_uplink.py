@@ -25,8 +25,8 @@ from larkns.config import ConfigError, Settings
 from larkns.kernel import bpf, uplink
 from larkns.plan import JobNetwork, LinkedNetwork
 from tests.test_run import run_job
-from tests.test_shaping import PY, RATE, SINK_PORT, rate_sink, transfers
-from tests.world import SITE4, SITE6, World, sh
+from tests.test_shaping import PY, SINK_PORT, sink_world, transfers
+from tests.world import RATE, SITE4, SITE6, World, sh
 
 UPLINK = 40_000_000
 KNOBS = {"LARKNS_UPLINK_BANDWIDTH": "40mbit", "LARKNS_UPLINK": "up0"}
@@ -121,15 +121,7 @@ def test_the_kernel_verifier_takes_both_classifiers() -> None:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    """This module's world (conftest's clean_world checks it for leaks)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces")
-    w = World("lktu")
-    try:
-        with rate_sink(w):
-            yield w
-    finally:
-        w.close()
+    yield from sink_world("lktu")
 
 
 def _until(when: float) -> str:
@@ -230,7 +222,7 @@ def test_a_bridged_job_and_a_nat_job_share_a_bridged_uplink(tmp_path: Path) -> N
     from tests.test_bridge import bridged_world, without_leftovers
 
     for bridged in bridged_world("lktu"):
-        with rate_sink(bridged):
+        with bridged.rate_sink(SINK_PORT):
             for world in without_leftovers(bridged):
                 runs = _jobs(
                     world, tmp_path, ["1", "3"], (("--mode", "bridge"), ()), KNOBS | BRIDGED

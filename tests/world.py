@@ -20,10 +20,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = str(Path(__file__).resolve().parent / "peer.py")
+RATE = str(Path(__file__).resolve().parent / "rate.py")
 SITE4 = "198.18.0.1"
 WORKER4 = "198.18.0.2"
 SITE6 = "2001:db8:0:1::1"
@@ -167,6 +169,23 @@ class World:
             p.kill()
             raise AssertionError(f"the job's server did not start: {p.communicate()[1]}")
         return p
+
+    @contextlib.contextmanager
+    def rate_sink(self, port: int) -> Iterator[None]:
+        """tests/rate.py's sink on the site, on `port`, for the while."""
+        sink = subprocess.Popen(
+            ["ip", "netns", "exec", self.site, sys.executable, RATE, "sink", str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            yield
+        finally:
+            sink.kill()
+            sink.wait()
+            if sink.stdout:
+                sink.stdout.close()
 
     def leftovers(self) -> list[str]:
         """Objects of larkns's jobs still present in this world."""
