@@ -284,6 +284,7 @@ def _expression(raw: str) -> Any:
 
 
 CLASS_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}")
+RESERVED_CLASS_NAMES = ("ipv4", "ipv6", "relayed")
 
 
 def named_parts(knob: str, raw: str, syntax: str) -> Iterator[tuple[str, str]]:
@@ -317,8 +318,16 @@ def _parse_classes(knob: str, raw: str) -> tuple[str, object]:
             for b in prefixes[i + 1 :]:
                 if a.version == b.version and a.overlaps(b):
                     raise ConfigError(f"{knob}: class {name}: {a} and {b} overlap")
-        if name in (c[0] for c in classes):
-            raise ConfigError(f"{knob}: class {name} is defined twice")
+        # ClassAd attribute names ignore case: Campus and campus would both
+        # be LarkNetworkIncomingCampus; IPv4, IPv6 and Relayed name other
+        # attributes of larkns's.
+        if name.lower() in (c[0].lower() for c in classes):
+            raise ConfigError(f"{knob}: class {name} is defined twice (names ignore case)")
+        if name.lower() in RESERVED_CLASS_NAMES:
+            raise ConfigError(
+                f"{knob}: {name} cannot name a class (LarkNetworkIncoming{name} is another "
+                "attribute of the job ad)"
+            )
         classes.append((name, tuple(prefixes)))
     return "classes", tuple(classes)
 

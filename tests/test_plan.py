@@ -259,6 +259,11 @@ def test_traffic_classes_are_named_prefix_lists() -> None:
         ("A = 198.18.0.1/16", "not a prefix"),
         ("A = 198.18.0.0/16, 198.18.1.0/24", "overlap"),
         ("A = 198.18.0.0/24; A = 198.19.0.0/24", "defined twice"),
+        # the job ad's attribute names ignore case
+        ("Campus = 198.18.0.0/24; campus = 198.19.0.0/24", "defined twice"),
+        # LarkNetworkIncomingIPv4 etc. are the families' and relays' bytes
+        ("IPv4 = 198.18.0.0/24", "cannot name a class"),
+        ("relayed = 198.18.0.0/24", "cannot name a class"),
     ):
         with pytest.raises(ConfigError, match=words):
             config.load(environ={"LARKNS_CLASSES": bad})

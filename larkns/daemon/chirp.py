@@ -221,10 +221,14 @@ def attributes(traffic: dict[str, Any]) -> dict[str, str]:
     if refused is not None:
         # Packets the job's destination policy refused (LARKNS_POLICY).
         out["LarkNetworkRefusedPackets"] = str(refused["packets"])
-    # Lark's per-class attributes: NetworkIncoming<Class>, NetworkOutgoing<Class>
+    # Per class: under larkns's own prefix, as everything but the totals.
+    # Accounting adds up every numeric attribute whose name starts with
+    # "Network" into a job's network total (OSG's Gratia probe does), and a
+    # class's bytes are already in NetworkIncoming/NetworkOutgoing: only
+    # those two may start so.
     for name, c in traffic.get("classes", {}).items():
-        out[f"NetworkIncoming{name}"] = str(c["bytes"]["incoming"])
-        out[f"NetworkOutgoing{name}"] = str(c["bytes"]["outgoing"])
+        out[f"LarkNetworkIncoming{name}"] = str(c["bytes"]["incoming"])
+        out[f"LarkNetworkOutgoing{name}"] = str(c["bytes"]["outgoing"])
     return out
 
 
