@@ -38,6 +38,8 @@ from larkns.modes.base import Driver, Failures, Requirement, SetupError
 from larkns.plan import (
     HOST_LINK_PREFIX,
     SHAPER_LINK_PREFIX,
+    SHARE_DOWN_LINK,
+    SHARE_UP_LINK,
     SPARE_SHAPER_PREFIX,
     JobNetwork,
     LinkedNetwork,
@@ -650,11 +652,13 @@ class Engine:
 
     def _remove_share(self) -> list[str]:
         """The uplink's share, when no job is left in it."""
+        self._share = None
+        # Looked up by name first: the share's modules (tc, eBPF) are loaded
+        # only where there is one.
+        if all(self.rtnl.link_index(n) is None for n in (SHARE_DOWN_LINK, SHARE_UP_LINK)):
+            return []
         from larkns.kernel import uplink
 
-        self._share = None
-        if not uplink.present(self.rtnl):
-            return []
         return uplink.remove(self.rtnl, self.settings.uplink)
 
     def _after_teardown(self) -> None:

@@ -31,6 +31,9 @@ SHAPER_LINK_PREFIX = "lkb"
 # deleting a link costs 10-40 ms (the kernel waits for an RCU grace period),
 # renaming one ~1 ms.
 SPARE_SHAPER_PREFIX = SHAPER_LINK_PREFIX + "."
+# The IFBs of the uplink's share (larkns/kernel/uplink.py), the node's.
+SHARE_DOWN_LINK = "lkshare.down"
+SHARE_UP_LINK = "lkshare.up"
 # Link indexes are chosen, not looked up: the job end is the first link of a
 # fresh namespace (lo is 1), the host end is numbered after the slot, far above
 # what a host's own links use.  Known indexes spare setup every lookup, and

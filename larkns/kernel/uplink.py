@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from larkns import shaping
 from larkns.kernel import bpf, links, tc
 from larkns.kernel.rtnl import NLM_F_CREATE, Request, Rtnl, RtnlError
+from larkns.plan import SHARE_DOWN_LINK, SHARE_UP_LINK
 
-DOWN_LINK = "lkshare.down"
-UP_LINK = "lkshare.up"
+DOWN_LINK = SHARE_DOWN_LINK
+UP_LINK = SHARE_UP_LINK
 MAJOR = 0x4C4B  # "LK"
 HANDLE = MAJOR << 16
 ROOT = HANDLE | 1
