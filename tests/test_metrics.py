@@ -183,6 +183,35 @@ def _scrapes(world: World) -> bool:
     return True
 
 
+def test_a_flush_of_the_ruleset_put_back_shows(clean_world: World) -> None:
+    with serving(clean_world, LARKNS_METRICS=ADDRESS) as d:
+        p = d.job_popen("/bin/sh", "-c", "echo started; exec sleep 60")
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "started"
+            _launched(p)
+            before = time.time()
+            sh("nft", "flush", "ruleset", ns=clean_world.worker)
+            _wait_for(
+                "larknsd has put its job back",
+                lambda: node(scrape(clean_world), "larkns_flush_restores_total") == 1,
+            )
+            at = node(scrape(clean_world), "larkns_last_flush_restore_timestamp_seconds")
+            assert before <= at <= time.time()
+        finally:
+            p.kill()
+            p.communicate(timeout=30)
+
+
+def test_larknsd_without_metrics_loads_none_of_their_modules() -> None:
+    code = (
+        "import sys, larkns.daemon.server, larkns.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('prometheus_client', 'http', 'socketserver', 'concurrent')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_metrics_on_a_unix_socket_are_root_s_and_its_directory_group_s(
     clean_world: World,
 ) -> None:
