@@ -1,4 +1,4 @@
-"""larkns command line: run, list, show, check, teardown, gc, doctor, verify."""
+"""larkns command line: run, list, show, top, check, teardown, gc, doctor, verify."""
 
 from __future__ import annotations
 
@@ -108,6 +108,11 @@ def parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(verb, help=text)
         s.add_argument("name")
+    t = sub.add_parser("top", help="live jobs by their current rates, redrawn (q quits)")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
+    t.add_argument(
+        "--interval", default="1", metavar="SECONDS", help="between two readings (default 1)"
+    )
     sub.add_parser("gc", help="remove whatever jobs that are gone left behind")
     sub.add_parser("doctor", help="which kernel features larkns can use here")
     v = sub.add_parser(
@@ -229,6 +234,19 @@ def cmd_show(args: SimpleNamespace) -> int:
     return 0
 
 
+def cmd_top(args: SimpleNamespace) -> int:
+    from larkns import top
+
+    try:
+        interval = float(args.interval)
+    except ValueError:
+        interval = 0.0
+    if not 0.1 <= interval <= 3600:
+        raise ConfigError(f"--interval: expected 0.1 to 3600 seconds, got {args.interval!r}")
+    _require_root("top")
+    return top.main(_settings(args), interval, args.once)
+
+
 def cmd_check(args: SimpleNamespace) -> int:
     from larkns.engine import Engine
 
@@ -312,6 +330,7 @@ VERBS = {
     "run": cmd_run,
     "list": cmd_list,
     "show": cmd_show,
+    "top": cmd_top,
     "check": cmd_check,
     "teardown": cmd_teardown,
     "gc": cmd_gc,

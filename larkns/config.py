@@ -132,6 +132,9 @@ class Settings:
     policy_expr: str | None = None
     destinations: tuple[Destinations, ...] = ()
     internal_classes: tuple[str, ...] = ()
+    # Where larknsd serves its Prometheus metrics (larkns/daemon/metrics.py):
+    # a unix socket's path, or a loopback (address, port); None: not served.
+    metrics: Path | tuple[str, int] | None = None
 
     def check_policies(self) -> None:
         """Refuse policy settings that cannot work together (at start)."""
@@ -557,6 +560,36 @@ def _parse_seconds(attr: str, low: float, high: float, low_included: bool = True
     return parse
 
 
+def _parse_metrics(knob: str, raw: str) -> tuple[str, object]:
+    """ "" (off), "unix:/PATH", "PORT", "ADDRESS:PORT" or "[IPV6]:PORT".
+
+    Only loopback or a unix socket: the metrics name every job's owner and
+    what it sent, and an HTTP endpoint has no way to tell who asks."""
+    if not raw:
+        return "metrics", None
+    if raw.startswith("unix:"):
+        path = raw[len("unix:") :]
+        if not path.startswith("/") or "\0" in path or path.endswith("/"):
+            raise ConfigError(f"{knob}: expected unix:/ABSOLUTE/PATH, got {raw!r}")
+        return "metrics", Path(path)
+    found = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})|([0-9]{1,5})", raw)
+    expected = (
+        f"expected unix:/PATH, PORT, 127.0.0.1:PORT or [::1]:PORT (a loopback address: "
+        f"the metrics name jobs' owners, and nothing authenticates who reads them), got {raw!r}"
+    )
+    if not found:
+        raise ConfigError(f"{knob}: {expected}")
+    host = found.group(1) or found.group(2) or "127.0.0.1"
+    port = int(found.group(3) or found.group(4))
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{knob}: {expected}") from None
+    if not address.is_loopback or not 1 <= port <= 65535:
+        raise ConfigError(f"{knob}: {expected}")
+    return "metrics", (str(address), port)
+
+
 _PARSERS: dict[str, Parser] = {
     "LARKNS_NETWORK_TYPE": _parse_mode,
     "LARKNS_ALLOWED_NETWORK_TYPES": _parse_allowed,
@@ -597,6 +630,7 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_POLICY": _parse_policy,
     "LARKNS_DESTINATIONS": _parse_destinations,
     "LARKNS_INTERNAL_CLASSES": _parse_internal,
+    "LARKNS_METRICS": _parse_metrics,
 }
 KNOBS = tuple(_PARSERS)
 

@@ -111,6 +111,10 @@ class Record:
     # The HTCondor job's GlobalJobId (from the job ad the network was
     # prepared from).
     job_id: str | None = None
+    # Whose job it is: the Owner of the ad it was prepared from, else the
+    # user it runs as (larknsd's metrics name it).  A later field of
+    # version 2: a record without it reads as None.
+    user: str | None = None
     # bridge mode with DHCP: the job's lease, renewed by whichever larkns
     # process serves the job now.
     dhcp: Lease | None = None
@@ -142,6 +146,20 @@ class Record:
             return True
         return self.keeper is not None and self.keeper.alive()
 
+    def job_user(self) -> str:
+        """Whose job it is: as noted at its start, else (a record of an
+        older larknsd, or of `larkns run`) the user its process runs as;
+        "" if neither is known."""
+        if self.user:
+            return self.user
+        if self.job is None:
+            return ""
+        try:
+            uid = os.stat(f"/proc/{self.job.pid}").st_uid
+        except OSError:
+            return ""
+        return user_name(uid)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": VERSION,
@@ -154,6 +172,7 @@ class Record:
             "keeper": _process(self.keeper),
             "created": self.created,
             "job_id": self.job_id,
+            "user": self.user,
             "dhcp": None if self.dhcp is None else self.dhcp.to_dict(),
             "sources": [str(a) for a in self.sources],
             "relays": None
@@ -189,6 +208,7 @@ class Record:
             keeper=_from_process(d.get("keeper")),
             created=d.get("created", 0.0),
             job_id=d["job_id"] if isinstance(d.get("job_id"), str) else None,
+            user=d["user"] if isinstance(d.get("user"), str) else None,
             dhcp=None if not lease else _lease(lease),
             sources=tuple(ipaddress.IPv6Address(a) for a in d.get("sources") or ()),
             relays=None
@@ -203,6 +223,16 @@ class Record:
             problems=tuple(str(p) for p in d.get("problems") or ()),
             uncounted=float(d.get("uncounted") or 0.0),
         )
+
+
+def user_name(uid: int) -> str:
+    """The name of user `uid`, or the number if it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _lease(d: dict[str, Any]) -> Lease:

@@ -87,6 +87,7 @@ class Watcher:
         # close() wakes the thread at once, not at its next reading.
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self.restored = 0  # flushes this watcher has put back after
+        self.restored_at = 0.0  # when it last did (time.time()); 0: never
         self._thread = threading.Thread(target=self._run, name="flush-watch", daemon=True)
         self._thread.start()
 
@@ -129,6 +130,7 @@ class Watcher:
                 for line in self.engine.restore([r.name for r in self.jobs()]):
                     self.say(line)
                 self.restored += 1
+                self.restored_at = time.time()
             except Exception as e:
                 self.say(f"after a flush of the ruleset: {e}")
 

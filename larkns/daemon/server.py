@@ -28,15 +28,17 @@ from larkns import core, seal
 from larkns.config import ConfigError, Settings, check_name
 from larkns.daemon import chirp, identity, protocol
 from larkns.daemon.identity import Caller, CondorDaemons, Refused
+from larkns.daemon.metrics import NodeCounts
 from larkns.daemon.relay import Relay, UdpRelay, listening_ports, loopback_nameservers
 from larkns.doctor import available_modes
 from larkns.engine import Engine, TeardownError
-from larkns.journal import ChirpAccess, Process, Record, Relays, start_time
+from larkns.journal import ChirpAccess, Process, Record, Relays, start_time, user_name
 from larkns.kernel import netns
 from larkns.kernel.nft import NftError
 from larkns.plan import JobNetwork, LinkedNetwork
 
 if TYPE_CHECKING:
+    from larkns.daemon.endpoint import Endpoint
     from larkns.watch import Watcher
 
 _JOINED = ("ipc", "uts", "mnt")  # the wrapper's namespaces the job shares
@@ -143,6 +145,7 @@ class Daemon:
         # Networks prepared for a starter's job and not launched yet, with
         # the uid of the job's owner.
         self._prepared_for: dict[str, int] = {}
+        self.counts = NodeCounts()  # of its work, for the metrics (metrics.py)
         for line in self._adopt():
             print(f"larknsd: {line}", file=sys.stderr)
         self.listener = self._listen()
@@ -311,7 +314,9 @@ class Daemon:
         if plan is None:
             policy = self.settings.job_policy(None)
             with self.lock:
-                plan = self.engine.setup(name, mode, self.me, client=wrapper, policy=policy)
+                plan = self.counts.timed(self.engine.setup)(
+                    name, mode, self.me, client=wrapper, policy=policy
+                )
         with self.lock:
             self._prepared_for.pop(name, None)
         relays: list[Relay | UdpRelay] = []
@@ -331,6 +336,7 @@ class Daemon:
                 # was for the starter), and a restarted larknsd finds all it
                 # needs to take the job over here.
                 record.client = wrapper
+                record.user = record.user or user_name(caller.uid)
                 record.keeper = Process(kept.keeper_pid, _start(kept.keeper_pid))
                 record.job = Process(kept.job_pid, _start(kept.job_pid))
                 record.relays = Relays(chirp_to.port if chirp_to else None, tuple(servers))
@@ -590,7 +596,7 @@ class Daemon:
                         f"uid {caller.uid} has {waiting} networks prepared and not launched "
                         f"(LARKNS_MAX_PREPARED_PER_USER = {self.settings.max_prepared_per_user})"
                     )
-                plan = self.engine.setup(
+                plan = self.counts.timed(self.engine.setup)(
                     name,
                     mode,
                     self.me,
@@ -600,8 +606,11 @@ class Daemon:
                     weight=weight,
                 )
                 record = self.engine.journal.read(name)
-                if record is not None and isinstance(job_id, str):
-                    record.job_id = job_id
+                if record is not None:
+                    record.job_id = job_id if isinstance(job_id, str) else None
+                    # HTCondor's Owner, who may run as another user (a slot user).
+                    owner = ad.get("Owner")
+                    record.user = owner if isinstance(owner, str) else user_name(caller.uid)
                     self.engine.journal.write(record)
                 self._prepared_for[name] = caller.uid
             threading.Thread(
@@ -663,6 +672,7 @@ class Daemon:
             try:
                 with self.lock:
                     swept = self.engine.gc()
+                    self.counts.removed(len(swept.removed))
                     for line in swept.removed:
                         print(f"larknsd: gc removed {line}", file=sys.stderr)
                     for line in swept.left:
@@ -1064,6 +1074,19 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _metrics_endpoint(settings: Settings) -> Endpoint | None:
+    """LARKNS_METRICS's endpoint, bound; OSError (one line) if it cannot be."""
+    if settings.metrics is None:
+        return None
+    from larkns.daemon import metrics
+
+    try:
+        return metrics.listen(settings.metrics)
+    except OSError as e:
+        where = metrics.describe(settings.metrics)
+        raise OSError(f"LARKNS_METRICS: cannot listen on {where}: {e.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -1085,7 +1108,13 @@ def main(argv: list[str] | None = None) -> int:
         Engine.validate(settings)
         daemons = CondorDaemons.from_config()
         print(f"larknsd: {daemons.describe()}", file=sys.stderr)
-        daemon = Daemon(settings, args.socket or str(settings.socket), daemons)
+        endpoint = _metrics_endpoint(settings)
+        try:
+            daemon = Daemon(settings, args.socket or str(settings.socket), daemons)
+        except BaseException:
+            if endpoint is not None:
+                endpoint.close()
+            raise
     except (ConfigError, OSError, NftError) as e:
         print(f"larknsd: error: {e}", file=sys.stderr)
         return 125
@@ -1100,10 +1129,18 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(
             target=_stop_with_parent, args=(daemon,), name="parent", daemon=True
         ).start()
-    print(json.dumps({"larknsd": "ready", "socket": daemon.socket_path}), flush=True)
+    ready: dict[str, str] = {"larknsd": "ready", "socket": daemon.socket_path}
+    if endpoint is not None:
+        from larkns.daemon import metrics
+
+        metrics.start(endpoint, daemon)
+        ready["metrics"] = metrics.describe(endpoint.where)
+    print(json.dumps(ready), flush=True)
     try:
         daemon.serve_forever()
     finally:
+        if endpoint is not None:
+            endpoint.close()
         daemon.close()
     return 0
 
