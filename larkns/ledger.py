@@ -30,7 +30,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from larkns.journal import Record
 
 # PRAGMA user_version: the schema this module writes.  A newer one is refused
 # (its columns may mean something else); an older one would be migrated here.
@@ -335,7 +338,7 @@ class Ledger:
                     )
             except sqlite3.Error as e:
                 raise LedgerError(f"{self.path}: cannot write job {job.name}: {e}") from None
-        self.prune_if_due(job.ended)
+        self.prune_if_due()
         return rowid
 
     def add_jobs(self, jobs: Iterable[JobEnd]) -> int:
@@ -369,7 +372,7 @@ class Ledger:
                     )
             except sqlite3.Error as e:
                 raise LedgerError(f"{self.path}: cannot write a sample of {name}: {e}") from None
-        self.prune_if_due(t)
+        self.prune_if_due()
 
     def prune_if_due(self, now: float | None = None) -> int:
         """Remove what is older than the retention, at most once a day: a
@@ -448,3 +451,63 @@ def open_for(settings: Any, create: bool = True) -> Ledger | None:
     if path is None:
         return None
     return Ledger(path, settings.ledger_days, settings.ledger_gid, create=create)
+
+
+# What of a job's ad the ledger keeps (the ad as its starter gave it to the
+# prepare hook: Record.account).
+AD_ACCOUNT = ("Owner", "AcctGroup", "ClusterId", "ProcId")
+
+
+def ad_account(ad: Any) -> dict[str, str]:
+    out = {}
+    for attr in AD_ACCOUNT:
+        v = ad.get(attr)
+        if isinstance(v, str | int) and not isinstance(v, bool):
+            out[attr] = str(v)
+    return out
+
+
+def boot_time() -> float:
+    """When the machine booted (Unix seconds), from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    raise LedgerError("/proc/stat has no btime")
+
+
+def started(record: Record) -> float:
+    """When the job's process started (Unix seconds): its start time in
+    clock ticks after boot, which the record keeps and a restarted larknsd
+    reads alike; the record's making if it has no process yet."""
+    if record.job is None:
+        return record.created
+    return round(boot_time() + record.job.start / os.sysconf("SC_CLK_TCK"), 2)
+
+
+def condor_job(
+    record: Record, traffic: Mapping[str, Any], outcome: Mapping[str, int], ended: float
+) -> JobEnd:
+    """An HTCondor job that larknsd served, as the ledger keeps it."""
+    plan = record.plan
+    a = record.account
+    ipv4 = plan.planned_ipv4 if plan is not None else None
+    ipv6 = plan.planned_ipv6 if plan is not None else None
+    cap = getattr(plan, "bandwidth", None)
+    return JobEnd(
+        name=record.name,
+        started=started(record),
+        ended=ended,
+        source="condor",
+        type=plan.mode if plan is not None else "-",
+        traffic=traffic,
+        global_job_id=record.job_id,
+        job_id=f"{a['ClusterId']}.{a['ProcId']}" if "ClusterId" in a and "ProcId" in a else None,
+        owner=a.get("Owner"),
+        acct_group=a.get("AcctGroup"),
+        ipv4=None if ipv4 is None else str(ipv4),
+        ipv6=() if ipv6 is None else (str(ipv6),),
+        cap=cap,
+        exit_code=outcome.get("code"),
+        signal=outcome.get("signal"),
+    )
