@@ -52,7 +52,7 @@ if ! .venv/bin/python -c 'import nftables' 2>/dev/null; then
     done
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,plot]'
 .venv/bin/python -c 'import nftables, larkns._core' || {
     echo "setup.sh: larkns is installed but cannot load nftables or its C core" >&2
     exit 1

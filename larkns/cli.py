@@ -1,4 +1,4 @@
-"""larkns command line: run, list, show, top, check, teardown, gc, doctor, verify."""
+"""larkns command line: run, list, show, top, check, teardown, gc, doctor, verify, report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from larkns import config
 from larkns.config import ConfigError, Settings, UsageError
@@ -115,6 +115,26 @@ def parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("gc", help="remove whatever jobs that are gone left behind")
     sub.add_parser("doctor", help="which kernel features larkns can use here")
+    rp = sub.add_parser(
+        "report",
+        help="the ledger's jobs added up: by job, owner, group, class, type, day or hour",
+        description="Jobs that ended on this node (its ledger), or in the whole pool "
+        "(--from-history), added up.",
+    )
+    rp.add_argument("--since", metavar="WHEN", help="ISO 8601 date/time or age (7d, 24h)")
+    rp.add_argument("--until", metavar="WHEN", help="ISO 8601 date/time or age (default: now)")
+    rp.add_argument(
+        "--by", default="owner", choices=("job", "owner", "group", "class", "type", "day", "hour")
+    )
+    rp.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    rp.add_argument("--top", type=int, metavar="N", help="only the N largest rows")
+    rp.add_argument("--plot", metavar="FILE.png", help="also draw it (needs matplotlib)")
+    rp.add_argument("--job", metavar="NAME", help="one job's rate over time, from its samples")
+    rp.add_argument(
+        "--from-history",
+        action="store_true",
+        help="the pool's jobs, from condor_history, instead of this node's ledger",
+    )
     v = sub.add_parser(
         "verify",
         help="whether a job ad's counts are those this node's larknsd sealed "
@@ -326,6 +346,81 @@ def cmd_verify(args: SimpleNamespace) -> int:
     return 2 if why.startswith("no ") else 1
 
 
+def cmd_report(args: SimpleNamespace) -> int:
+    import time
+
+    from larkns import ledger_report as lr
+    from larkns.ledger import Ledger, LedgerError
+
+    now = time.time()
+    since = None if args.since is None else lr.parse_when(args.since, "--since", now)
+    until = None if args.until is None else lr.parse_when(args.until, "--until", now)
+    if since is not None and until is not None and since >= until:
+        raise UsageError(f"--since: {args.since} is not before --until {args.until}")
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top: expected a number of rows from 1, got {args.top}")
+    if args.job is not None and args.from_history:
+        raise UsageError("--job: the samples are in this node's ledger, not in condor_history")
+    try:
+        if args.from_history:
+            from larkns.condor import history
+
+            db = Ledger(":memory:")
+            db.add_jobs(history.jobs(since, until, args.by == "class", lr.Progress))
+            source = "condor_history"
+        else:
+            path = _settings(args).ledger_path
+            if path is None:
+                raise ConfigError("LARKNS_LEDGER is off: this node keeps no ledger")
+            db = Ledger(path, create=False)
+            source = str(path)
+    except LedgerError as e:
+        raise ConfigError(str(e)) from None
+    with db:
+        if args.job is not None:
+            return _report_job(args, db)
+        summary = lr.summarize(db, args.by, since, until, args.top, source)
+    if args.plot:
+        from larkns import plots
+
+        plots.summary(summary, args.plot)
+    if args.format == "csv":
+        sys.stdout.write(lr.to_csv(summary.rows))
+    elif args.format == "json":
+        print(lr.to_json(summary))
+    else:
+        print(lr.table(summary))
+    return 0
+
+
+def _report_job(args: SimpleNamespace, db: Any) -> int:
+    import json
+
+    from larkns import ledger_report as lr
+    from larkns.report import human_bytes
+
+    job = lr.find_job(db, args.job)
+    points = lr.job_rates(db, job)
+    if args.plot:
+        from larkns import plots
+
+        plots.job_rate(job, points, args.plot)
+    if args.format == "csv":
+        sys.stdout.write(lr.to_csv(points, lr.SAMPLE_COLUMNS))
+    elif args.format == "json":
+        print(json.dumps({"job": job, "samples": points}, indent=2))
+    else:
+        who = job["global_job_id"] or job["name"]
+        print(f"job {who} ({job['owner'] or '-'}), {job['type']}")
+        for p in points:
+            print(
+                f"{p['time']}  in {human_bytes(p['bytes_in']):>9}  out "
+                f"{human_bytes(p['bytes_out']):>9}  {lr.mbits(p['rate_in_bps']):>14} in  "
+                f"{lr.mbits(p['rate_out_bps']):>14} out"
+            )
+    return 0
+
+
 VERBS = {
     "run": cmd_run,
     "list": cmd_list,
@@ -336,6 +431,7 @@ VERBS = {
     "gc": cmd_gc,
     "doctor": cmd_doctor,
     "verify": cmd_verify,
+    "report": cmd_report,
 }
 
 

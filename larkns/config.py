@@ -33,6 +33,10 @@ DEFAULT_SLAAC_TIMEOUT = 2.0
 DEFAULT_UPDATE_INTERVAL = 60.0
 DEFAULT_REATTACH_TIMEOUT = 300.0
 DEFAULT_SOCKET = "/run/larknsd.sock"
+# A quarter of a year of accounting; a job's row is ~0.3 kB, its samples
+# 40 bytes each: 100,000 jobs a quarter at one sample a minute of 1 h
+# jobs come to ~0.3 GB.
+DEFAULT_LEDGER_DAYS = 90.0
 # A node's slots bound how many jobs one user has starting at once; more
 # networks prepared and not launched than this are an attack on the pools.
 DEFAULT_MAX_PREPARED_PER_USER = 64
@@ -135,6 +139,18 @@ class Settings:
     # Where larknsd serves its Prometheus metrics (larkns/daemon/metrics.py):
     # a unix socket's path, or a loopback (address, port); None: not served.
     metrics: Path | tuple[str, int] | None = None
+    # The ledger (larkns/ledger.py): None: <lib_dir>/ledger.sqlite; "off":
+    # none kept.  Rows older than ledger_days go; ledger_gid, if set, may
+    # read it (0640) besides root.
+    ledger: Path | str | None = None
+    ledger_days: float = DEFAULT_LEDGER_DAYS
+    ledger_gid: int | None = None
+
+    @property
+    def ledger_path(self) -> Path | None:
+        if self.ledger == "off":
+            return None
+        return self.ledger if isinstance(self.ledger, Path) else self.lib_dir / "ledger.sqlite"
 
     def check_policies(self) -> None:
         """Refuse policy settings that cannot work together (at start)."""
@@ -588,6 +604,36 @@ def _parse_metrics(knob: str, raw: str) -> tuple[str, object]:
     if not address.is_loopback or not 1 <= port <= 65535:
         raise ConfigError(f"{knob}: {expected}")
     return "metrics", (str(address), port)
+def _parse_ledger(knob: str, raw: str) -> tuple[str, object]:
+    if raw.lower() in ("off", "none", "false", "no", "0"):
+        return "ledger", "off"
+    if not raw:
+        return "ledger", None
+    if not raw.startswith("/") or "\0" in raw or raw.endswith("/"):
+        raise ConfigError(f"{knob}: expected the ledger file's absolute path, or off; got {raw!r}")
+    return "ledger", Path(raw)
+
+
+def _parse_days(knob: str, raw: str) -> tuple[str, object]:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 36500:
+        raise ConfigError(f"{knob}: expected a number of days above 0 and up to 36500, got {raw!r}")
+    return "ledger_days", value
+
+
+def _parse_group(knob: str, raw: str) -> tuple[str, object]:
+    if not raw:
+        return "ledger_gid", None
+    import grp
+
+    try:
+        numeric = raw.isascii() and raw.isdigit()
+        return "ledger_gid", grp.getgrgid(int(raw)).gr_gid if numeric else grp.getgrnam(raw).gr_gid
+    except (KeyError, ValueError):
+        raise ConfigError(f"{knob}: no such group {raw!r}") from None
 
 
 _PARSERS: dict[str, Parser] = {
@@ -631,6 +677,9 @@ _PARSERS: dict[str, Parser] = {
     "LARKNS_DESTINATIONS": _parse_destinations,
     "LARKNS_INTERNAL_CLASSES": _parse_internal,
     "LARKNS_METRICS": _parse_metrics,
+    "LARKNS_LEDGER": _parse_ledger,
+    "LARKNS_LEDGER_DAYS": _parse_days,
+    "LARKNS_LEDGER_GROUP": _parse_group,
 }
 KNOBS = tuple(_PARSERS)
 

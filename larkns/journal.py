@@ -133,6 +133,10 @@ class Record:
     # the last reading of its counters before a flush of the ruleset took
     # them, to when they were put back.
     uncounted: float = 0.0
+    # Who the job is for, for the ledger: Owner, AcctGroup, ClusterId,
+    # ProcId from the job's ad as its starter gave it (the prepare hook),
+    # else the Owner as the uid of its wrapper names it.
+    account: dict[str, str] = field(default_factory=dict)
 
     def alive(self) -> bool:
         """Whether the job still has its owner (and its client, if it has
@@ -182,6 +186,7 @@ class Record:
             "relayed": None if self.relayed is None else list(self.relayed),
             "problems": list(self.problems),
             "uncounted": self.uncounted,
+            "account": self.account,
         }
 
     @classmethod
@@ -222,6 +227,7 @@ class Record:
             relayed=None if not relayed else (int(relayed[0]), int(relayed[1])),
             problems=tuple(str(p) for p in d.get("problems") or ()),
             uncounted=float(d.get("uncounted") or 0.0),
+            account={str(k): str(v) for k, v in (d.get("account") or {}).items()},
         )
 
 

@@ -484,3 +484,31 @@ def test_request_bandwidth_in_a_submit_file_becomes_the_job_s_cap_and_is_not_ove
     assert all(ad["ExitCode"] == "0" for ad in ads), ads
     (s1, e1), (s2, e2) = ((int(a["JobCurrentStartDate"]), int(a["CompletionDate"])) for a in ads)
     assert s2 >= e1 or s1 >= e2, ads  # one after the other
+
+
+def test_a_job_of_the_pool_leaves_a_ledger_row_as_its_ad_counts_it(
+    pool: Pool, world: World
+) -> None:
+    """The node's ledger keeps the job with its identity from its ad, and the
+    bytes its ad says; `larkns report --from-history` finds it in the pool's
+    history with the same bytes."""
+    from larkns.ledger import Ledger
+    from tests.world import larkns_bin
+
+    n, size, reply = 8, 700, 300
+    script = f"/usr/bin/python3 peer.py udp {SITE4} {PORT} {n} {size} {reply}"
+    cluster = pool.submit(JOB.format(script=script, tag="ledger"))
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0", (ad, (pool.home / "ledger.err").read_text())
+    with Ledger(world.lib_dir / "ledger.sqlite", create=False) as db:
+        (row,) = db.jobs("global_job_id = ?", (ad["GlobalJobId"],))
+    assert (row["job_id"], row["owner"], row["source"]) == (f"{cluster}.0", "lktuser", "condor")
+    assert row["bytes_out"] == int(ad["NetworkOutgoing"]) == n * (28 + size)
+    assert row["bytes_in"] == int(ad["NetworkIncoming"])
+    site_out = ad.get("LarkNetworkOutgoingSite", ad.get("NetworkOutgoingSite"))
+    assert row["classes"]["Site"]["bytes_out"] == int(site_out or -1)
+    assert (row["exit_code"], row["type"]) == (0, "nat")
+    out = pool.run(larkns_bin(), "report", "--from-history", "--by", "job", "--format", "json")
+    found = {r["key"]: r for r in json.loads(out.stdout)["rows"]}
+    assert found[ad["GlobalJobId"]]["bytes_out"] == row["bytes_out"]
+    assert found[ad["GlobalJobId"]]["bytes_in"] == row["bytes_in"]

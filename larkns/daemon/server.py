@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from larkns import core, seal
+from larkns import core, ledger, seal
 from larkns.config import ConfigError, Settings, check_name
 from larkns.daemon import chirp, identity, protocol
 from larkns.daemon.identity import Caller, CondorDaemons, Refused
@@ -135,6 +135,13 @@ class Daemon:
         self.engine.open_tables()
         self.me = Process.of(os.getpid())
         self.seal_key = seal.key(settings.lib_dir)
+        # Every job's end and samples of its counters (None: LARKNS_LEDGER
+        # is off, or cannot be opened: said, and jobs run all the same).
+        self.ledger: ledger.Ledger | None = None
+        try:
+            self.ledger = ledger.open_for(settings)
+        except ledger.LedgerError as e:
+            print(f"larknsd: no ledger: {e}", file=sys.stderr)
         # The engine's netlink sockets are not for two threads at once; its
         # own lock, which its DHCP renewers take too.
         self.lock = self.engine.lock
@@ -244,6 +251,8 @@ class Daemon:
         self.engine.clean_if_idle()
         self.engine.close()
         self.advertiser.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     # -- one connection ----------------------------------------------------
 
@@ -340,6 +349,8 @@ class Daemon:
                 record.keeper = Process(kept.keeper_pid, _start(kept.keeper_pid))
                 record.job = Process(kept.job_pid, _start(kept.job_pid))
                 record.relays = Relays(chirp_to.port if chirp_to else None, tuple(servers))
+                if "Owner" not in record.account:
+                    record.account["Owner"] = _user_name(caller.uid)
                 if chirp_to is not None:
                     # The journal is root's alone (0700).
                     record.chirp = ChirpAccess(chirp_to.port, chirp_to.cookie, job_id or "")
@@ -501,6 +512,10 @@ class Daemon:
                 round(traffic["bytes"]["outgoing"] / seconds)
             )
             self._publish(name, chirp_to, final)
+        if ended is not None:
+            # Before the wrapper hears of the end: once it has, the job
+            # is done for HTCondor, and must be in the ledger.
+            self._keep(ended, traffic, outcome)
         with contextlib.suppress(OSError):
             protocol.send(conn, {"exit": outcome, "traffic": traffic})
         _drain(conn)
@@ -611,6 +626,7 @@ class Daemon:
                     # HTCondor's Owner, who may run as another user (a slot user).
                     owner = ad.get("Owner")
                     record.user = owner if isinstance(owner, str) else user_name(caller.uid)
+                    record.account = ledger.ad_account(ad)
                     self.engine.journal.write(record)
                 self._prepared_for[name] = caller.uid
             threading.Thread(
@@ -775,14 +791,19 @@ class Daemon:
         poller.register(conn.fileno(), select.POLLIN)
         interval = self.settings.update_interval
         next_update = time.monotonic() + interval
+        updating = chirp_to is not None or self.ledger is not None
         while keeper_fd is not None:
             wait_ms = max(0, int((next_update - time.monotonic()) * 1000))
-            ready = {fd for fd, _ in poller.poll(wait_ms if chirp_to is not None else None)}
-            if chirp_to is not None and time.monotonic() >= next_update:
+            ready = {fd for fd, _ in poller.poll(wait_ms if updating else None)}
+            if updating and time.monotonic() >= next_update:
                 with self.lock:
                     traffic = _traffic(self.engine.stats(name), relays)
                     self._keep_relayed(name, relays)
-                self._publish(name, chirp_to, chirp.attributes(traffic))
+                    record = self.engine.journal.read(name)
+                if chirp_to is not None:
+                    self._publish(name, chirp_to, chirp.attributes(traffic))
+                if record is not None:
+                    self._sample(record, traffic)
                 next_update = time.monotonic() + interval
             if keeper_fd in ready:
                 # Ours to reap unless we took the job over from another larknsd.
@@ -824,6 +845,23 @@ class Daemon:
             self.engine.teardown(name)
         except TeardownError as e:
             print(f"larknsd: {e}", file=sys.stderr)
+
+    def _keep(self, record: Record, traffic: dict[str, Any], outcome: dict[str, int]) -> None:
+        """The job's row in the ledger; a failure is logged."""
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.add_job(ledger.condor_job(record, traffic, outcome, time.time()))
+        except ledger.LedgerError as e:
+            print(f"larknsd: job {record.name}: not in the ledger: {e}", file=sys.stderr)
+
+    def _sample(self, record: Record, traffic: dict[str, Any]) -> None:
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.add_sample(record.name, ledger.started(record), time.time(), traffic)
+        except ledger.LedgerError as e:
+            print(f"larknsd: job {record.name}: no sample in the ledger: {e}", file=sys.stderr)
 
     def _keep_relayed(self, name: str, relays: list[Relay | UdpRelay]) -> None:
         """What the relays carried so far, in the job's record: a restarted
@@ -1030,6 +1068,15 @@ def _traffic(t: Any, relays: Sequence[Relay | UdpRelay] = ()) -> dict[str, Any]:
         "dropped": {"packets": t.dropped.packets, "bytes": t.dropped.bytes},
         "refused": {"packets": t.refused.packets, "bytes": t.refused.bytes},
     }
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _cap_attributes(plan: JobNetwork) -> dict[str, str]:
