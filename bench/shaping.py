@@ -161,26 +161,8 @@ def cost(world: World, cycles: int, clean_when_idle: bool) -> None:
     )
 
 
-@contextlib.contextmanager
-def sinking(world: World) -> Iterator[None]:
-    """tests/rate.py's sink on the site, for the while."""
-    sink = subprocess.Popen(
-        ["ip", "netns", "exec", world.site, sys.executable, RATE, "sink", str(PORT)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        yield
-    finally:
-        sink.kill()
-        sink.wait()
-        if sink.stdout:
-            sink.stdout.close()
-
-
 def rates(world: World, mbits: list[int], seconds: float) -> None:
-    with sinking(world):
+    with world.rate_sink(PORT):
         py = sys.executable
         for m in mbits:
             proc = world.larkns(
@@ -798,7 +780,7 @@ def busy(runs: list[Run]) -> list[float]:
 
 def fairness(world: World, counts: list[int], mbit: int, seconds: float) -> None:
     capacity = mbit * 1_000_000
-    with sinking(world):
+    with world.rate_sink(PORT):
         for n in counts:
             for way, runs in shared(world, [1.0] * n, capacity, seconds).items():
                 xs = [float(r["steady_bps"]) for r in runs]

@@ -36,12 +36,14 @@ BURST_S = 0.02
 # Two full-size frames at least, so HTB never waits to send one (at rates
 # below 1.2 Mbit/s that is more than 2% of a second).
 MIN_BURST = 2 * 1514
-# A FIFO leaf (kernels without fq_codel or sfq) holds at most 20 ms of the
-# rate, and room for two 64 kB GSO packets: TCP through a 10 or 100 Mbit/s
-# cap got the same rate with that as with 100 ms, and a ping beside it
-# 26-30 ms at 10 Mbit/s instead of 65-95 ms (9-11 ms at 100 Mbit/s with either).
-FIFO_S = 0.02
-MIN_FIFO = 2 * 65536
+# A FIFO leaf (kernels without fq_codel or sfq) holds at most 5 ms of the
+# rate, and room for one 64 KiB GSO packet and two frames (a packet larger
+# than the room left is dropped whole).  bench/shaping.py, a ping through a
+# saturated 100 Mbit/s cap: +5.5 ms (cubic sender) and +3.8 ms (BBR) with
+# 5 ms, +18.9 and +8.4 ms with 20 ms; TCP got 0.93-0.94 of the cap after
+# its first second with either (payload is at most 0.956 of it).
+FIFO_S = 0.005
+MIN_FIFO = 65536 + 2 * 1514
 
 
 def parse_rate(text: str, what: str) -> int:
