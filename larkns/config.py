@@ -604,6 +604,8 @@ def _parse_metrics(knob: str, raw: str) -> tuple[str, object]:
     if not address.is_loopback or not 1 <= port <= 65535:
         raise ConfigError(f"{knob}: {expected}")
     return "metrics", (str(address), port)
+
+
 def _parse_ledger(knob: str, raw: str) -> tuple[str, object]:
     if raw.lower() in ("off", "none", "false", "no", "0"):
         return "ledger", "off"

@@ -138,6 +138,13 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "LARKNS_MAX_CONNECTIONS_PER_UID": "99",
         "LARKNS_BANDWIDTH": "100mbit/20mbit",
         "LARKNS_BANDWIDTH_MAX": "1gbit",
+        "LARKNS_UPLINK_BANDWIDTH": "10gbit/5gbit",
+        "LARKNS_UPLINK": "up0",
+        "LARKNS_WEIGHT": 'ifThenElse(AcctGroup =?= "cms", 3, 1)',
+        "LARKNS_METRICS": "127.0.0.1:9377",
+        "LARKNS_LEDGER": "/var/lib/lkt/ledger.db",
+        "LARKNS_LEDGER_DAYS": "30",
+        "LARKNS_LEDGER_GROUP": "root",
         "LARKNS_POLICY": 'ifThenElse(Owner == "alice", "open", "internal-only -lic")',
         "LARKNS_DESTINATIONS": "lic = 198.18.5.10/32 tcp 27000-27010",
         "LARKNS_INTERNAL_CLASSES": "Campus",
@@ -156,7 +163,8 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "s.reattach_timeout, str(s.routed_ipv6_prefix), str(s.routed_ipv4_pool), s.proxy_nd, "
         "s.bridge, str(s.bridge_ipv4_pool), s.bridge_ipv4, s.clat, str(s.nat64_prefix), "
         "s.dhcp_timeout, s.inbound_ports, s.inbound_per_job, s.max_connections_per_uid, "
-        "s.bandwidth, s.bandwidth_max, "
+        "s.bandwidth, s.bandwidth_max, s.uplink_bandwidth, s.uplink, s.weight_expr, "
+        "s.metrics, str(s.ledger), s.ledger_days, s.ledger_gid, "
         "s.policy_expr, s.destinations[0].text(), s.internal_classes)))"
     )
     done = subprocess.run(
@@ -192,6 +200,13 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
             99,
             (100_000_000, 20_000_000),
             (1_000_000_000, 1_000_000_000),
+            (10_000_000_000, 5_000_000_000),
+            "up0",
+            'ifThenElse(AcctGroup =?= "cms", 3, 1)',
+            ("127.0.0.1", 9377),
+            "/var/lib/lkt/ledger.db",
+            30.0,
+            0,
             'ifThenElse(Owner == "alice", "open", "internal-only -lic")',
             "lic = 198.18.5.10/32 tcp 27000-27010",
             ("Campus",),

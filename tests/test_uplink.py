@@ -30,7 +30,7 @@ from tests.world import RATE, SITE4, SITE6, World, sh
 
 UPLINK = 40_000_000
 KNOBS = {"LARKNS_UPLINK_BANDWIDTH": "40mbit", "LARKNS_UPLINK": "up0"}
-SECONDS = 4
+SECONDS = 6
 # Link-layer bytes of a full TCP segment (timestamps on) per payload byte.
 L2 = 1514 / 1448
 # tests/rate.py's bins: bytes a tenth of a second.

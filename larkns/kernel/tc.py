@@ -80,7 +80,7 @@ _FIFO = struct.Struct("=I")  # limit
 
 # The leaf under HTB, best first: fq_codel (its default target: 5 ms of
 # queueing delay, per flow), sfq (flows served in turn); without either, a
-# byte FIFO bounded to 20 ms of the rate (shaping.fifo_limit).
+# byte FIFO bounded to 5 ms of the rate (shaping.fifo_limit).
 LEAVES = ("fq_codel", "sfq")
 FIFO = "bfifo"
 # One class of its own under each HTB: its quantum only matters between
@@ -160,10 +160,19 @@ def htb_root(index: int, handle: int, default: int, dev: str) -> Request:
     return qdisc(index, TC_H_ROOT, handle, "htb", glob, f"add htb to {dev}")
 
 
-def leaf_qdisc(index: int, parent: int, kind: str, rate: int, dev: str, handle: int = 0) -> Request:
+def leaf_qdisc(
+    index: int,
+    parent: int,
+    kind: str,
+    rate: int,
+    dev: str,
+    handle: int = 0,
+    shared: bool = False,
+) -> Request:
     """The leaf qdisc `kind` under HTB class `parent` (a FIFO sized for
-    `rate`); `handle` 0: the kernel's choice.  It goes with the class."""
-    options = _FIFO.pack(shaping.fifo_limit(rate)) if kind == FIFO else None
+    `rate`, and for a class in the uplink's share if `shared`); `handle` 0:
+    the kernel's choice.  It goes with the class."""
+    options = _FIFO.pack(shaping.fifo_limit(rate, shared)) if kind == FIFO else None
     return qdisc(index, parent, handle, kind, options, f"add {kind} to {dev}")
 
 

@@ -182,7 +182,7 @@ def class_requests(
                 f"add the job's class {cid >> 16:x}:{cid & 0xFFFF:x} to {dev}",
                 quantum=quantum(weight),
             ),
-            tc.leaf_qdisc(idx, cid, kind, ceil, dev),
+            tc.leaf_qdisc(idx, cid, kind, ceil, dev, shared=True),
         ]
     return out
 
