@@ -29,7 +29,15 @@ still carry the node's); upload on the uplink's egress, the only place
 that knows a packet leaves the node (the job's link's ingress sees its
 traffic to the node and to other jobs too).  The tag carries the job across
 forwarding and NAT: for IPv4 the kernel resets a forwarded packet's
-priority from its TOS, but leaves tc_index alone.
+priority from its TOS, but leaves tc_index alone.  On a worker whose uplink
+is a port of a bridge, routed (nat) jobs' downloads come in through the
+bridge, bridged jobs' through the port: the download classifier takes both.
+
+Measured: weights 1:3 get 0.249-0.261 and 0.739-0.751 of a 40 Mbit/s
+uplink both ways (tests/test_uplink.py); Jain's index of 32 equal jobs on
+100 Mbit/s 0.998 (bench/shaping.py); a job's setup costs no more in the
+share (7.0 ms p50 against 7.6 without, in-process) and its teardown 0.5 ms
+more (its two classes).
 """
 
 from __future__ import annotations
