@@ -302,3 +302,36 @@ def test_removals_pass_over_what_is_gone_and_name_what_was_refused() -> None:
         remove_all(["a", "busy", "gone", "b"], run, NftnlError)
     # every other removal was still tried
     assert done == ["a", "b", "a", "b"]
+
+
+def _dynamic_unicast_neighbours(ns: str | None, dev: str) -> list[str]:
+    """Neighbour entries on `dev` that count against the kernel's global
+    gc_thresh3 (all but permanent ones), multicast aside (those are
+    reclaimed at once when the table is full)."""
+    out = subprocess.run(
+        [*(["ip", "-n", ns] if ns else ["ip"]), "neigh", "show", "dev", dev, "nud", "all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [
+        x
+        for x in out.splitlines()
+        if x.strip() and "PERMANENT" not in x and not x.startswith("ff02:")
+    ]
+
+
+def test_a_job_talking_on_both_families_takes_no_entry_of_the_kernels_neighbour_tables(
+    engine: Engine, clean_world: World
+) -> None:
+    # The tables are one for all namespaces, capped at gc_thresh3 (1024 by
+    # default, host-wide): a node of thousands of jobs must not spend them.
+    plan = engine.setup("lkte1", "nat", me())
+    assert isinstance(plan, NatNetwork)
+    assert engine.wait_ready(plan, 2.0) is not None
+    for site in ("198.18.0.1", "2001:db8:0:1::1"):
+        ping = sh("ping", "-c", "1", "-W", "2", site, ns=plan.netns, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert _dynamic_unicast_neighbours(plan.netns, "eth0") == []
+    assert _dynamic_unicast_neighbours(clean_world.worker, plan.host_link) == []
+    engine.teardown("lkte1")
