@@ -157,6 +157,11 @@ def test_doctor_reports_what_this_kernel_has(clean_world: World) -> None:
     assert proc.returncode == 0, out + proc.stderr
     for line in ("network namespaces", "veth", "nftables", "qdisc htb", "qdisc tbf", "ifb"):
         assert any(line in x and x.startswith("ok") for x in out.splitlines()), (line, out)
+    # What the kernel sizes for every namespace at once: said, never changed.
+    conntrack = sh("sysctl", "-n", "net.netfilter.nf_conntrack_max", ns=clean_world.worker)
+    shared = [x for x in out.splitlines() if "kernel tables shared by all jobs" in x]
+    assert shared and f"conntrack max {conntrack.stdout.strip()} flows" in shared[0], out
+    assert "ipv6 neighbours gc_thresh3" in shared[0], out
     # fq_codel is missing here and present on distribution kernels: what the
     # doctor says must be what the kernel does.
     probe = f"{clean_world.prefix}-fq"
