@@ -86,7 +86,28 @@ def findings() -> list[Finding]:
             needed=False,
         )
     )
+    out.append(_probe("kernel tables shared by all jobs", _shared_tables, needed=False))
     return out
+
+
+def _shared_tables() -> str:
+    """What the kernel sizes for all namespaces at once, which larkns reads
+    and never changes: the neighbour tables' cap on dynamic entries (larkns
+    pins each job's neighbours as permanent entries, exempt from it; a job
+    adds only multicast entries, which the kernel reclaims when full) and
+    the conntrack table (every flow of every nat job takes an entry)."""
+    parts = []
+    for family in ("ipv4", "ipv6"):
+        try:
+            cap = sysctl.read(f"{family}/neigh/default/gc_thresh3")
+            parts.append(f"{family} neighbours gc_thresh3 {cap}")
+        except OSError:
+            parts.append(f"{family} neighbours gc_thresh3 not visible here (host namespace only)")
+    try:
+        parts.append(f"conntrack max {sysctl.read('netfilter/nf_conntrack_max')} flows")
+    except OSError:
+        parts.append("conntrack not loaded")
+    return "; ".join(parts)
 
 
 def _shaping_probe() -> str:

@@ -157,6 +157,11 @@ def test_doctor_reports_what_this_kernel_has(clean_world: World) -> None:
     assert proc.returncode == 0, out + proc.stderr
     for line in ("network namespaces", "veth", "nftables", "qdisc htb", "qdisc tbf", "ifb"):
         assert any(line in x and x.startswith("ok") for x in out.splitlines()), (line, out)
+    # What the kernel sizes for every namespace at once: said, never changed.
+    conntrack = sh("sysctl", "-n", "net.netfilter.nf_conntrack_max", ns=clean_world.worker)
+    shared = [x for x in out.splitlines() if "kernel tables shared by all jobs" in x]
+    assert shared and f"conntrack max {conntrack.stdout.strip()} flows" in shared[0], out
+    assert "ipv6 neighbours gc_thresh3" in shared[0], out
     # fq_codel is missing here and present on distribution kernels: what the
     # doctor says must be what the kernel does.
     probe = f"{clean_world.prefix}-fq"
@@ -302,3 +307,36 @@ def test_removals_pass_over_what_is_gone_and_name_what_was_refused() -> None:
         remove_all(["a", "busy", "gone", "b"], run, NftnlError)
     # every other removal was still tried
     assert done == ["a", "b", "a", "b"]
+
+
+def _dynamic_unicast_neighbours(ns: str | None, dev: str) -> list[str]:
+    """Neighbour entries on `dev` that count against the kernel's global
+    gc_thresh3 (all but permanent ones), multicast aside (those are
+    reclaimed at once when the table is full)."""
+    out = subprocess.run(
+        [*(["ip", "-n", ns] if ns else ["ip"]), "neigh", "show", "dev", dev, "nud", "all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [
+        x
+        for x in out.splitlines()
+        if x.strip() and "PERMANENT" not in x and not x.startswith("ff02:")
+    ]
+
+
+def test_a_job_talking_on_both_families_takes_no_entry_of_the_kernels_neighbour_tables(
+    engine: Engine, clean_world: World
+) -> None:
+    # The tables are one for all namespaces, capped at gc_thresh3 (1024 by
+    # default, host-wide): a node of thousands of jobs must not spend them.
+    plan = engine.setup("lkte1", "nat", me())
+    assert isinstance(plan, NatNetwork)
+    assert engine.wait_ready(plan, 2.0) is not None
+    for site in ("198.18.0.1", "2001:db8:0:1::1"):
+        ping = sh("ping", "-c", "1", "-W", "2", site, ns=plan.netns, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert _dynamic_unicast_neighbours(plan.netns, "eth0") == []
+    assert _dynamic_unicast_neighbours(clean_world.worker, plan.host_link) == []
+    engine.teardown("lkte1")

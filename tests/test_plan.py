@@ -6,6 +6,7 @@ import ipaddress
 import multiprocessing
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -345,3 +346,29 @@ def test_every_network_type_has_a_driver() -> None:
         driver = modes.driver_class(mode)
         assert driver.mode == mode
         assert driver.table is None or driver.table in modes.TABLES
+
+
+def test_a_lease_on_a_node_of_thousands_of_jobs_does_not_list_their_leases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A setup's cost must not grow with the jobs alive; the slots after the
+    # cursor are free, so none of the 3,000 leases is looked at.
+    j = Journal(tmp_path)
+    j.claim(Record(name="seed", owner=Process(1, 1)))
+    for slot in range(3000):
+        (j.slots / str(slot)).write_text(leases.Lease(f"j{slot}", 1).encode())
+    (j.slots / "next").write_text("3000")
+    listed: list[str] = []
+    real = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        listed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert leases.lease(j, "new", 4096) == 3000
+    assert str(j.slots) not in listed
+    # Past the cursor, a full stretch is found by listing, not by 3,000 tries.
+    (j.slots / "next").write_text("0")
+    assert leases.lease(j, "newer", 4096) == 3001
+    assert str(j.slots) in listed

@@ -536,6 +536,21 @@ def test_solicitations_are_heard_whether_or_not_the_host_forwards(
     rx = net.receiver(job)
     job.solicit()
     wait_for(lambda: bool(rx.all()), 0.1, "an answer to the solicitation")
+    # One membership of ff02::2 on the link either way: the kernel's where it
+    # forwards, else the Advertiser's (each of those costs the socket option
+    # memory, of which 128 KiB holds ~2,300: fewer than a large node's jobs).
+    igmp6 = subprocess.run(
+        ["ip", "netns", "exec", net.host, "cat", "/proc/net/igmp6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    users = [
+        int(f[3])
+        for f in (line.split() for line in igmp6)
+        if len(f) > 3 and f[1] == job.host_ifname and f[2] == "ff02" + "0" * 27 + "2"
+    ]
+    assert users == [1], igmp6
 
 
 def test_solicitation_on_an_interface_not_advertised_is_ignored(net: Net) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from larkns.kernel import rtnl
 from larkns.kernel.rtnl import Rtnl
 
 _UNUSABLE = rtnl.IFA_F_TENTATIVE | rtnl.IFA_F_DADFAILED
 _ANY4 = ipaddress.IPv4Network("0.0.0.0/0")
+
+# (address, MAC) pairs to pin as permanent neighbour entries (rtnl.neighbour).
+Neighbours = Sequence[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, bytes]]
 
 
 def host_side(
@@ -21,8 +24,10 @@ def host_side(
     link_local: ipaddress.IPv6Address,
     prefix: ipaddress.IPv6Network | None,
     job4: ipaddress.IPv4Interface | None = None,
+    neighbours: Neighbours = (),
 ) -> None:
-    """Bring the host end up with its addresses and the routes to the job.
+    """Bring the host end up with its addresses and the routes to the job,
+    and `neighbours` (the job's addresses and its MAC) pinned on it.
 
     Its link-local is added by hand, without DAD (both ends of the link are
     ours), so RAs can leave from it as soon as the job's end has carrier.
@@ -40,6 +45,7 @@ def host_side(
         requests.append(rtnl.route(job4.network, idx))
     if prefix is not None:
         requests.append(rtnl.route(prefix, idx))
+    requests += [rtnl.neighbour(idx, a, mac) for a, mac in neighbours]
     host.run(*requests)
 
 
@@ -48,8 +54,10 @@ def job_side(
     idx: int,
     iface: ipaddress.IPv4Interface | None,
     gateway: ipaddress.IPv4Address | None,
+    neighbours: Neighbours = (),
 ) -> None:
-    """Loopback and the job's link up, its IPv4 address and default route."""
+    """Loopback and the job's link up, its IPv4 address and default route,
+    and `neighbours` (the host end's addresses and MAC) pinned on it."""
     requests = [rtnl.link_up(1, "lo"), rtnl.link_up(idx, "job link")]
     if iface is not None and gateway is not None:
         requests.append(rtnl.address(idx, iface))
@@ -57,6 +65,7 @@ def job_side(
             # A /32: the gateway is reached on the link itself.
             requests.append(rtnl.route(ipaddress.IPv4Network(gateway), idx))
         requests.append(rtnl.route(_ANY4, idx, gateway))
+    requests += [rtnl.neighbour(idx, a, mac) for a, mac in neighbours]
     job.run(*requests)
 
 

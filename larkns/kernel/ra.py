@@ -444,6 +444,17 @@ class Advertiser:
         link.sent += 1
         return True
 
+    def _forwards(self, ifindex: int) -> bool:
+        ifreq = struct.pack("=16si20x", b"", ifindex)
+        try:
+            got = fcntl.ioctl(self._sock.fileno(), _SIOCGIFNAME, ifreq)
+            name = got[:16].rstrip(b"\0").decode()
+            # /proc/sys/net is this thread's namespace: the socket's.
+            with open(f"/proc/sys/net/ipv6/conf/{name}/forwarding") as f:
+                return f.read().strip() == "1"
+        except OSError:
+            return False
+
     def _exists(self, ifindex: int) -> bool:
         # Asked through our own socket, so in its namespace, whichever thread runs this.
         ifreq = struct.pack("=16si20x", b"", ifindex)
@@ -455,7 +466,13 @@ class Advertiser:
 
     def _join(self, link: _Link) -> None:
         # RSs go to ff02::2, which the kernel only accepts on an interface that
-        # joined it; it joins by itself only where forwarding is on.
+        # joined it; it joins by itself where forwarding is on (nat, routed),
+        # and there a membership of our socket would only cost option memory
+        # (net.core.optmem_max, 128 KiB: ~2,300 of them, fewer than a large
+        # node's jobs).
+        if self._forwards(link.ifindex):
+            link.joined = False
+            return
         try:
             self._sock.setsockopt(
                 socket.IPPROTO_IPV6,

@@ -43,6 +43,7 @@ RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 NDA_DST = 1
+NDA_LLADDR = 2
 NTF_PROXY = 0x08
 NUD_PERMANENT = 0x80
 IFLA_ADDRESS = 1
@@ -418,6 +419,25 @@ def proxy_neighbour(
     if delete:
         return Request(f"delete proxy neighbour {addr}", RTM_DELNEIGH, 0, body)
     return Request(f"add proxy neighbour {addr}", RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
+def neighbour(
+    index: int, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, mac: bytes
+) -> Request:
+    """A permanent neighbour entry: `addr` is at `mac` on link `index`
+    (`ip neigh replace ADDR lladdr MAC dev LINK nud permanent`).
+
+    The kernel's neighbour tables are one for all namespaces, and their
+    dynamic entries are capped by net.ipv{4,6}.neigh.default.gc_thresh3
+    (1024 by default, settable only in the host's namespace): with a few
+    entries per job, a node with hundreds of jobs fills them, and packets
+    wait for an entry that cannot be made.  Permanent entries are exempt
+    from that cap (and need no resolution traffic)."""
+    body = _NDMSG.pack(_family(addr), 0, 0, index, NUD_PERMANENT, 0, 0)
+    body += _attr(NDA_DST, addr.packed) + _attr(NDA_LLADDR, mac)
+    return Request(
+        f"add neighbour {addr} on link {index}", RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body
+    )
 
 
 def ignore_missing() -> tuple[int, ...]:

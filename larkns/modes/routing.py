@@ -149,9 +149,15 @@ class RoutingDriver(LinkedDriver[R]):
             plan.host_link_local,
             plan.ipv6_prefix,
             plan.ipv4_job,
+            # Both ends' MACs are chosen in advance, so neither end needs
+            # the kernel's neighbour tables, which are full at a few hundred
+            # jobs (rtnl.neighbour).
+            [(a, parse_mac(plan.job_mac)) for a in plan.sources()],
         )
         gateway = plan.ipv4_host.ip if plan.ipv4_host else None
-        addrs.job_side(job, plan.job_index, plan.ipv4_job, gateway)
+        host_mac = parse_mac(plan.host_mac)
+        pinned = [(a, host_mac) for a in (gateway, plan.host_link_local) if a is not None]
+        addrs.job_side(job, plan.job_index, plan.ipv4_job, gateway, pinned)
         if engine.advertiser is not None and plan.ipv6_prefix is not None:
             self._advertise(plan, idx)
         self.publish(plan)
