@@ -112,37 +112,60 @@ def fmt(xs: list[float]) -> str:
     return f"p50 {pct(xs, 50) * 1e3:6.2f} ms  p99 {pct(xs, 99) * 1e3:6.2f} ms"
 
 
-def cost(world: World, cycles: int, clean_when_idle: bool) -> None:
+@contextlib.contextmanager
+def engine_in(
+    world: World, clean_when_idle: bool = False, **knobs: Any
+) -> Iterator[tuple[Engine, list[str]]]:
+    """An Engine in the world's worker (its settings the world's, then
+    `knobs`), and a list for the names of the jobs the caller sets up: each
+    is torn down after (one failing does not keep the others), then all
+    else the engine made."""
     settings = config.Settings(
-        ipv4_pool=ipaddress.IPv4Network(world.ipv4_pool),
-        ipv6_prefix=ipaddress.IPv6Network(world.ipv6_prefix),
-        state_dir=world.state_dir,
-        netns_prefix=world.netns_prefix,
+        **{
+            "ipv4_pool": ipaddress.IPv4Network(world.ipv4_pool),
+            "ipv6_prefix": ipaddress.IPv6Network(world.ipv6_prefix),
+            "state_dir": world.state_dir,
+            "netns_prefix": world.netns_prefix,
+            **knobs,
+        }
     )
-    owner = Process.of(os.getpid())
-    times: dict[str, list[float]] = {k: [] for k in ("setup", "teardown", "csetup", "cteardown")}
+    names: list[str] = []
     with netns.entered(world.worker):
         advertiser = Advertiser()
         engine = Engine(settings, advertiser, clean_when_idle=clean_when_idle)
         try:
-            t0 = time.perf_counter()
-            leaf = tc.leaf()
-            probe = time.perf_counter() - t0
-            for i in range(cycles + 10):
-                for cap, tag in ((None, ""), ((100_000_000, 100_000_000), "c")):
-                    name = f"b{tag}{i}"
-                    t0 = time.perf_counter()
-                    engine.setup(name, "nat", owner, bandwidth=cap)
-                    t1 = time.perf_counter()
-                    engine.teardown(name)
-                    t2 = time.perf_counter()
-                    if i >= 10:  # warm-up
-                        times[tag + "setup"].append(t1 - t0)
-                        times[tag + "teardown"].append(t2 - t1)
+            yield engine, names
         finally:
-            engine.clean_if_idle()
-            engine.close()
-            advertiser.close()
+            try:
+                for name in names:
+                    try:
+                        engine.teardown(name)
+                    except Exception as e:
+                        print(f"job {name}: {e}", file=sys.stderr)
+                engine.clean_if_idle()
+            finally:
+                engine.close()
+                advertiser.close()
+
+
+def cost(world: World, cycles: int, clean_when_idle: bool) -> None:
+    owner = Process.of(os.getpid())
+    times: dict[str, list[float]] = {k: [] for k in ("setup", "teardown", "csetup", "cteardown")}
+    with engine_in(world, clean_when_idle) as (engine, _):
+        t0 = time.perf_counter()
+        leaf = tc.leaf()
+        probe = time.perf_counter() - t0
+        for i in range(cycles + 10):
+            for cap, tag in ((None, ""), ((100_000_000, 100_000_000), "c")):
+                name = f"b{tag}{i}"
+                t0 = time.perf_counter()
+                engine.setup(name, "nat", owner, bandwidth=cap)
+                t1 = time.perf_counter()
+                engine.teardown(name)
+                t2 = time.perf_counter()
+                if i >= 10:  # warm-up
+                    times[tag + "setup"].append(t1 - t0)
+                    times[tag + "teardown"].append(t2 - t1)
     both = [a + b for a, b in zip(times["setup"], times["teardown"], strict=True)]
     cboth = [a + b for a, b in zip(times["csetup"], times["cteardown"], strict=True)]
     how = (
@@ -565,14 +588,7 @@ def cpu(world: World, n: int, mbit: int, seconds: float, rounds: int) -> None:
     hz = os.sysconf("SC_CLK_TCK")
     # 2n jobs of a /31 each
     pool = ipaddress.IPv4Network(f"198.19.0.0/{32 - (4 * n - 1).bit_length()}")
-    settings = config.Settings(
-        ipv4_pool=pool,
-        ipv6_prefix=ipaddress.IPv6Network(world.ipv6_prefix),
-        state_dir=world.state_dir,
-        netns_prefix=world.netns_prefix,
-    )
     owner = Process.of(os.getpid())
-    names: list[str] = []
     kinds = {
         "capped (HTB + IFB per job)": None,
         # TCP paces payload; a capped job's payload is ~0.99 of its cap
@@ -581,48 +597,34 @@ def cpu(world: World, n: int, mbit: int, seconds: float, rounds: int) -> None:
         "uncapped, unpaced (reference)": None,
     }
     sums = {k: Pumped() for k in ("background", *kinds)}
-    with netns.entered(world.worker):
-        advertiser = Advertiser()
-        engine = Engine(settings, advertiser, clean_when_idle=False)
-        try:
-            t0 = time.monotonic()
-            capped: list[str] = []
-            uncapped: list[str] = []
-            for i in range(n):
-                for tag, bw, out in (("c", (cap, cap), capped), ("u", None, uncapped)):
-                    names.append(f"cpu{tag}{i}")
-                    out.append(engine.setup(names[-1], "nat", owner, bandwidth=bw).netns)
-            print(
-                f"cpu: {n} jobs capped at {mbit} Mbit/s and {n} uncapped set up in "
-                f"{time.monotonic() - t0:.1f} s; {rounds} round{'s' * (rounds != 1)} of "
-                f"{seconds:g} s (after a second's warm-up) per kind, kinds interleaved"
-            )
-            order = ["background", *kinds]
-            for r in range(rounds):
-                for kind in order if r % 2 == 0 else order[::-1]:
-                    if kind == "background":
-                        b0, w0 = Jiffies.now(), time.monotonic()
-                        time.sleep(seconds)
-                        got = Pumped(0, time.monotonic() - w0, Jiffies.now() - b0)
-                    else:
-                        jobs = capped if kind.startswith("capped") else uncapped
-                        got = pump(world.site, jobs, seconds, kinds[kind])
-                    acc = sums[kind]
-                    acc.payload += got.payload
-                    acc.seconds += got.seconds
-                    acc.cpu += got.cpu
-                    time.sleep(0.5)
-        finally:
-            try:
-                for name in names:
-                    try:
-                        engine.teardown(name)
-                    except Exception as e:  # the others still go
-                        print(f"job {name}: {e}", file=sys.stderr)
-                engine.clean_if_idle()
-            finally:
-                engine.close()
-                advertiser.close()
+    with engine_in(world, ipv4_pool=pool) as (engine, names):
+        t0 = time.monotonic()
+        capped: list[str] = []
+        uncapped: list[str] = []
+        for i in range(n):
+            for tag, bw, out in (("c", (cap, cap), capped), ("u", None, uncapped)):
+                names.append(f"cpu{tag}{i}")
+                out.append(engine.setup(names[-1], "nat", owner, bandwidth=bw).netns)
+        print(
+            f"cpu: {n} jobs capped at {mbit} Mbit/s and {n} uncapped set up in "
+            f"{time.monotonic() - t0:.1f} s; {rounds} round{'s' * (rounds != 1)} of "
+            f"{seconds:g} s (after a second's warm-up) per kind, kinds interleaved"
+        )
+        order = ["background", *kinds]
+        for r in range(rounds):
+            for kind in order if r % 2 == 0 else order[::-1]:
+                if kind == "background":
+                    b0, w0 = Jiffies.now(), time.monotonic()
+                    time.sleep(seconds)
+                    got = Pumped(0, time.monotonic() - w0, Jiffies.now() - b0)
+                else:
+                    jobs = capped if kind.startswith("capped") else uncapped
+                    got = pump(world.site, jobs, seconds, kinds[kind])
+                acc = sums[kind]
+                acc.payload += got.payload
+                acc.seconds += got.seconds
+                acc.cpu += got.cpu
+                time.sleep(0.5)
     bg = sums["background"]
     # CPU-s per second of the background
     bg_s = {w: getattr(bg.cpu, w) / hz / bg.seconds for w in ("kernel", "softirq", "busy")}
@@ -724,40 +726,17 @@ def shared(
 ) -> dict[str, list[Run]]:
     """Jobs of these weights in the uplink's share, downloading all at once,
     then uploading: what rate.py printed for each, per direction."""
-    settings = config.Settings(
-        ipv4_pool=ipaddress.IPv4Network(world.ipv4_pool),
-        ipv6_prefix=ipaddress.IPv6Network(world.ipv6_prefix),
-        state_dir=world.state_dir,
-        netns_prefix=world.netns_prefix,
-        uplink_bandwidth=(capacity, capacity),
-        uplink="up0",
-    )
     owner = Process.of(os.getpid())
-    names: list[str] = []
-    with netns.entered(world.worker):
-        advertiser = Advertiser()
-        engine = Engine(settings, advertiser, clean_when_idle=False)
-        try:
-            namespaces = []
-            for i, w in enumerate(weights):
-                name = f"fair{i}"
-                names.append(name)
-                namespaces.append(engine.setup(name, "nat", owner, weight=w).netns)
-            return {
-                "download": together(namespaces, "get", SITE4, seconds),
-                "upload": together(namespaces, "put", SITE6, seconds),
-            }
-        finally:
-            try:
-                for name in names:
-                    try:
-                        engine.teardown(name)
-                    except Exception as e:  # the others still go
-                        print(f"job {name}: {e}", file=sys.stderr)
-                engine.clean_if_idle()
-            finally:
-                engine.close()
-                advertiser.close()
+    with engine_in(world, uplink_bandwidth=(capacity, capacity), uplink="up0") as (engine, names):
+        namespaces = []
+        for i, w in enumerate(weights):
+            name = f"fair{i}"
+            names.append(name)
+            namespaces.append(engine.setup(name, "nat", owner, weight=w).netns)
+        return {
+            "download": together(namespaces, "get", SITE4, seconds),
+            "upload": together(namespaces, "put", SITE6, seconds),
+        }
 
 
 def jain(xs: list[float]) -> float:
