@@ -18,11 +18,6 @@ set +a
 # The registries' TLS as the host sees it (a site may put its own CA in front).
 cp "$R/ca.crt" /etc/ssl/certs/ca-certificates.crt
 export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1
-mkdir -p /var/cache/larkns-pip
-if mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 pipcache /var/cache/larkns-pip; then
-    export PIP_CACHE_DIR=/var/cache/larkns-pip
-    echo "pip's cache: the host's, $(du -sh /var/cache/larkns-pip | cut -f1)"
-fi
 
 # The checkout, copied (the share is read-only; setup.sh builds in place), at
 # /work/larkns so that the tests find ../shared/htcondor as on the host.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import glob
 import hashlib
@@ -143,8 +144,8 @@ def preflight(need_image: bool) -> None:
     missing = missing_tools()
     if missing:
         raise Skip(f"no {', '.join(missing)} (apt-get install qemu-system-x86 mmdebstrap)")
-    # The image (sparse, ~1.5 GB used), the guest's writes (qemu -snapshot
-    # keeps them in a temporary file beside it) and the pip cache.
+    # The image (sparse, ~1.5 GB used) and the guest's writes (qemu -snapshot
+    # keeps them in a temporary file beside it).
     need = 6.0 if need_image else 3.0
     have = free_gib(cache_dir())
     if have < need:
@@ -327,8 +328,6 @@ def qemu_command(img: Image, run: Path, accel_args: list[str]) -> list[str]:
             "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}",
         ]  # fmt: skip
 
-    pip_cache = cache_dir() / "pip-cache"
-    pip_cache.mkdir(parents=True, exist_ok=True)
     cmd = [
         "nice", "-n", "19", "qemu-system-x86_64", *accel_args,
         "-m", os.environ.get("LARKNS_VM_MEMORY", "3072"), "-smp", "2",
@@ -339,12 +338,18 @@ def qemu_command(img: Image, run: Path, accel_args: list[str]) -> list[str]:
         "-nic", f"user,model=virtio-net-pci,mac={GUEST_MAC}",
         *share("run", run, readonly=False),
         *share("project", ROOT, readonly=True),
-        *share("pipcache", pip_cache, readonly=False),
     ]  # fmt: skip
     ht = htcondor_dir()
     if ht is not None:
         cmd += share("htcondor", ht, readonly=True)
     return cmd
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it when this runner dies, even
+    of SIGKILL (prctl PR_SET_PDEATHSIG, kept across exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 def boot(img: Image, run: Path, accel_args: list[str], timeout: float, t: Timings) -> None:
@@ -361,6 +366,7 @@ def boot(img: Image, run: Path, accel_args: list[str], timeout: float, t: Timing
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + timeout
     try:
