@@ -1,0 +1,5 @@
+import sys
+
+from tests.vm.runner import main
+
+sys.exit(main())
