@@ -317,24 +317,9 @@ while True:
 LAT_PORT = PORT + 2
 
 
-@contextlib.contextmanager
-def sending(world: World, cc: str) -> Iterator[None]:
+def sending(world: World, cc: str) -> contextlib.AbstractContextManager[None]:
     """SENDER on the site, with congestion control `cc`, for the while."""
-    sender = subprocess.Popen(
-        ["ip", "netns", "exec", world.site, sys.executable, "-c", SENDER, str(LAT_PORT), cc],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert sender.stdout is not None
-        if sender.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the sender ({cc}) did not start")
-        yield
-    finally:
-        sender.kill()
-        sender.wait()
-        if sender.stdout:
-            sender.stdout.close()
+    return world.on_site("-c", SENDER, str(LAT_PORT), cc)
 
 
 def pinged(

@@ -171,21 +171,27 @@ class World:
         return p
 
     @contextlib.contextmanager
-    def rate_sink(self, port: int) -> Iterator[None]:
-        """tests/rate.py's sink on the site, on `port`, for the while."""
-        sink = subprocess.Popen(
-            ["ip", "netns", "exec", self.site, sys.executable, RATE, "sink", str(port)],
+    def on_site(self, *args: str) -> Iterator[None]:
+        """`python ARGS` on the site, for the while: once it prints "ready"."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.site, sys.executable, *args],
             stdout=subprocess.PIPE,
             text=True,
         )
         try:
-            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{' '.join(args)} did not start on the site")
             yield
         finally:
-            sink.kill()
-            sink.wait()
-            if sink.stdout:
-                sink.stdout.close()
+            proc.kill()
+            proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+    def rate_sink(self, port: int) -> contextlib.AbstractContextManager[None]:
+        """tests/rate.py's sink on the site, on `port`, for the while."""
+        return self.on_site(RATE, "sink", str(port))
 
     def leftovers(self) -> list[str]:
         """Objects of larkns's jobs still present in this world."""

@@ -21,9 +21,7 @@ from larkns.kernel import tc
 from tests.world import World, sh
 
 if not os.environ.get("LKT_VM_GUEST"):
-    pytest.skip(
-        "runs in the VM tier's guest only (python -m tests.vm)", allow_module_level=True
-    )
+    pytest.skip("runs in the VM tier's guest only (python -m tests.vm)", allow_module_level=True)
 if os.geteuid() != 0:
     pytest.skip("needs root: builds network namespaces", allow_module_level=True)
 
