@@ -595,7 +595,7 @@ class Engine:
             from larkns.kernel import uplink
 
             with failures.step("its classes in the uplink's share"):
-                if plan is not None or uplink.present(self.rtnl):
+                if plan is not None or self._share_present():
                     for slot in slots:
                         uplink.leave(self.rtnl, slot)
         if failures:
@@ -650,12 +650,16 @@ class Engine:
                 removed.append(f"link {link} (a spare upload shaper)")
         return removed
 
+    def _share_present(self) -> bool:
+        """Whether the uplink's share is on this node, looked up by its
+        links' names: the share's modules (tc, eBPF) are loaded only where
+        there is one."""
+        return any(self.rtnl.link_index(n) is not None for n in (SHARE_DOWN_LINK, SHARE_UP_LINK))
+
     def _remove_share(self) -> list[str]:
         """The uplink's share, when no job is left in it."""
         self._share = None
-        # Looked up by name first: the share's modules (tc, eBPF) are loaded
-        # only where there is one.
-        if all(self.rtnl.link_index(n) is None for n in (SHARE_DOWN_LINK, SHARE_UP_LINK)):
+        if not self._share_present():
             return []
         from larkns.kernel import uplink
 

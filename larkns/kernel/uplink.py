@@ -265,7 +265,3 @@ def remove(rtnl: Rtnl, uplink: str | None) -> list[str]:
     if not tc.has_filters(rtnl, idx):
         rtnl.run(tc.delete_clsact(idx, name), ignore=_MISSING)
     return removed
-
-
-def present(rtnl: Rtnl) -> bool:
-    return rtnl.link_index(DOWN_LINK) is not None or rtnl.link_index(UP_LINK) is not None
