@@ -28,6 +28,42 @@ class build_ext_and_programs(build_ext):
         pkg.mkdir(parents=True, exist_ok=True)
         self._program(pkg / "larkns-entry", [CSRC / "entry.c"])
         self._program(pkg / "larkns-keeper", [CSRC / "keeper.c", CSRC / "spawn.c"])
+        self._bpf(pkg / "clat.bpf.o", CSRC / "clat.bpf.c")
+
+    def _bpf(self, out: Path, source: Path) -> None:
+        """The kernel-side CLAT (eBPF), where clang can build it; without
+        it, jobs' CLATs are tayga processes (larkns doctor says which)."""
+        clang = os.environ.get("CLANG", "clang")
+        cc = os.environ.get("CC", "cc")
+        try:
+            triple = subprocess.run(
+                [cc, "-dumpmachine"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            triple = ""
+        # <asm/...> of the host's kernel headers: Debian keeps them under
+        # the multiarch triple, which -target bpf does not search.
+        extra = [f"-idirafter/usr/include/{triple}"] if triple else []
+        try:
+            subprocess.run(
+                [
+                    clang,
+                    "-O2",
+                    "-g0",
+                    "-Wall",
+                    "-target",
+                    "bpf",
+                    *extra,
+                    "-c",
+                    str(source),
+                    "-o",
+                    str(out),
+                ],
+                check=True,
+            )
+        except (OSError, subprocess.CalledProcessError) as e:
+            out.unlink(missing_ok=True)
+            print(f"larkns: the kernel-side CLAT was not built ({e}); CLATs will use tayga")
 
     def _program(self, out: Path, sources: list[Path]) -> None:
         cc = os.environ.get("CC", "cc")

@@ -9,7 +9,8 @@ if command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-dev python3-nftables nftables netbase \
-        gcc libc6-dev libffi-dev iproute2 util-linux procps iputils-ping radvd dnsmasq-base tayga >/dev/null
+        gcc libc6-dev libffi-dev iproute2 util-linux procps iputils-ping radvd dnsmasq-base tayga \
+        clang libbpf-dev >/dev/null
 elif command -v dnf >/dev/null 2>&1; then
     # EL9: Python 3.11 from AppStream, beside the system's 3.9.
     # glibc-static (larkns-entry is linked statically) is in CRB.

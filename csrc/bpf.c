@@ -27,3 +27,31 @@ int lk_bpf_prog_load(uint32_t type, const void *insns, uint32_t n, const char *n
     strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
     return (int)syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
 }
+
+/* A map of `type` (a hash: the CLAT's jobs), its fd or -1 with errno. */
+int lk_bpf_map_create(uint32_t type, uint32_t key_size, uint32_t value_size,
+                      uint32_t max_entries, uint32_t flags, const char *name)
+{
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.map_type = type;
+    attr.key_size = key_size;
+    attr.value_size = value_size;
+    attr.max_entries = max_entries;
+    attr.map_flags = flags;
+    strncpy(attr.map_name, name, sizeof(attr.map_name) - 1);
+    return (int)syscall(SYS_bpf, BPF_MAP_CREATE, &attr, sizeof(attr));
+}
+
+/* Set (op BPF_MAP_UPDATE_ELEM, value given) or delete (BPF_MAP_DELETE_ELEM,
+ * value NULL) one element: 0, or -1 with errno. */
+int lk_bpf_map_elem(uint32_t op, int fd, const void *key, const void *value)
+{
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.map_fd = (uint32_t)fd;
+    attr.key = (uint64_t)(uintptr_t)key;
+    attr.value = (uint64_t)(uintptr_t)value;
+    attr.flags = BPF_ANY;
+    return (int)syscall(SYS_bpf, op, &attr, sizeof(attr));
+}

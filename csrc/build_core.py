@@ -93,6 +93,9 @@ int lk_spawn_kept(const struct lk_spawn_attr *a, const struct lk_keep_attr *k,
                   int *err_errno);
 int lk_bpf_prog_load(uint32_t type, const void *insns, uint32_t n, const char *name,
                      char *log, uint32_t log_size);
+int lk_bpf_map_create(uint32_t type, uint32_t key_size, uint32_t value_size,
+                      uint32_t max_entries, uint32_t flags, const char *name);
+int lk_bpf_map_elem(uint32_t op, int fd, const void *key, const void *value);
 """
 
 ffibuilder = FFI()

@@ -106,6 +106,10 @@ class Settings:
     # routed job toward the site's NAT64 prefix.  "auto": when the worker
     # has no IPv4 default route.
     clat: str = "auto"
+    # What translates: "bpf" (tc programs on the job's link, no process),
+    # "tayga" (a process per job) or "auto" (bpf where it was built and the
+    # kernel loads it, else tayga).
+    clat_translator: str = "auto"
     nat64_prefix: ipaddress.IPv6Network = field(
         default_factory=lambda: ipaddress.IPv6Network("64:ff9b::/96")
     )
@@ -663,6 +667,7 @@ _PARSERS: dict[str, Parser] = {
     ),
     "LARKNS_BRIDGE_IPV4": _parse_choice("bridge_ipv4", ("static", "dhcp", "none")),
     "LARKNS_CLAT": _parse_choice("clat", ("auto", "on", "off")),
+    "LARKNS_CLAT_TRANSLATOR": _parse_choice("clat_translator", ("auto", "bpf", "tayga")),
     "LARKNS_NAT64_PREFIX": _parse_nat64,
     "LARKNS_DHCP_TIMEOUT": _parse_seconds("dhcp_timeout", 0, 120, low_included=False),
     "LARKNS_INBOUND_PORTS": _parse_port_range,

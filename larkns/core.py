@@ -453,15 +453,62 @@ def bpf_prog_load(prog_type: int, insns: bytes, name: str) -> int:
     if len(insns) % 8:
         raise ValueError("eBPF instructions are 8 bytes each")
     code = ffi.from_buffer(insns)
-    log = ffi.new("char[]", 4096)
+    # Without a log first: the verifier's log of a large program overflows
+    # any small buffer, and an overflowing log fails the load (ENOSPC).
     fd = int(
-        lib.lk_bpf_prog_load(prog_type, code, len(insns) // 8, _encode(name, "name"), log, 4096)
+        lib.lk_bpf_prog_load(prog_type, code, len(insns) // 8, _encode(name, "name"), ffi.NULL, 0)
+    )
+    if fd >= 0:
+        return fd
+    err = int(ffi.errno)
+    size = 1 << 20
+    log = ffi.new("char[]", size)
+    fd = int(
+        lib.lk_bpf_prog_load(prog_type, code, len(insns) // 8, _encode(name, "name"), log, size)
+    )
+    if fd >= 0:  # loaded the second time: a passing failure (EAGAIN, ENOMEM)
+        return fd
+    # The verifier's reason is the last line before its statistics.
+    lines = ffi.string(log).decode(errors="replace").strip().splitlines()
+    why = [ln for ln in lines if not ln.startswith(("processed ", "verification time"))]
+    detail = f": {why[-1]}" if why else ""
+    raise CoreError(err, f"bpf(BPF_PROG_LOAD) failed: {os.strerror(err)}{detail}")
+
+
+#: bpf(2) map types and flags (linux/bpf.h).
+BPF_MAP_TYPE_HASH: Final[int] = 1
+BPF_F_NO_PREALLOC: Final[int] = 1
+_BPF_MAP_UPDATE_ELEM: Final[int] = 2
+_BPF_MAP_DELETE_ELEM: Final[int] = 3
+
+
+def bpf_map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str
+) -> int:
+    """A new eBPF map; its fd, which the caller closes."""
+    fd = int(
+        lib.lk_bpf_map_create(
+            map_type, key_size, value_size, max_entries, flags, _encode(name, "name")
+        )
     )
     if fd < 0:
         err = int(ffi.errno)
-        # The verifier's reason is the last line before its statistics.
-        lines = ffi.string(log).decode(errors="replace").strip().splitlines()
-        why = [ln for ln in lines if not ln.startswith(("processed ", "verification time"))]
-        detail = f": {why[-1]}" if why else ""
-        raise CoreError(err, f"bpf(BPF_PROG_LOAD) failed: {os.strerror(err)}{detail}")
+        raise CoreError(err, f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}")
     return fd
+
+
+def bpf_map_update(fd: int, key: bytes, value: bytes) -> None:
+    """Set `key` to `value` in map `fd` (sizes as the map's)."""
+    if lib.lk_bpf_map_elem(_BPF_MAP_UPDATE_ELEM, fd, key, value) < 0:
+        err = int(ffi.errno)
+        raise CoreError(err, f"bpf(BPF_MAP_UPDATE_ELEM) failed: {os.strerror(err)}")
+
+
+def bpf_map_delete(fd: int, key: bytes) -> bool:
+    """Remove `key` from map `fd`; False if it was not there."""
+    if lib.lk_bpf_map_elem(_BPF_MAP_DELETE_ELEM, fd, key, ffi.NULL) < 0:
+        err = int(ffi.errno)
+        if err == errno.ENOENT:
+            return False
+        raise CoreError(err, f"bpf(BPF_MAP_DELETE_ELEM) failed: {os.strerror(err)}")
+    return True

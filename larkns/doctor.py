@@ -249,6 +249,25 @@ def available_modes(settings: Settings) -> list[str]:
     return [*modes, "none"]
 
 
+def clat_translator(settings: Settings) -> tuple[str, bool]:
+    """Which translator jobs' CLATs get here (LARKNS_CLAT_TRANSLATOR and
+    what can be loaded), said in words, and whether it can work."""
+    from larkns.kernel import clatbpf
+
+    why = None if settings.clat_translator == "tayga" else clatbpf.unavailable()
+    tayga = shutil.which("tayga", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if settings.clat_translator != "tayga" and why is None:
+        return "translated in the kernel (eBPF on the job's link, no process per job)", True
+    if settings.clat_translator == "bpf":
+        return f"but the kernel-side CLAT cannot be used ({why}): jobs are refused", False
+    said = "by tayga (a process per job)"
+    if why is not None:
+        said += f"; the kernel-side CLAT cannot be used: {why}"
+    if tayga is None:
+        said += "; tayga is not installed: jobs are refused"
+    return said, tayga is not None
+
+
 def modes(settings: Settings) -> list[Finding]:
     """What each network type can do on this node (its uplink, its config),
     as seen from the calling thread's network namespace."""
@@ -261,11 +280,11 @@ def modes(settings: Settings) -> list[Finding]:
         uplink = ", ".join(f for f, ok in (("IPv4", v4), ("IPv6", v6)) if ok) or "none"
         clat = settings.clat == "on" or (settings.clat == "auto" and not v4)
         if clat:
-            tayga = shutil.which("tayga", path="/usr/sbin:/usr/bin:/sbin:/bin")
-            ipv4 = f"; jobs get IPv4 through a CLAT toward NAT64 {settings.nat64_prefix}" + (
-                "" if tayga else " (tayga is not installed: jobs are refused)"
+            translator, usable = clat_translator(settings)
+            ipv4 = (
+                f"; jobs get IPv4 through a CLAT toward NAT64 {settings.nat64_prefix}, {translator}"
             )
-            ok = bool(tayga) and v6
+            ok = usable and v6
         else:
             ipv4 = "" if v4 else "; jobs get IPv4 but it reaches nothing (no IPv4 uplink)"
             ok = v4 or v6

@@ -60,6 +60,7 @@ def build(
     shaper_leaf: str | None = None,
     weight: float | None = None,
     uncounted_s: float = 0.0,
+    clat: str | None = None,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -110,6 +111,12 @@ def build(
         # the worker's ruleset took the job's counters, and they went on from
         # their last reading (at most a second before it).
         "uncounted_s": round(uncounted_s, 3),
+        # The job's IPv4 through a CLAT (IPv6-only worker): its translator
+        # ("bpf": in the kernel, "tayga": a process), and the packets the
+        # kernel-side one dropped as untranslatable.  None: no CLAT.
+        "clat": None
+        if clat is None
+        else {"translator": clat, "untranslated_packets": traffic.untranslated.packets},
     }
 
 
@@ -177,6 +184,14 @@ def summary(report: dict[str, Any]) -> str:
             )
         if report.get("weight") is not None:
             lines.append(f"larkns:   weight {report['weight']:g} in the uplink's share")
+        clat = report.get("clat")
+        if clat is not None:
+            how = "in the kernel" if clat["translator"] == "bpf" else "by tayga"
+            lost = clat["untranslated_packets"]
+            lines.append(
+                f"larkns:   IPv4 through a CLAT, translated {how}"
+                + (f"; {lost} pkts could not be translated and were dropped" if lost else "")
+            )
         dropped = report["dropped"]
         if dropped["packets"]:
             lines.append(

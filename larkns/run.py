@@ -282,6 +282,7 @@ def _run(
         shaper_leaf=engine.shaper_leaf,
         weight=getattr(plan, "weight", None),
         uncounted_s=uncounted,
+        clat=getattr(plan, "translator", None),
     )
     if outcome.error:
         print(f"larkns: {outcome.error}", file=sys.stderr)

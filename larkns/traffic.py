@@ -31,6 +31,10 @@ class Traffic:
     # What the job's destination policy refused (larkns/policy.py).  Not in
     # the totals either.
     refused: Count = field(default_factory=Count)
+    # Packets the job's kernel-side CLAT dropped as untranslatable (IPv4
+    # options, ICMP errors from the job, IPv6 to its CLAT address from
+    # outside the NAT64 prefix, ...): packets only, not in the totals.
+    untranslated: Count = field(default_factory=Count)
     # class name -> (incoming, outgoing), for the admin's traffic classes
     classes: dict[str, tuple[Count, Count]] = field(default_factory=dict)
 

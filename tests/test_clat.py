@@ -1,5 +1,6 @@
 """IPv6-only workers: jobs still get IPv4, through a CLAT toward the site's
-NAT64 (464XLAT), (real kernel, simulated site).
+NAT64 (464XLAT), (real kernel, simulated site), with either translator: the
+kernel-side one (eBPF on the job's link) and tayga.
 
 The worker has no IPv4 on its uplink.  The site runs a NAT64 (tayga) for
 NAT64 (a network-specific prefix inside 2001:db8::/32: tayga refuses the
@@ -8,6 +9,7 @@ well-known 64:ff9b::/96 toward benchmark-range IPv4) and an IPv4 server.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -19,9 +21,11 @@ import pytest
 
 from tests.sites import NAT64, missing, required, v6only_site
 from tests.test_run import run_job
-from tests.world import PEER, PORT, SITE4, World, sh
+from tests.world import PEER, PORT, RATE, SITE4, World, sh
 
 KNOBS = {"LARKNS_NAT64_PREFIX": NAT64}
+PY = sys.executable
+RATE_PORT = 7790
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +48,240 @@ def site(v6only: World) -> Iterator[World]:
         pytest.fail(f"leaked: {left}")
 
 
+@pytest.fixture(params=["bpf", "tayga"])
+def translator(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs with both translators."""
+    if request.param == "bpf":
+        from larkns.kernel import clatbpf
+
+        why = clatbpf.unavailable()
+        if why is not None:
+            required(f"the kernel-side CLAT cannot be used here: {why}")
+    return str(request.param)
+
+
+def knobs(translator: str, **more: str) -> dict[str, str]:
+    return KNOBS | {"LARKNS_CLAT_TRANSLATOR": translator} | more
+
+
 def test_on_an_ipv6_only_worker_a_job_reaches_an_ipv4_server_through_clat_and_nat64(
-    site: World, tmp_path: Path
+    site: World, tmp_path: Path, translator: str
 ) -> None:
-    script = (
-        f"{sys.executable} {PEER} udp {SITE4} {PORT} 3 100 50 && "
-        f"{sys.executable} {PEER} tcp {SITE4} {PORT}"
-    )
-    proc, report = run_job(site, tmp_path, "sh", "-c", script, extra=(), **KNOBS)
+    script = f"{PY} {PEER} udp {SITE4} {PORT} 3 100 50 && {PY} {PEER} tcp {SITE4} {PORT}"
+    proc, report = run_job(site, tmp_path, "sh", "-c", script, extra=(), **knobs(translator))
     assert proc.returncode == 0, proc.stderr
     udp, tcp = (json.loads(line) for line in proc.stdout.splitlines())
     # The job has IPv4 (the CLAT's), the server sees the site's NAT64.
     assert udp["local"] == "192.0.0.1" and report["addresses"]["ipv4"] == "192.0.0.1"  # type: ignore[index]
     assert udp["seen_as"].startswith("198.18.100.") and tcp["seen_as"].startswith("198.18.100.")
-    fam = report["families"]
-    # Counted once, as what left the job's link: IPv6 (20 bytes more per
-    # packet than the IPv4 the job sent).
-    assert fam["ipv4"]["bytes"] == {"incoming": 0, "outgoing": 0}  # type: ignore[index]
-    udp_out = 3 * (48 + 100)
-    assert fam["ipv6"]["bytes"]["outgoing"] >= udp_out  # type: ignore[index]
+    assert report["clat"] == {"translator": translator, "untranslated_packets": 0}
+    assert f"translated {'in the kernel' if translator == 'bpf' else 'by tayga'}" in proc.stderr
     assert report["dropped"] == {"packets": 0, "bytes": 0}
+
+
+def test_udp_through_the_clat_is_counted_exactly_once_as_ipv6(
+    site: World, tmp_path: Path, translator: str
+) -> None:
+    proc, report = run_job(
+        site, tmp_path, PY, PEER, "udp", SITE4, str(PORT), "5", "100", "300", **knobs(translator)
+    )
+    assert proc.returncode == 0, proc.stderr
+    fam = report["families"]
+    # What crossed the job's link: IPv6, 20 bytes more per packet than the
+    # IPv4 the job sent and received (40 + 8 of headers, then the payload).
+    assert fam["ipv4"]["bytes"] == {"incoming": 0, "outgoing": 0}  # type: ignore[index]
+    assert fam["ipv6"]["packets"] == {"incoming": 5, "outgoing": 5}  # type: ignore[index]
+    assert fam["ipv6"]["bytes"] == {"incoming": 5 * 348, "outgoing": 5 * 148}  # type: ignore[index]
+
+
+def test_ping_through_the_clat(site: World, tmp_path: Path, translator: str) -> None:
+    proc, report = run_job(
+        site, tmp_path, "ping", "-n", "-c", "3", "-i", "0.2", "-W", "3", SITE4, **knobs(translator)
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 received" in proc.stdout
+    # Echo and reply of 64 bytes of ICMP, as ICMPv6 on the link.
+    fam = report["families"]
+    assert fam["ipv6"]["bytes"] == {"incoming": 3 * 104, "outgoing": 3 * 104}  # type: ignore[index]
+
+
+def test_tcp_bulk_through_the_clat(site: World, tmp_path: Path, translator: str) -> None:
+    with site.on_site(RATE, "sink", str(RATE_PORT)):
+        proc, report = run_job(
+            site, tmp_path, PY, RATE, "put", SITE4, str(RATE_PORT), "1", **knobs(translator)
+        )
+    assert proc.returncode == 0, proc.stderr
+    sent = sum(json.loads(proc.stdout)["bins"])
+    assert sent > 1 << 20
+    # Every payload byte crossed the link once, with its headers.
+    assert report["families"]["ipv6"]["bytes"]["outgoing"] > sent  # type: ignore[index]
+    assert report["clat"]["untranslated_packets"] == 0  # type: ignore[index]
+
+
+DATAGRAM = """
+import json, socket, sys
+size, how = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, how)  # IP_MTU_DISCOVER
+s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
+s.settimeout(3)
+s.connect((sys.argv[3], int(sys.argv[4])))
+s.send((8192).to_bytes(4, "big") + b"x" * (size - 4))
+out = {}
+try:
+    out["reply"] = len(s.recv(65535))
+except OSError as e:
+    out["error"] = e.errno
+    import select
+    if select.select([s], [], [], 1)[0]:
+        try:
+            msg, anc, _, _ = s.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
+            for level, kind, data in anc:
+                if level == socket.IPPROTO_IP and kind == 11:
+                    errno_, origin, type_, code, _, info = __import__("struct").unpack_from(
+                        "=IBBBBI", data)
+                    out["icmp"] = [errno_, origin, type_, code, info]
+        except OSError:
+            pass
+print(json.dumps(out))
+"""
+IP_PMTUDISC_DONT = 0
+IP_PMTUDISC_PROBE = 3
+
+
+def test_a_datagram_larger_than_the_route_mtu_is_fragmented_by_the_job_both_ways(
+    site: World, tmp_path: Path, translator: str
+) -> None:
+    # DF clear, 3000 bytes: the job's kernel cuts it to the route's MTU,
+    # each piece becomes an IPv6 fragment, the site's reply (8192 bytes, in
+    # fragments) comes back to the job whole.
+    proc, _ = run_job(
+        site,
+        tmp_path,
+        PY,
+        "-c",
+        DATAGRAM,
+        "3000",
+        str(IP_PMTUDISC_DONT),
+        SITE4,
+        str(PORT),
+        **knobs(translator),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"reply": 8192}
+
+
+def test_a_df_packet_too_large_once_translated_gets_fragmentation_needed(
+    site: World, tmp_path: Path
+) -> None:
+    # IP_PMTUDISC_PROBE: DF set, the route's MTU (1472) ignored, the link's
+    # (1500) used: 1490 bytes of IPv4 would be 1510 of IPv6.  The CLAT
+    # answers with ICMP "fragmentation needed", MTU 1472, from its gateway.
+    proc, report = run_job(
+        site,
+        tmp_path,
+        PY,
+        "-c",
+        DATAGRAM,
+        str(1490 - 28),
+        str(IP_PMTUDISC_PROBE),
+        SITE4,
+        str(PORT),
+        **knobs("bpf"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    # EMSGSIZE, from ICMP (origin 2), type 3 code 4, MTU 1472.
+    assert out["icmp"] == [90, 2, 3, 4, 1472], out
+    assert report["families"]["ipv6"]["packets"]["outgoing"] == 0  # type: ignore[index]
+
+
+def test_a_closed_port_on_the_ipv4_server_is_reported_to_the_job(
+    site: World, tmp_path: Path, translator: str
+) -> None:
+    # The server's ICMP port unreachable, translated by the site's NAT64 to
+    # ICMPv6 and back to ICMP by the CLAT, its inner packet too: the job's
+    # connected socket sees ECONNREFUSED.
+    proc, _ = run_job(
+        site, tmp_path, PY, "-c", DATAGRAM, "100", "0", SITE4, "9", **knobs(translator)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["error"] == 111  # ECONNREFUSED
+
+
+def test_a_smaller_mtu_on_the_way_reaches_the_jobs_tcp(
+    site: World, tmp_path: Path, translator: str
+) -> None:
+    # The worker's uplink at 1400: the worker answers the job's 1492-byte
+    # IPv6 packets with "packet too big" (1400) from its own address, which
+    # has no IPv4: the CLAT makes it "fragmentation needed" (1380) from
+    # 192.0.0.8 (RFC 7600), and the job's TCP goes on in smaller segments.
+    sh("ip", "link", "set", "up0", "mtu", "1400", ns=site.worker)
+    try:
+        with site.on_site(RATE, "sink", str(RATE_PORT)):
+            proc, _ = run_job(
+                site, tmp_path, PY, RATE, "put", SITE4, str(RATE_PORT), "1", **knobs(translator)
+            )
+    finally:
+        sh("ip", "link", "set", "up0", "mtu", "1500", ns=site.worker)
+    assert proc.returncode == 0, proc.stderr
+    assert sum(json.loads(proc.stdout)["bins"]) > 1 << 20
+
+
+def test_ipv6_to_the_clat_address_from_outside_the_nat64_prefix_is_dropped_and_counted(
+    site: World, tmp_path: Path
+) -> None:
+    # The worker sends to the job's CLAT address from its own address, which
+    # is not in the NAT64 prefix and so has no IPv4 form: the CLAT drops it
+    # (never passes it on as IPv6 to the job) and the report counts it.
+    name = f"{site.prefix[3:]}u"
+    report = tmp_path / "report.json"
+    p = site.larkns_popen(
+        "run",
+        "--name",
+        name,
+        "--json-report",
+        str(report),
+        "--",
+        "sh",
+        "-c",
+        "ip -6 -o addr show scope global; cat >/dev/null",
+        stdin=True,
+        knobs=knobs("bpf"),
+    )
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        slaac = ipaddress.IPv6Interface(line.split()[3])
+        clat6 = slaac.network.network_address + 0x464
+        send = (
+            "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+            f"for _ in range(4): s.sendto(b'x' * 10, ('{clat6}', 9))"
+        )
+        sh(PY, "-c", send, ns=site.worker)
+    finally:
+        p.communicate("", timeout=30)
+    assert p.returncode == 0
+    rep = json.loads(report.read_text())
+    assert rep["clat"] == {"translator": "bpf", "untranslated_packets": 4}
+
+
+def test_the_kernel_side_clat_runs_no_process_in_the_job(site: World) -> None:
+    name = f"{site.prefix[3:]}k"
+    p = site.larkns_popen(
+        "run", "--name", name, "--", "sh", "-c", "echo ready; cat >/dev/null",
+        stdin=True, knobs=knobs("bpf"),
+    )  # fmt: skip
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        pids = sh("ip", "netns", "pids", site.netns_prefix + name).stdout.split()
+        comms = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids)
+        # The job's shell (and its cat, once it has started), nothing else:
+        # a job's keeper lives outside its network namespace.
+        assert comms and set(comms) <= {"sh", "cat"}, comms
+    finally:
+        p.communicate("", timeout=30)
+    assert p.returncode == 0
 
 
 def test_a_worker_without_ipv4_and_without_clat_gives_jobs_no_ipv4(
@@ -84,7 +302,7 @@ def test_a_worker_without_ipv4_and_without_clat_gives_jobs_no_ipv4(
 
 
 def test_a_routed_job_on_an_ipv6_only_worker_gets_ipv4_through_clat_too(
-    site: World, tmp_path: Path
+    site: World, tmp_path: Path, translator: str
 ) -> None:
     routed = "2001:db8:100::/56"
     sh("ip", "-6", "route", "add", routed, "via", "2001:db8:0:1::2", ns=site.site)
@@ -103,6 +321,7 @@ def test_a_routed_job_on_an_ipv6_only_worker_gets_ipv4_through_clat_too(
             extra=("--mode", "routed"),
             LARKNS_NAT64_PREFIX=NAT64,
             LARKNS_ROUTED_IPV6_PREFIX=routed,
+            LARKNS_CLAT_TRANSLATOR=translator,
         )
     finally:
         sh("ip", "-6", "route", "del", routed, ns=site.site, check=False)
@@ -120,6 +339,18 @@ def test_doctor_says_jobs_get_ipv4_through_a_clat(site: World) -> None:
     ).stdout
     (nat,) = [line for line in out.splitlines() if "mode nat" in line]
     assert nat.startswith("ok") and f"through a CLAT toward NAT64 {NAT64}" in nat, out
+    from larkns.kernel import clatbpf
+
+    if clatbpf.unavailable() is None:
+        assert "translated in the kernel" in nat, out
+    out = subprocess.run(
+        site.worker_cmd(str(Path(sys.executable).parent / "larkns"), "doctor"),
+        env=site.env() | knobs("tayga"),
+        capture_output=True,
+        text=True,
+    ).stdout
+    (nat,) = [line for line in out.splitlines() if "mode nat" in line]
+    assert nat.startswith("ok") and "by tayga (a process per job)" in nat, out
 
 
 def test_the_clat_runs_unprivileged_chrooted_and_without_capabilities(site: World) -> None:
@@ -133,7 +364,7 @@ def test_the_clat_runs_unprivileged_chrooted_and_without_capabilities(site: Worl
         "-c",
         "echo ready; cat >/dev/null",
         stdin=True,
-        knobs=KNOBS,
+        knobs=knobs("tayga"),
     )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"

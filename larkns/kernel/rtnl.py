@@ -69,6 +69,8 @@ IFA_F_TENTATIVE = 0x40
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
+RTA_METRICS = 8
+RTAX_MTU = 2
 RTA_TABLE = 15
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
@@ -222,6 +224,7 @@ def route(
     oif: int,
     gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
     delete: bool = False,
+    mtu: int | None = None,
 ) -> Request:
     fam = _family(dst.network_address)
     scope = RT_SCOPE_LINK if gateway is None and fam == socket.AF_INET else RT_SCOPE_UNIVERSE
@@ -231,6 +234,8 @@ def route(
     body += _attr(RTA_OIF, struct.pack("=i", oif))
     if gateway is not None:
         body += _attr(RTA_GATEWAY, gateway.packed)
+    if mtu is not None:
+        body += _attr(RTA_METRICS, _attr(RTAX_MTU, struct.pack("=I", mtu)))
     if delete:
         return Request(f"delete route {dst}", RTM_DELROUTE, 0, body)
     # replace: a finished job's route may still sit on its dying link

@@ -31,10 +31,12 @@ from larkns.kernel.rtnl import NLM_F_CREATE, NLM_F_EXCL, Request, Rtnl, RtnlErro
 
 RTM_NEWQDISC = 36
 RTM_DELQDISC = 37
+RTM_GETQDISC = 38
 RTM_NEWTCLASS = 40
 RTM_NEWTFILTER = 44
 TCA_KIND = 1
 TCA_OPTIONS = 2
+TCA_STATS = 3
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1
 HTB_ROOT = 0x00010000  # 1:
@@ -65,11 +67,14 @@ TCA_BPF_ACT = 1
 TCA_BPF_CLASSID = 3
 TCA_BPF_FD = 6
 TCA_BPF_NAME = 7
+TCA_BPF_FLAGS = 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
 RTM_DELTCLASS = 41
 RTM_DELTFILTER = 45
 RTM_GETTFILTER = 46
 
 _TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
+_TC_STATS = struct.Struct("=QIIIIIII")  # bytes, packets, drops, overlimits, bps, pps, qlen, backlog
 _HTB_GLOB = struct.Struct("=IIIII")  # version, rate2quantum, defcls, debug, direct_pkts
 _RATESPEC = struct.Struct("=BBHhHI")  # cell_log, linklayer, overhead, cell_align, mpu, rate
 _HTB_OPT_TAIL = struct.Struct("=IIIII")  # buffer, cbuffer, quantum, level, prio
@@ -224,6 +229,20 @@ def bpf_filter(
     return Request(what, RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
+def bpf_direct(index: int, parent: int, pref: int, prog_fd: int, name: str, what: str) -> Request:
+    """A cls_bpf filter at priority `pref` in direct-action mode: program
+    `prog_fd`'s return value is the verdict (TC_ACT_OK, _SHOT, a redirect)."""
+    options = (
+        _attr(TCA_BPF_FD, struct.pack("=I", prog_fd))
+        + _attr(TCA_BPF_NAME, name.encode() + b"\0")
+        + _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
+    )
+    info = (pref << 16) | socket.htons(ETH_P_ALL)
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, 0, parent, info) + _kind("bpf")
+    body += _attr(TCA_OPTIONS, options)
+    return Request(what, RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
 def delete_filters(index: int, parent: int, pref: int, what: str) -> Request:
     """Every filter at priority `pref` under `parent`."""
     info = (pref << 16) | socket.htons(ETH_P_ALL)
@@ -238,6 +257,26 @@ def has_filters(host_rtnl: Rtnl, index: int) -> bool:
         if any(t == RTM_NEWTFILTER for t, _ in host_rtnl.dump(RTM_GETTFILTER, body)):
             return True
     return False
+
+
+def clsact_drops(r: Rtnl, index: int) -> int | None:
+    """The packets the clsact qdisc of link `index` dropped (its filters'
+    TC_ACT_SHOT, both directions); None if it has no clsact."""
+    for t, payload in r.dump(RTM_GETQDISC, _TCMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+        if t != RTM_NEWQDISC or len(payload) < _TCMSG.size:
+            continue
+        if _TCMSG.unpack_from(payload)[1] != index:
+            continue
+        kind = None
+        drops = None
+        for a, data in netlink.attrs(payload, _TCMSG.size):
+            if a == TCA_KIND:
+                kind = data.rstrip(b"\0").decode()
+            elif a == TCA_STATS and len(data) >= _TC_STATS.size:
+                drops = _TC_STATS.unpack_from(data)[2]
+        if kind == "clsact":
+            return drops or 0
+    return None
 
 
 def delete_class(index: int, classid: int, what: str) -> Request:

@@ -22,7 +22,7 @@ from larkns.modes.base import Failures, Requirement, all_classes, classes_of
 from larkns.modes.link import LinkedDriver
 from larkns.plan import HOST_LINK_PREFIX, Address, LinkedNetwork, eui64
 from larkns.policy import Destinations, Policy
-from larkns.traffic import Count
+from larkns.traffic import Count, Traffic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,9 @@ class RoutingNetwork(LinkedNetwork):
     # IPv6-only worker: the job's IPv4 is a CLAT's (192.0.0.1), translated
     # to IPv6 toward this NAT64 prefix; the job's link has no IPv4.
     nat64_prefix: ipaddress.IPv6Network | None = None
+    # What translates for that CLAT: "bpf" (the kernel) or "tayga" (a
+    # process); None for a plan of a larkns that had only tayga.
+    clat_translator: str | None = None
     # Its destination policy (larkns/policy.py), as text, and the
     # fingerprint its chain is named after; None: open.
     policy: str | None = None
@@ -48,6 +51,13 @@ class RoutingNetwork(LinkedNetwork):
     @property
     def clat(self) -> bool:
         return self.nat64_prefix is not None
+
+    @property
+    def translator(self) -> str | None:
+        """The CLAT's translator; None: no CLAT."""
+        if not self.clat:
+            return None
+        return self.clat_translator or "tayga"
 
     @property
     def ipv6_job(self) -> ipaddress.IPv6Address | None:
@@ -96,7 +106,8 @@ class RoutingNetwork(LinkedNetwork):
             )
         if self.clat:
             lines.append(
-                f"  ipv4 {clat.JOB4.ip} by CLAT, as {self.ipv6_clat} toward {self.nat64_prefix}"
+                f"  ipv4 {clat.JOB4.ip} by CLAT ({self.translator}), as {self.ipv6_clat} "
+                f"toward {self.nat64_prefix}"
             )
         if self.policy:
             lines.append(f"  destination policy {self.policy}")
@@ -123,8 +134,8 @@ class RoutingDriver(LinkedDriver[R]):
         return self.engine.shared(clat.Clat)
 
     def prepare(self, plan: R) -> None:
-        if plan.clat:
-            clat.Clat.prepare()
+        if plan.translator is not None:
+            clat.Clat.prepare(plan.translator)
 
     def build(self, plan: R, job: Rtnl, record: Record) -> None:
         """The job's veth, addresses and routes, counters, RAs."""
@@ -163,9 +174,21 @@ class RoutingDriver(LinkedDriver[R]):
         self.publish(plan)
         if plan.clat:
             assert plan.nat64_prefix is not None and plan.ipv6_clat is not None
-            self.clat().start(
-                plan.name, plan.netns, plan.nat64_prefix, plan.ipv6_clat, plan.job_mac, job, idx
-            )
+            if plan.translator == "bpf":
+                self.clat().start_bpf(
+                    plan.name,
+                    plan.nat64_prefix,
+                    plan.ipv6_clat,
+                    plan.job_mac,
+                    plan.host_mac,
+                    job,
+                    plan.job_index,
+                    idx,
+                )
+            else:
+                self.clat().start(
+                    plan.name, plan.netns, plan.nat64_prefix, plan.ipv6_clat, plan.job_mac, job, idx
+                )
 
     # -- planning: the type's pools, its plan for a slot --------------------
 
@@ -220,17 +243,36 @@ class RoutingDriver(LinkedDriver[R]):
         prefix = settings.ipv6_prefix or host_ula_prefix(settings.lib_dir)
         clat = self.clat().needed()
         self.refuse(name, prefix, clat)
+        # Chosen (and refused, if forced and unusable) before a slot is taken.
+        translator = self.clat().translator() if clat else None
         slot = self.engine.lease_slot(name, self.slot_count(prefix), self.pools(prefix))
         p = self.plan_slot(name, slot, prefix)
         if clat:
             # No IPv4 on the job's link: its IPv4 is the CLAT's, in the job.
             p = dataclasses.replace(
-                p, ipv4_host=None, ipv4_job=None, nat64_prefix=settings.nat64_prefix
+                p,
+                ipv4_host=None,
+                ipv4_job=None,
+                nat64_prefix=settings.nat64_prefix,
+                clat_translator=translator,
             )
         fingerprint = self._policy_id(policy)
         if fingerprint is not None:
             p = dataclasses.replace(p, policy=policy.text(), policy_id=fingerprint)
         return p
+
+    def stats(self, plan: R) -> Traffic:
+        counts = super().stats(plan)
+        if plan.translator != "bpf":
+            return counts
+        # What the kernel-side CLAT dropped, from the job's namespace (gone
+        # if the job is being torn down: then what the nft counters say).
+        try:
+            with self.engine.job_socket(plan) as job:
+                lost = clat.Clat.untranslated(job, plan.job_index)
+        except OSError:
+            return counts
+        return dataclasses.replace(counts, untranslated=Count(packets=lost))
 
     def publish(self, plan: R, add: bool = True) -> None:
         """Make the job's addresses known to the site (or no longer)."""
