@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,19 +61,28 @@ def translator(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def knobs(translator: str, **more: str) -> dict[str, str]:
-    return KNOBS | {"LARKNS_CLAT_TRANSLATOR": translator} | more
+def knobs(translator: str) -> dict[str, str]:
+    return KNOBS | {"LARKNS_CLAT_TRANSLATOR": translator}
+
+
+def clat_job(
+    world: World, tmp_path: Path, translator: str, *cmd: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`larkns run -- CMD` on the IPv6-only worker, with `translator`."""
+    return run_job(
+        world, tmp_path, *cmd, LARKNS_NAT64_PREFIX=NAT64, LARKNS_CLAT_TRANSLATOR=translator
+    )
 
 
 def test_on_an_ipv6_only_worker_a_job_reaches_an_ipv4_server_through_clat_and_nat64(
     site: World, tmp_path: Path, translator: str
 ) -> None:
     script = f"{PY} {PEER} udp {SITE4} {PORT} 3 100 50 && {PY} {PEER} tcp {SITE4} {PORT}"
-    proc, report = run_job(site, tmp_path, "sh", "-c", script, extra=(), **knobs(translator))
+    proc, report = clat_job(site, tmp_path, translator, "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
     udp, tcp = (json.loads(line) for line in proc.stdout.splitlines())
     # The job has IPv4 (the CLAT's), the server sees the site's NAT64.
-    assert udp["local"] == "192.0.0.1" and report["addresses"]["ipv4"] == "192.0.0.1"  # type: ignore[index]
+    assert udp["local"] == "192.0.0.1" and report["addresses"]["ipv4"] == "192.0.0.1"
     assert udp["seen_as"].startswith("198.18.100.") and tcp["seen_as"].startswith("198.18.100.")
     assert report["clat"] == {"translator": translator, "untranslated_packets": 0}
     assert f"translated {'in the kernel' if translator == 'bpf' else 'by tayga'}" in proc.stderr
@@ -82,40 +92,40 @@ def test_on_an_ipv6_only_worker_a_job_reaches_an_ipv4_server_through_clat_and_na
 def test_udp_through_the_clat_is_counted_exactly_once_as_ipv6(
     site: World, tmp_path: Path, translator: str
 ) -> None:
-    proc, report = run_job(
-        site, tmp_path, PY, PEER, "udp", SITE4, str(PORT), "5", "100", "300", **knobs(translator)
+    proc, report = clat_job(
+        site, tmp_path, translator, PY, PEER, "udp", SITE4, str(PORT), "5", "100", "300"
     )
     assert proc.returncode == 0, proc.stderr
     fam = report["families"]
     # What crossed the job's link: IPv6, 20 bytes more per packet than the
     # IPv4 the job sent and received (40 + 8 of headers, then the payload).
-    assert fam["ipv4"]["bytes"] == {"incoming": 0, "outgoing": 0}  # type: ignore[index]
-    assert fam["ipv6"]["packets"] == {"incoming": 5, "outgoing": 5}  # type: ignore[index]
-    assert fam["ipv6"]["bytes"] == {"incoming": 5 * 348, "outgoing": 5 * 148}  # type: ignore[index]
+    assert fam["ipv4"]["bytes"] == {"incoming": 0, "outgoing": 0}
+    assert fam["ipv6"]["packets"] == {"incoming": 5, "outgoing": 5}
+    assert fam["ipv6"]["bytes"] == {"incoming": 5 * 348, "outgoing": 5 * 148}
 
 
 def test_ping_through_the_clat(site: World, tmp_path: Path, translator: str) -> None:
-    proc, report = run_job(
-        site, tmp_path, "ping", "-n", "-c", "3", "-i", "0.2", "-W", "3", SITE4, **knobs(translator)
+    proc, report = clat_job(
+        site, tmp_path, translator, "ping", "-n", "-c", "3", "-i", "0.2", "-W", "3", SITE4
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 received" in proc.stdout
     # Echo and reply of 64 bytes of ICMP, as ICMPv6 on the link.
     fam = report["families"]
-    assert fam["ipv6"]["bytes"] == {"incoming": 3 * 104, "outgoing": 3 * 104}  # type: ignore[index]
+    assert fam["ipv6"]["bytes"] == {"incoming": 3 * 104, "outgoing": 3 * 104}
 
 
 def test_tcp_bulk_through_the_clat(site: World, tmp_path: Path, translator: str) -> None:
     with site.on_site(RATE, "sink", str(RATE_PORT)):
-        proc, report = run_job(
-            site, tmp_path, PY, RATE, "put", SITE4, str(RATE_PORT), "1", **knobs(translator)
+        proc, report = clat_job(
+            site, tmp_path, translator, PY, RATE, "put", SITE4, str(RATE_PORT), "1"
         )
     assert proc.returncode == 0, proc.stderr
     sent = sum(json.loads(proc.stdout)["bins"])
     assert sent > 1 << 20
     # Every payload byte crossed the link once, with its headers.
-    assert report["families"]["ipv6"]["bytes"]["outgoing"] > sent  # type: ignore[index]
-    assert report["clat"]["untranslated_packets"] == 0  # type: ignore[index]
+    assert report["families"]["ipv6"]["bytes"]["outgoing"] > sent
+    assert report["clat"]["untranslated_packets"] == 0
 
 
 DATAGRAM = """
@@ -155,9 +165,10 @@ def test_a_datagram_larger_than_the_route_mtu_is_fragmented_by_the_job_both_ways
     # DF clear, 3000 bytes: the job's kernel cuts it to the route's MTU,
     # each piece becomes an IPv6 fragment, the site's reply (8192 bytes, in
     # fragments) comes back to the job whole.
-    proc, _ = run_job(
+    proc, _ = clat_job(
         site,
         tmp_path,
+        translator,
         PY,
         "-c",
         DATAGRAM,
@@ -165,7 +176,6 @@ def test_a_datagram_larger_than_the_route_mtu_is_fragmented_by_the_job_both_ways
         str(IP_PMTUDISC_DONT),
         SITE4,
         str(PORT),
-        **knobs(translator),
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"reply": 8192}
@@ -177,9 +187,10 @@ def test_a_df_packet_too_large_once_translated_gets_fragmentation_needed(
     # IP_PMTUDISC_PROBE: DF set, the route's MTU (1472) ignored, the link's
     # (1500) used: 1490 bytes of IPv4 would be 1510 of IPv6.  The CLAT
     # answers with ICMP "fragmentation needed", MTU 1472, from its gateway.
-    proc, report = run_job(
+    proc, report = clat_job(
         site,
         tmp_path,
+        "bpf",
         PY,
         "-c",
         DATAGRAM,
@@ -187,13 +198,12 @@ def test_a_df_packet_too_large_once_translated_gets_fragmentation_needed(
         str(IP_PMTUDISC_PROBE),
         SITE4,
         str(PORT),
-        **knobs("bpf"),
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     # EMSGSIZE, from ICMP (origin 2), type 3 code 4, MTU 1472.
     assert out["icmp"] == [90, 2, 3, 4, 1472], out
-    assert report["families"]["ipv6"]["packets"]["outgoing"] == 0  # type: ignore[index]
+    assert report["families"]["ipv6"]["packets"]["outgoing"] == 0
 
 
 def test_a_closed_port_on_the_ipv4_server_is_reported_to_the_job(
@@ -202,9 +212,7 @@ def test_a_closed_port_on_the_ipv4_server_is_reported_to_the_job(
     # The server's ICMP port unreachable, translated by the site's NAT64 to
     # ICMPv6 and back to ICMP by the CLAT, its inner packet too: the job's
     # connected socket sees ECONNREFUSED.
-    proc, _ = run_job(
-        site, tmp_path, PY, "-c", DATAGRAM, "100", "0", SITE4, "9", **knobs(translator)
-    )
+    proc, _ = clat_job(site, tmp_path, translator, PY, "-c", DATAGRAM, "100", "0", SITE4, "9")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["error"] == 111  # ECONNREFUSED
 
@@ -219,8 +227,8 @@ def test_a_smaller_mtu_on_the_way_reaches_the_jobs_tcp(
     sh("ip", "link", "set", "up0", "mtu", "1400", ns=site.worker)
     try:
         with site.on_site(RATE, "sink", str(RATE_PORT)):
-            proc, _ = run_job(
-                site, tmp_path, PY, RATE, "put", SITE4, str(RATE_PORT), "1", **knobs(translator)
+            proc, _ = clat_job(
+                site, tmp_path, translator, PY, RATE, "put", SITE4, str(RATE_PORT), "1"
             )
     finally:
         sh("ip", "link", "set", "up0", "mtu", "1500", ns=site.worker)
