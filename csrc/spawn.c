@@ -176,6 +176,21 @@ static int own_sysfs(void)
 
     if (unshare(CLONE_NEWNS) < 0)
         return -1;
+    /* The named network namespaces (/run/netns, shared, as iproute2 and
+     * larkns make it): this namespace's copy is a peer of the joined one's,
+     * so every job's namespace mounted there later would be mounted here
+     * too, and every unmount repeated here: with N live jobs, N mounts in
+     * each job's mount namespace (N squared on the node, 16 million at
+     * 4,000 jobs) and each job's setup and teardown repeated in all N.
+     * The job needs none of them: its copy is made private (so that
+     * unmounting it is not propagated back) and detached.  EINVAL: no
+     * /run/netns mount here, nothing to do. */
+    if (mount(NULL, "/run/netns", NULL, MS_REC | MS_PRIVATE, NULL) == 0) {
+        if (umount2("/run/netns", MNT_DETACH) < 0)
+            return -1;
+    } else if (errno != EINVAL && errno != ENOENT) {
+        return -1;
+    }
     /* The new namespace's copy of a shared /sys is a peer of the original:
      * a sysfs mounted on it would appear in the joined namespace too.  As a
      * slave, /sys receives but sends nothing.  Not unmounted: an unmount

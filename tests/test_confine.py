@@ -140,6 +140,38 @@ def test_the_job_sees_its_own_links_in_sys_and_still_its_cgroup(
     assert proc.stdout.split() == ["lo"]
 
 
+def test_a_jobs_mount_namespace_holds_no_network_namespace_of_other_jobs(
+    clean_world: World,
+) -> None:
+    # /run/netns is shared (as iproute2 makes it): a job's mount namespace,
+    # copied from the worker's, would get every later job's namespace
+    # mounted into it too (N squared mounts with N jobs), and keep the
+    # netns of a job that ended alive were it made private.
+    jobs = []
+    try:
+        for i in range(3):
+            p = clean_world.larkns_popen(
+                "run", "--name", f"{clean_world.prefix[3:]}m{i}", "--",
+                "sh", "-c", "echo $$; cat >/dev/null", stdin=True,
+            )  # fmt: skip
+            assert p.stdout is not None
+            jobs.append((p, int(p.stdout.readline())))
+        for _, pid in jobs:
+            mounts = [
+                ln.split()[4] for ln in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+            ]
+            assert not [m for m in mounts if m.startswith("/run/netns")], mounts
+        # The worker's own /run/netns is whole.
+        assert len(netns_mounts := [
+            ln for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+            if f"/run/netns/{clean_world.netns_prefix}" in ln
+        ]) == 3, netns_mounts  # fmt: skip
+    finally:
+        for p, _ in jobs:
+            p.communicate("", timeout=30)
+    assert all(p.returncode == 0 for p, _ in jobs)
+
+
 def _world_writable(tmp_path: Path) -> Path:
     d = tmp_path / "shared"
     d.mkdir()
