@@ -403,3 +403,48 @@ def test_the_clat_user_falls_back_to_nobody_when_setup_did_not_make_it() -> None
         assert user == "nobody" and group in ("nogroup", "nobody")
     else:
         assert user == CLAT_USER
+
+
+def test_without_the_built_programs_clats_fall_back_to_tayga_and_forcing_bpf_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from larkns import config
+    from larkns.kernel import clatbpf
+    from larkns.modes.base import SetupError
+    from larkns.modes.clat import Clat
+
+    # As on a node where clang was missing at install.
+    monkeypatch.setattr(clatbpf, "OBJECT", tmp_path / "clat.bpf.o")
+    monkeypatch.setattr(clatbpf, "_probe", None)
+
+    def clat(choice: str) -> Clat:
+        settings = config.load(environ={"LARKNS_CLAT_TRANSLATOR": choice}, condor=False)
+        return Clat(SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+
+    assert clat("auto").translator() == "tayga"
+    assert clat("tayga").translator() == "tayga"
+    with pytest.raises(SetupError, match=r"LARKNS_CLAT_TRANSLATOR=bpf: .*was not built"):
+        clat("bpf").translator()
+
+
+def test_an_object_file_with_anything_else_to_relocate_is_refused() -> None:
+    import struct
+
+    from larkns.kernel import clatbpf
+
+    if not clatbpf.OBJECT.exists():
+        required("the kernel-side CLAT was not built (no clang at install)")
+    elf = bytearray(clatbpf.OBJECT.read_bytes())
+    assert set(clatbpf.programs(bytes(elf), 3)) == {"egress", "ingress"}
+    with pytest.raises(clatbpf.ObjectError, match="not a 64-bit"):
+        clatbpf.programs(b"\x7fELF\x01" + bytes(elf[5:]), 3)
+    # The first relocation of a program made another type (a call, say).
+    secs = clatbpf._sections(bytes(elf))
+    rel = bytes(secs[".reltc/egress"][1])
+    at = bytes(elf).index(rel)
+    r_offset, r_info = struct.unpack_from("<QQ", rel)
+    struct.pack_into("<QQ", elf, at, r_offset, (r_info & ~0xFFFFFFFF) | 10)
+    with pytest.raises(clatbpf.ObjectError, match="unexpected relocation"):
+        clatbpf.programs(bytes(elf), 3)
