@@ -448,3 +448,14 @@ def test_an_object_file_with_anything_else_to_relocate_is_refused() -> None:
     struct.pack_into("<QQ", elf, at, r_offset, (r_info & ~0xFFFFFFFF) | 10)
     with pytest.raises(clatbpf.ObjectError, match="unexpected relocation"):
         clatbpf.programs(bytes(elf), 3)
+
+
+def test_the_job_ad_gets_what_the_kernel_side_clat_dropped() -> None:
+    from larkns.daemon import chirp
+    from larkns.daemon.server import _traffic
+    from larkns.traffic import Count, Traffic
+
+    ad = chirp.attributes(_traffic(Traffic(untranslated=Count(packets=7))))
+    assert ad["LarkNetworkUntranslatedPackets"] == "7"
+    # A job without a CLAT, or whose CLAT dropped nothing, has none.
+    assert "LarkNetworkUntranslatedPackets" not in chirp.attributes(_traffic(Traffic()))

@@ -217,6 +217,10 @@ def attributes(traffic: dict[str, Any]) -> dict[str, str]:
         # flush of the worker's ruleset took its counters; they went on from
         # their last reading).
         out["LarkNetworkUncountedSeconds"] = str(uncounted)
+    untranslated = traffic.get("untranslated")
+    if untranslated is not None:
+        # Packets the job's kernel-side CLAT could not translate and dropped.
+        out["LarkNetworkUntranslatedPackets"] = str(untranslated["packets"])
     refused = traffic.get("refused")
     if refused is not None:
         # Packets the job's destination policy refused (LARKNS_POLICY).

@@ -1067,6 +1067,8 @@ def _traffic(t: Any, relays: Sequence[Relay | UdpRelay] = ()) -> dict[str, Any]:
         "classes": {n: fam(inc, out) for n, (inc, out) in t.classes.items()},
         "dropped": {"packets": t.dropped.packets, "bytes": t.dropped.bytes},
         "refused": {"packets": t.refused.packets, "bytes": t.refused.bytes},
+        # What the job's kernel-side CLAT dropped as untranslatable.
+        **({"untranslated": {"packets": t.untranslated.packets}} if t.untranslated.packets else {}),
     }
 
 
@@ -1088,6 +1090,11 @@ def _cap_attributes(plan: JobNetwork) -> dict[str, str]:
         out["LarkNetworkCapUp"] = str(plan.bandwidth[1])
     if plan.weight is not None:
         out["LarkNetworkWeight"] = f"{plan.weight:g}"
+    translator = getattr(plan, "translator", None)
+    if translator is not None:
+        # The job's IPv4 is a CLAT's (IPv6-only worker): "bpf" (in the
+        # kernel) or "tayga" (a process).
+        out["LarkCLATTranslator"] = chirp.quote(translator)
     return out
 
 
