@@ -167,7 +167,7 @@ static void cloexec_from_3_slow(void)
  * namespace joined would list the worker's interfaces.  Nothing else of the
  * joined namespace changes: its mounts keep their propagation, so what the
  * job mounts (or what is mounted for it) still travels as before. */
-static int own_sysfs(void)
+static int own_sysfs(int keep_netns_dir)
 {
     struct statfs st;
     unsigned long flags = MS_NOSUID | MS_NODEV | MS_NOEXEC;
@@ -182,10 +182,13 @@ static int own_sysfs(void)
      * too, and every unmount repeated here: with N live jobs, N mounts in
      * each job's mount namespace (N squared on the node, 16 million at
      * 4,000 jobs) and each job's setup and teardown repeated in all N.
-     * The job needs none of them: its copy is made private (so that
-     * unmounting it is not propagated back) and detached.  EINVAL: no
-     * /run/netns mount here, nothing to do. */
-    if (mount(NULL, "/run/netns", NULL, MS_REC | MS_PRIVATE, NULL) == 0) {
+     * A job that is not full root needs none of them (entering one takes
+     * CAP_SYS_ADMIN): its copy is made private (so that unmounting it is
+     * not propagated back) and detached.  A privileged one keeps it.
+     * EINVAL: no /run/netns mount here, nothing to do. */
+    if (keep_netns_dir) {
+        /* as the joined namespace has it */
+    } else if (mount(NULL, "/run/netns", NULL, MS_REC | MS_PRIVATE, NULL) == 0) {
         if (umount2("/run/netns", MNT_DETACH) < 0)
             return -1;
     } else if (errno != EINVAL && errno != ENOENT) {
@@ -293,7 +296,10 @@ __attribute__((noreturn)) static void spawn_child(const struct lk_spawn_attr *a,
 
     /* After every setns: the sysfs shows the network namespace of its
      * mounter, and lives in the mount namespace joined. */
-    if (a->own_sysfs && own_sysfs() < 0)
+    /* Only a job that will be full root (privileged) could enter a named
+     * network namespace: it alone keeps /run/netns (see own_sysfs). */
+    if (a->own_sysfs &&
+        own_sysfs(!a->confine_caps && (a->uid >= 0 ? a->uid == 0 : geteuid() == 0)) < 0)
         child_fail(errfd, LK_STAGE_SYSFS);
 
     if (a->confine_caps && bound_caps(a->cap_keep) < 0)

@@ -417,7 +417,8 @@ def test_without_the_built_programs_clats_fall_back_to_tayga_and_forcing_bpf_is_
 
     # As on a node where clang was missing at install.
     monkeypatch.setattr(clatbpf, "OBJECT", tmp_path / "clat.bpf.o")
-    monkeypatch.setattr(clatbpf, "_probe", None)
+    monkeypatch.setattr(clatbpf, "_shared", None)
+    monkeypatch.setattr(clatbpf, "_failed", None)
 
     def clat(choice: str) -> Clat:
         settings = config.load(environ={"LARKNS_CLAT_TRANSLATOR": choice}, condor=False)

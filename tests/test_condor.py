@@ -442,6 +442,16 @@ def test_a_job_asking_for_a_type_the_site_does_not_allow_is_held(pool: Pool) -> 
     pool.run("condor_rm", str(cluster), user=True)
 
 
+def test_a_pool_jobs_mount_namespace_holds_no_network_namespace(pool: Pool) -> None:
+    # The pool's /run/netns holds the test world's namespaces; a job's copy
+    # of it, a peer, would receive every later job's (N squared mounts).
+    script = "grep -c /run/netns/ /proc/self/mountinfo; exit 0"
+    cluster = pool.submit(JOB.format(script=script, tag="mounts"))
+    ad = pool.wait_done(cluster)
+    assert ad["ExitCode"] == "0", ad
+    assert (pool.home / "mounts.out").read_text().strip() == "0"
+
+
 def test_a_job_whose_cap_is_above_the_maximum_is_held_never_run_unshaped(pool: Pool) -> None:
     job = JOB.replace("queue", '+LktCap = "500mbit"\n    queue')
     cluster = pool.submit(job.format(script="echo ran", tag="overcap"))

@@ -169,19 +169,32 @@ class Translator:
 
 
 _lock = threading.Lock()
-_probe: str | None = None
+_shared: Translator | None = None
+_failed: str | None = None
+
+
+def shared() -> Translator:
+    """The process's programs and map, loaded on first use (4-8 ms here:
+    the verifier) and kept for the process's life: the CLATs of all its
+    jobs, larknsd's or one `larkns run`'s, use the one pair.  ObjectError
+    with the reason, every time, if they cannot be loaded."""
+    global _shared, _failed
+    with _lock:
+        if _shared is None and _failed is None:
+            try:
+                _shared = Translator()
+            except (ObjectError, core.CoreError, OSError) as e:
+                _failed = str(e) or type(e).__name__
+        if _shared is None:
+            raise ObjectError(_failed)
+        return _shared
 
 
 def unavailable() -> str | None:
     """Why the kernel-side CLAT cannot be used here (None: it can): the
-    object not built, or the kernel refusing the map or the programs.
-    Tried once per process."""
-    global _probe
-    with _lock:
-        if _probe is None:
-            try:
-                Translator().close()
-                _probe = ""
-            except (ObjectError, core.CoreError, OSError) as e:
-                _probe = str(e) or type(e).__name__
-        return _probe or None
+    object not built, or the kernel refusing the map or the programs."""
+    try:
+        shared()
+    except ObjectError as e:
+        return str(e)
+    return None

@@ -130,8 +130,8 @@ class Clat:
         engine = self.engine
         if self._bpf is None:
             try:
-                self._bpf = clatbpf.Translator()
-            except (clatbpf.ObjectError, core.CoreError, OSError) as e:
+                self._bpf = clatbpf.shared()
+            except clatbpf.ObjectError as e:
                 raise SetupError(f"the kernel-side CLAT could not be loaded: {e}") from None
         engine.rtnl.run(
             rtnl.route(ipaddress.IPv6Network(clat6), host_idx, eui64(LINK_LOCAL, job_mac))
@@ -249,10 +249,10 @@ class Clat:
             os.close(pidfd)
         self._tayga.clear()
         # Kernel-side CLATs work on without this process: the programs and
-        # map stay while a job's filter holds them.
-        if self._bpf is not None:
-            self._bpf.close()
-            self._bpf = None
+        # map stay while a job's filter holds them.  The process's own fds
+        # of them are the process's (clatbpf.shared), kept for its other
+        # engines.
+        self._bpf = None
         self._bpf_jobs.clear()
 
 
