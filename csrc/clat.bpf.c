@@ -16,18 +16,21 @@
  * by the job's MAC (chosen by larkns, and one a job cannot change: it has no
  * CAP_NET_ADMIN in its namespace).
  *
- * What cannot be translated (IPv4 options, ICMP other than echo from the
- * job, fragmented ICMP, UDP without a checksum, IPv6 extension headers other
- * than a fragment header, IPv6 to the CLAT address from outside the NAT64
- * prefix) is dropped (TC_ACT_SHOT), which the clsact qdisc counts: never
- * passed on untranslated.
+ * What cannot be translated (IPv4 options, multicast, broadcast, IGMP, ICMP
+ * other than echo from the job, fragmented ICMP, UDP without a checksum,
+ * UDP segmentation offload, IPv6 extension headers other than a fragment
+ * header, IPv6 to the CLAT address from outside the NAT64 prefix) is
+ * dropped (TC_ACT_SHOT), which the clsact qdisc counts: never passed on
+ * untranslated.
  *
  * Sizes: the job's IPv4 default route has MTU = link MTU - 28 (20 for the
  * larger header, 8 for a fragment header), so the job's own kernel makes
- * every packet fit once translated.  A packet that still would not fit (a
- * socket that ignores the route's MTU) is answered, when DF is set, with an
- * ICMP "fragmentation needed" and that MTU, redirected back into the job;
- * with DF clear it is cut in two IPv6 fragments.
+ * every packet fit once translated, and cuts a larger datagram with DF
+ * clear in fragments, each translated to an IPv6 fragment.  A packet that
+ * still would not fit (a socket that ignores the route's MTU) is answered,
+ * when DF is set, with an ICMP "fragmentation needed" and that MTU,
+ * redirected back into the job; with DF clear it is dropped (offloaded, its
+ * checksum not yet computed, it cannot be cut here).
  *
  * Built with clang -target bpf at install time; loaded by larkns/kernel/
  * clatbpf.py, which resolves `clat_jobs` (the object's one relocation).
@@ -235,6 +238,9 @@ int clat_egress(struct __sk_buff *skb)
     job = job_of(eth + ETH_ALEN);
     if (!job || ip.vihl != 0x45 || ip.saddr != JOB4)
         return TC_ACT_SHOT; /* no job here, IPv4 options, or not the job's address */
+    if ((bpf_ntohl(ip.daddr) & 0xf0000000) == 0xe0000000 || ip.daddr == 0xffffffff ||
+        (bpf_ntohl(ip.daddr) & 0xfffffff8) == 0xc0000000 || ip.proto == 2)
+        return TC_ACT_SHOT; /* multicast, broadcast, the CLAT's own /29, IGMP (RFC 7915 4.1) */
 
     len4 = bpf_ntohs(ip.tot_len);
     off = bpf_ntohs(ip.frag_off);

@@ -460,3 +460,16 @@ def test_the_job_ad_gets_what_the_kernel_side_clat_dropped() -> None:
     assert ad["LarkNetworkUntranslatedPackets"] == "7"
     # A job without a CLAT, or whose CLAT dropped nothing, has none.
     assert "LarkNetworkUntranslatedPackets" not in chirp.attributes(_traffic(Traffic()))
+
+
+def test_ipv4_multicast_from_the_job_is_dropped_and_counted_never_translated(
+    site: World, tmp_path: Path
+) -> None:
+    send = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(3): s.sendto(b'x' * 10, ('224.0.0.251', 5353))"
+    )
+    proc, report = clat_job(site, tmp_path, "bpf", PY, "-c", send)
+    assert proc.returncode == 0, proc.stderr
+    assert report["clat"] == {"translator": "bpf", "untranslated_packets": 3}
+    assert report["families"]["ipv6"]["packets"]["outgoing"] == 0
