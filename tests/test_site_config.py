@@ -131,6 +131,7 @@ def test_every_knob_it_writes_is_what_larkns_then_reads(tmp_path: Path) -> None:
         "LARKNS_BRIDGE_IPV4_POOL": "198.18.200.0/24",
         "LARKNS_BRIDGE_IPV4": "dhcp",
         "LARKNS_CLAT": "on",
+        "LARKNS_CLAT_TRANSLATOR": "tayga",
         "LARKNS_NAT64_PREFIX": "2001:db8:64::/96",
         "LARKNS_DHCP_TIMEOUT": "9",
         "LARKNS_INBOUND_PORTS": "40000-40999",

@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from larkns import core
-from larkns.kernel import clatbpf, netns, rtnl, sysctl, tc
+from larkns.kernel import netns, rtnl, sysctl
 from larkns.kernel.mac import parse as parse_mac
 from larkns.kernel.rtnl import Rtnl
 from larkns.modes.base import Failures, SetupError
@@ -36,6 +36,7 @@ from larkns.plan import LINK_LOCAL, eui64
 
 if TYPE_CHECKING:
     from larkns.engine import Engine
+    from larkns.kernel.clatbpf import Translator
 
 # The job's IPv4 address (RFC 7335), the translator's own (tayga's; the
 # kernel-side CLAT's gateway), and the interface id of the job's translated
@@ -75,7 +76,7 @@ class Clat:
         self.engine = engine
         self._tayga: dict[str, int] = {}  # CLATs this process started: pidfds
         self._v4_uplink: tuple[float, bool] | None = None
-        self._bpf: clatbpf.Translator | None = None
+        self._bpf: Translator | None = None
         self._bpf_jobs: dict[str, str] = {}  # kernel-side CLATs set up here: MACs
 
     def translator(self) -> str:
@@ -84,6 +85,9 @@ class Clat:
         choice = self.engine.settings.clat_translator
         if choice == "tayga":
             return "tayga"
+        # Only here: a job without a CLAT loads no tc code (larkns run).
+        from larkns.kernel import clatbpf
+
         why = clatbpf.unavailable()
         if why is None:
             return "bpf"
@@ -127,6 +131,8 @@ class Clat:
     ) -> None:
         """The kernel-side CLAT: the job's entry in the programs' map, its
         IPv4 address, gateway and route on its link, the programs on it."""
+        from larkns.kernel import clatbpf
+
         engine = self.engine
         if self._bpf is None:
             try:
@@ -149,6 +155,8 @@ class Clat:
     def untranslated(job: Rtnl, job_idx: int) -> int:
         """The packets the kernel-side CLAT of the job behind `job` (an
         rtnetlink socket in its namespace) dropped as untranslatable."""
+        from larkns.kernel import tc
+
         return tc.clsact_drops(job, job_idx) or 0
 
     def start(
