@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pytest
 
 from larkns import config, shaping
 from larkns.config import ConfigError, Settings
-from larkns.kernel import bpf, uplink
+from larkns.kernel import bpf, tc, uplink
 from larkns.plan import JobNetwork, LinkedNetwork
 from tests.test_run import run_job
 from tests.test_shaping import PY, SINK_PORT, sink_world, transfers
@@ -104,6 +105,17 @@ def test_a_jobs_class_and_tag_come_from_its_slot_and_its_quantum_from_its_weight
     # 64 KiB a turn per unit of weight: a veth's packets are up to 64 KiB
     assert uplink.quantum(1) == 65536 and uplink.quantum(3) == 3 * uplink.quantum(1)
     assert uplink.quantum(shaping.MAX_WEIGHT) == 100 * 65536
+
+
+def test_a_jobs_classes_in_the_share_hold_a_fifo_whatever_the_kernel_has() -> None:
+    """Not fq_codel even where the kernel has it (uplink.LEAF says why):
+    the FIFO sized for the class's ceiling, 20 ms of it or two 64 KiB
+    packets."""
+    shared = uplink.Shared("up0", 2, 0, 3, 4, (400_000_000, 40_000_000))
+    leaves = [r for r in uplink.class_requests(shared, 0, 3.0, None) if r.type == tc.RTM_NEWQDISC]
+    assert [r.what for r in leaves] == ["add bfifo to lkshare.down", "add bfifo to lkshare.up"]
+    limits = [struct.unpack_from("=I", r.body, len(r.body) - 4)[0] for r in leaves]
+    assert limits == [1_000_000, 2 * 65536]
 
 
 def test_the_kernel_verifier_takes_both_classifiers() -> None:
