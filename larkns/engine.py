@@ -479,7 +479,7 @@ class Engine:
                         # Its classes went with the IFB's root (if that is
                         # what went; else they are still there).
                         requests = uplink.class_requests(
-                            member.shared, member.slot, member.weight, member.cap, tc.leaf()
+                            member.shared, member.slot, member.weight, member.cap
                         )
                         self.rtnl.run(*requests, ignore=(errno.EEXIST,))
                 except (OSError, RtnlError) as e:

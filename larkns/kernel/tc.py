@@ -83,9 +83,10 @@ _U32_KEY = struct.Struct("=IIii")  # mask, val, off, offmask
 _MIRRED = struct.Struct("=IIiiiiI")  # index, capab, action, refcnt, bindcnt, eaction, ifindex
 _FIFO = struct.Struct("=I")  # limit
 
-# The leaf under HTB, best first: fq_codel (its default target: 5 ms of
-# queueing delay, per flow), sfq (flows served in turn); without either, a
-# byte FIFO bounded to 5 ms of the rate (shaping.fifo_limit).
+# The leaf under a job's cap, best first: fq_codel (its default target: 5 ms
+# of queueing delay, per flow), sfq (flows served in turn); without either, a
+# byte FIFO bounded to 5 ms of the rate (shaping.fifo_limit).  The classes of
+# the uplink's share take the FIFO on every kernel (uplink.LEAF says why).
 LEAVES = ("fq_codel", "sfq")
 FIFO = "bfifo"
 # One class of its own under each HTB: its quantum only matters between
@@ -390,9 +391,7 @@ class JobShare(Protocol):
     def tag(self) -> int:
         """The classid of the job's ingress filter."""
 
-    def join(
-        self, host_rtnl: Rtnl, host: int, host_link: str, kind: str, before: list[Request]
-    ) -> None:
+    def join(self, host_rtnl: Rtnl, host: int, host_link: str, before: list[Request]) -> None:
         """Run `before`, then what puts the job in the share, in one sendmsg."""
 
     def leave(self, host_rtnl: Rtnl) -> None:
@@ -417,7 +416,7 @@ def _build(
     if share is None:
         host_rtnl.run(*requests)
     else:
-        share.join(host_rtnl, host, host_link, kind, requests)
+        share.join(host_rtnl, host, host_link, requests)
 
 
 def reshape(

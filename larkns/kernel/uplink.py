@@ -64,6 +64,22 @@ FILTER_HANDLE = 1
 QUANTUM_PER_WEIGHT = 65536
 # What a job's class has of its own: next to nothing, all else is borrowed.
 GUARANTEE = shaping.MIN_RATE
+# A job's class holds a byte FIFO (20 ms of its ceiling, at least two 64 KiB
+# packets: shaping.fifo_limit) on every kernel, not the fq_codel of a job's
+# cap.  HTB serves the classes in turns of their quantum, so a packet waits
+# in its leaf through the other jobs' turns (13 ms for a 64 KiB turn at
+# 40 Mbit/s, 118 ms for a weight of 9, more with more jobs); CoDel takes that
+# wait for its own queue's delay and drops, and a class that drops lends its
+# turns away.  On Debian 12's 6.1 (tests/vm, 40 Mbit/s, 6 runs each, some
+# beside another guest): weights 1:3 gave the light job 0.242-0.403 with
+# fq_codel (7 of 12 directions outside 0.225-0.275; CoDel dropped 8-78
+# packets a class in a 6 s transfer) and 0.246-0.292 with the FIFO (4, all
+# while another guest loaded the host; it dropped 0-13); 1:9 gave 0.084-0.121
+# with fq_codel, 0.101-0.118 with the FIFO in the runs with the host idle.
+# fq_codel with a 50 ms target kept 1:3 (0.245-0.273) but gave 1:9 0.034
+# once: no target outlasts every round.  The FIFO's price: the light job's
+# ping under load took 55-255 ms (median of each run), 2-61 ms with fq_codel.
+LEAF = tc.FIFO
 _MISSING = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
 
 
@@ -173,7 +189,7 @@ def ensure(rtnl: Rtnl, uplink: str | None, capacity: shaping.Cap) -> Shared:
 
 
 def class_requests(
-    shared: Shared, slot: int, weight: float, cap: shaping.Cap | None, kind: str
+    shared: Shared, slot: int, weight: float, cap: shaping.Cap | None
 ) -> list[Request]:
     """The job's classes (and their leaves) on both IFBs."""
     cid = classid(slot)
@@ -190,7 +206,7 @@ def class_requests(
                 f"add the job's class {cid >> 16:x}:{cid & 0xFFFF:x} to {dev}",
                 quantum=quantum(weight),
             ),
-            tc.leaf_qdisc(idx, cid, kind, ceil, dev, shared=True),
+            tc.leaf_qdisc(idx, cid, LEAF, ceil, dev, shared=True),
         ]
     return out
 
@@ -208,9 +224,7 @@ class Member:
     def tag(self) -> int:
         return classid(self.slot)
 
-    def join(
-        self, host_rtnl: Rtnl, host: int, host_link: str, kind: str, before: list[Request]
-    ) -> None:
+    def join(self, host_rtnl: Rtnl, host: int, host_link: str, before: list[Request]) -> None:
         """`before` (the job's own shapers and its tagging filter, which
         make the clsact), then the job's classes and its link's download
         filter, in one sendmsg."""
@@ -219,7 +233,7 @@ class Member:
         try:
             host_rtnl.run(
                 *before,
-                *class_requests(self.shared, self.slot, self.weight, self.cap, kind),
+                *class_requests(self.shared, self.slot, self.weight, self.cap),
                 tc.bpf_filter(
                     host,
                     tc.CLSACT_EGRESS,

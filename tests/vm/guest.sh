@@ -18,6 +18,12 @@ set +a
 # The registries' TLS as the host sees it (a site may put its own CA in front).
 cp "$R/ca.crt" /etc/ssl/certs/ca-certificates.crt
 export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1
+# No bytecode compiled at install (pip install --no-compile; as a variable
+# it is PIP_COMPILE=0, since pip reads PIP_NO_COMPILE=1 as compile=1):
+# compiling every installed module is CPU, slow under emulation (setup.sh
+# took 154-207 s with it off, 295-342 s on), and what the tests import
+# compiles as they go.
+export PIP_COMPILE=0
 
 # The checkout, copied (the share is read-only; setup.sh builds in place), at
 # /work/larkns so that the tests find ../shared/htcondor as on the host.

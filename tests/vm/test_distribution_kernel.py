@@ -55,21 +55,32 @@ def test_the_leaf_under_a_cap_is_fq_codel() -> None:
     assert tc.leaf() == "fq_codel"
 
 
-def test_a_capped_jobs_host_end_and_ifb_hold_fq_codel_under_htb(clean_world: World) -> None:
+def test_a_capped_jobs_ends_hold_fq_codel_and_its_classes_in_the_share_a_fifo(
+    clean_world: World,
+) -> None:
     name = "lktvmcap"
     job = clean_world.serving(
         "run", "--name", name, "--bandwidth", "20mbit/10mbit", "--",
         "sh", "-c", "echo ready; sleep 30",
+        knobs={"LARKNS_UPLINK_BANDWIDTH": "40mbit", "LARKNS_UPLINK": "up0"},
     )  # fmt: skip
     try:
         down = sh("tc", "qdisc", "show", "dev", f"lk-{name}", ns=clean_world.worker).stdout
         up = sh("tc", "qdisc", "show", "dev", f"lkb{name}", ns=clean_world.worker).stdout
+        shared = [
+            sh("tc", "qdisc", "show", "dev", dev, ns=clean_world.worker).stdout
+            for dev in ("lkshare.down", "lkshare.up")
+        ]
     finally:
         job.terminate()  # reaches the command; larkns run then tears down
         job.communicate(timeout=60)
     for shown in (down, up):
         assert "htb 1: root" in shown, shown
         assert "qdisc fq_codel" in shown and "parent 1:" in shown, shown
+    # The share's classes: a FIFO even here (larkns/kernel/uplink.py, LEAF).
+    for shown in shared:
+        assert "qdisc bfifo" in shown and "parent 4c4b:" in shown, shown
+        assert "fq_codel" not in shown, shown
 
 
 def test_the_hierarchy_is_cgroup_v2_alone() -> None:
