@@ -95,6 +95,8 @@ def which(tool: str) -> str | None:
 
 def has_plugin() -> bool:
     """vagrant-libvirt, as Debian installs it (vagrant finds it there too)."""
+    if which("dpkg-query") is None:
+        return False
     done = subprocess.run(
         ["dpkg-query", "-W", "-f", "${Status}", PLUGIN_PACKAGE],
         capture_output=True,
@@ -576,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         rc = 1
     finally:
+        if t.marks and t.marks[-1][0] != "end":
+            t.mark("end")
         report(image_s, box_s, t)
     say("passed" if rc == 0 else f"failed ({rc})")
     return 0 if rc == 0 else 1
