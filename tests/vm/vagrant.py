@@ -1,6 +1,7 @@
 """Vagrant for real: vagrant/ brings up a Debian 12 box here, provisions it
-(HTCondor from ../shared/htcondor's build, larkns, larknsd) and runs
-vagrant/e2e-check.sh against the box's own HTCondor.
+(HTCondor from ../shared/htcondor's build, or the file LARKNS_HTCONDOR
+names; larkns; larknsd) and runs vagrant/e2e-check.sh against the box's own
+HTCondor.
 
     python -m tests.vm.vagrant [--install-deps] [--rebuild-box] [--box-only]
 
@@ -472,10 +473,15 @@ def bring_up(s: Session, b: Box, checkout: Path, deadline: float, t: Timings) ->
         "LARKNS_VAGRANT_PROXY": GUEST_PROXY,
         "LARKNS_VAGRANT_CA": "/etc/ssl/certs/ca-certificates.crt",
     }
+    # HTCondor as LARKNS_HTCONDOR says (vagrant/Vagrantfile), else the build
+    # in ../shared/htcondor, else get.htcondor.org.
     ht = vm.htcondor_dir()
-    if ht is not None:
-        env["LARKNS_HTCONDOR"] = str(sorted(ht.glob("condor-*.tar.xz"))[-1])
-        say(f"HTCondor from {env['LARKNS_HTCONDOR']}")
+    htcondor = os.environ.get("LARKNS_HTCONDOR") or (
+        str(sorted(ht.glob("condor-*.tar.xz"))[-1]) if ht is not None else ""
+    )
+    if htcondor:
+        env["LARKNS_HTCONDOR"] = htcondor
+        say(f"HTCondor from {htcondor}")
     else:
         say("no ../shared/htcondor: HTCondor from get.htcondor.org")
     t.mark("up")
