@@ -34,7 +34,7 @@ su - "$USER_NAME" -c "condor_wait -wait 600 lkv.log $cluster" >/dev/null
 ad=
 for _ in $(seq 30); do
     ad=$(condor_history "$cluster" -limit 1 \
-        -af ExitCode LarkNetworkType NetworkOutgoing NetworkIncoming 2>/dev/null || true)
+        -af ExitCode LarkAssignedNetworkType NetworkOutgoing NetworkIncoming 2>/dev/null || true)
     [ -n "$ad" ] && break
     sleep 1
 done
