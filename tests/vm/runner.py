@@ -59,7 +59,7 @@ PACKAGES = (
     "util-linux",
     # setup.sh's
     *("python3", "python3-venv", "python3-dev", "python3-nftables", "gcc", "libc6-dev"),
-    *("libffi-dev", "radvd", "dnsmasq-base", "tayga", "netbase"),
+    *("libffi-dev", "radvd", "dnsmasq-base", "tayga", "netbase", "clang", "libbpf-dev"),
     # HTCondor's runtime libraries
     *("libcurl4", "libgssapi-krb5-2", "libkrb5-3", "libldap-2.5-0", "libpcre2-8-0", "libssl3"),
     *("libstdc++6", "libgomp1", "libuuid1", "libsqlite3-0", "libsystemd0"),
