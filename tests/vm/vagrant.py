@@ -188,7 +188,7 @@ def build_box(img: vm.Image, b: Box) -> None:
     try:
         raw = tmp / "root.img"
         # The VM tier may be replacing its image: copy under its lock.
-        with vm.locked(vm.cache_dir() / "images" / ".lock"):
+        with vm.locked(vm.cache_dir() / "images" / ".lock", "image build"):
             if not img.ready:
                 raise vm.Failed(f"no image at {img.dir}")
             subprocess.run(["cp", "--sparse=always", str(img.disk), str(raw)], check=True)
@@ -237,7 +237,7 @@ def ensure_box(rebuild: bool) -> tuple[Box, float | None, float | None]:
     img = vm.image()
     image_s: float | None = None
     if not img.ready:
-        with vm.locked(vm.cache_dir() / "images" / ".lock"):
+        with vm.locked(vm.cache_dir() / "images" / ".lock", "image build"):
             if not vm.image().ready:
                 say(f"building the VM tier's image {img.dir.name}")
                 t = time.monotonic()
@@ -246,7 +246,7 @@ def ensure_box(rebuild: bool) -> tuple[Box, float | None, float | None]:
     b = box()
     box_s: float | None = None
     if rebuild or not b.ready:
-        with vm.locked(vm.cache_dir() / "boxes" / ".lock"):
+        with vm.locked(vm.cache_dir() / "boxes" / ".lock", "box build"):
             if rebuild or not box().ready:
                 say(f"making the box {b.dir.name} from the image {img.dir.name}")
                 t = time.monotonic()
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"box ready: {b.file} (vagrant box add --name {BOX_NAME} {b.file})")
             return 0
         # One run at a time: the user and its home are this runner's.
-        with vm.locked(vm.cache_dir() / "vagrant.lock"):
+        with vm.locked(vm.cache_dir() / "vagrant.lock", "Vagrant run"):
             s = Session()
             proxy: Proxy | None = None
             try:
