@@ -248,18 +248,20 @@ def image() -> Image:
 
 
 @contextlib.contextmanager
-def locked(path: Path, what: str) -> Iterator[None]:
-    """One holder at a time of `what` (another run, a CI run beside this
-    one, may hold it): waits, saying so and for how long."""
+def locked(path: Path, what: str | None = None) -> Iterator[None]:
+    """One holder at a time of lock file `path`, which guards `what` (another
+    run, a CI run beside this one, may hold it): waits, saying so and for
+    how long."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    held_by = f"another run's {what}" if what else f"another run (it holds {path})"
     with path.open("a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"waiting for another run's {what} to end")
+            say(f"waiting for {held_by}")
             t = time.monotonic()
             fcntl.flock(f, fcntl.LOCK_EX)
-            say(f"waited {time.monotonic() - t:.0f} s for another run's {what}")
+            say(f"waited {time.monotonic() - t:.0f} s for {held_by}")
         yield
 
 
