@@ -261,8 +261,17 @@ class Pool:
         sub = self.home / f"job{time.monotonic_ns()}.sub"
         sub.write_text(textwrap.dedent(description))
         os.chown(sub, USER_UID, USER_UID)
-        out = self.run("condor_submit", "-terse", str(sub), user=True).stdout
-        return int(out.strip().split(".")[0])
+        done = self.run("condor_submit", "-terse", str(sub), user=True, check=False)
+        if done.returncode != 0:
+            # What the submit said, and what the schedd last wrote: a pool
+            # that stops taking jobs says why only there.
+            log = self.dir / "local" / "log" / "SchedLog"
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            raise AssertionError(
+                f"condor_submit exited {done.returncode}: {done.stderr.strip()}\n"
+                + "\n".join(tail)
+            )
+        return int(done.stdout.strip().split(".")[0])
 
     def wait_done(self, cluster: int, timeout: float = 120) -> dict[str, str]:
         """The job's history ad once it has left the queue."""
