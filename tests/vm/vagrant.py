@@ -18,9 +18,10 @@ vagrant with vagrant-libvirt against its own libvirt (qemu:///session,
 QEMU's emulation, QEMU's user-mode networking: tests/vm/box/
 session.Vagrantfile), in a copy of this checkout: `vagrant up debian12`,
 whose output streams here as `vagrant SECONDS| ...` lines, then `vagrant
-destroy -f`.  The guest reaches apt and PyPI through an HTTP proxy this
-runner serves on the namespace's loopback (tests/vm/egress.py); nothing of
-the host's network changes.  Then the user's processes (libvirtd, virtlogd,
+destroy -f`, one guest at a time on the machine (the VM tier's lock).
+The guest reaches apt and PyPI through an HTTP proxy this runner serves on
+the namespace's loopback (tests/vm/egress.py); nothing of the host's
+network changes.  Then the user's processes (libvirtd, virtlogd,
 QEMU), its home (the box, libvirt's volumes, the copy) and the namespace
 go, on failure, timeout and SIGTERM too; what a SIGKILLed run left, the next
 run ends first.
@@ -561,8 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.box_only:
             say(f"box ready: {b.file} (vagrant box add --name {BOX_NAME} {b.file})")
             return 0
-        # One run at a time: the user and its home are this runner's.
-        with vm.locked(vm.cache_dir() / "vagrant.lock", "Vagrant run"):
+        # One run at a time: the user and its home are this runner's; and one
+        # guest at a time on the machine, the VM tier's included.
+        with (
+            vm.locked(vm.cache_dir() / "vagrant.lock", "Vagrant run"),
+            vm.locked(vm.cache_dir() / "boot.lock", "guest"),
+        ):
             s = Session()
             proxy: Proxy | None = None
             try:
