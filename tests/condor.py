@@ -268,8 +268,7 @@ class Pool:
             log = self.dir / "local" / "log" / "SchedLog"
             tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
             raise AssertionError(
-                f"condor_submit exited {done.returncode}: {done.stderr.strip()}\n"
-                + "\n".join(tail)
+                f"condor_submit exited {done.returncode}: {done.stderr.strip()}\n" + "\n".join(tail)
             )
         return int(done.stdout.strip().split(".")[0])
 
