@@ -186,13 +186,17 @@ static int own_sysfs(int keep_netns_dir)
      * CAP_SYS_ADMIN): its copy is made private (so that unmounting it is
      * not propagated back) and detached.  A privileged one keeps it.
      * EINVAL: no /run/netns mount here, nothing to do. */
-    if (keep_netns_dir) {
-        /* as the joined namespace has it */
-    } else if (mount(NULL, "/run/netns", NULL, MS_REC | MS_PRIVATE, NULL) == 0) {
+    /* Mounts may be stacked there (iproute2 and larkns each bind it onto
+     * itself; a systemd host shares them): each, top first, is made private
+     * and detached, until /run/netns is no mount point (EINVAL). */
+    for (int layer = 0; !keep_netns_dir && layer < 16; layer++) {
+        if (mount(NULL, "/run/netns", NULL, MS_REC | MS_PRIVATE, NULL) < 0) {
+            if (errno != EINVAL && errno != ENOENT)
+                return -1;
+            break;
+        }
         if (umount2("/run/netns", MNT_DETACH) < 0)
             return -1;
-    } else if (errno != EINVAL && errno != ENOENT) {
-        return -1;
     }
     /* The new namespace's copy of a shared /sys is a peer of the original:
      * a sysfs mounted on it would appear in the joined namespace too.  As a
