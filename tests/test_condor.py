@@ -647,8 +647,10 @@ def test_request_bandwidth_in_a_submit_file_becomes_the_job_s_cap_and_is_not_ove
     while time.monotonic() < deadline and "rate 30Mbit" not in classes:
         ifbs = sh("ip", "-o", "link", "show", "type", "ifb", ns=world.worker).stdout
         names = [line.split(": ")[1] for line in ifbs.splitlines()]
+        # check=False: an IFB listed may be gone by the time it is read (a
+        # finished job's, parked or removed by larknsd meanwhile).
         classes = "".join(
-            sh("tc", "class", "show", "dev", n, ns=world.worker).stdout for n in names
+            sh("tc", "class", "show", "dev", n, ns=world.worker, check=False).stdout for n in names
         )
         time.sleep(0.2)
     assert "rate 30Mbit ceil 30Mbit" in classes, classes
