@@ -443,7 +443,7 @@ def test_an_object_file_with_anything_else_to_relocate_is_refused() -> None:
         clatbpf.programs(b"\x7fELF\x01" + bytes(elf[5:]), 3)
     # The first relocation of a program made another type (a call, say).
     secs = clatbpf._sections(bytes(elf))
-    rel = bytes(secs[".reltc/egress"][1])
+    rel = secs[".reltc/egress"]
     at = bytes(elf).index(rel)
     r_offset, r_info = struct.unpack_from("<QQ", rel)
     struct.pack_into("<QQ", elf, at, r_offset, (r_info & ~0xFFFFFFFF) | 10)

@@ -50,19 +50,18 @@ class ObjectError(Exception):
     """The object file is missing or not what this code expects."""
 
 
-def _sections(elf: bytes) -> dict[str, tuple[int, bytes, int, int]]:
-    """name -> (type, data, link, info) of each section of ELF64 LE `elf`."""
+def _sections(elf: bytes) -> dict[str, bytes]:
+    """name -> contents of each section of ELF64 LE `elf`."""
     h = _ELF_HEADER.unpack_from(elf)
     if h[0][:4] != b"\x7fELF" or h[0][4] != 2 or h[0][5] != 1:
         raise ObjectError("not a 64-bit little-endian ELF object")
     shoff, shentsize, shnum, shstrndx = h[6], h[11], h[12], h[13]
     raw = [_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
     names_off = raw[shstrndx][4]
-    out: dict[str, tuple[int, bytes, int, int]] = {}
+    out: dict[str, bytes] = {}
     for s in raw:
         name_end = elf.index(b"\0", names_off + s[0])
-        name = elf[names_off + s[0] : name_end].decode()
-        out[name] = (s[1], elf[s[4] : s[4] + s[5]], s[6], s[7])
+        out[elf[names_off + s[0] : name_end].decode()] = elf[s[4] : s[4] + s[5]]
     return out
 
 
@@ -79,14 +78,13 @@ def programs(elf: bytes, map_fd: int) -> dict[str, bytes]:
     for key, name in SECTIONS.items():
         if name not in secs:
             raise ObjectError(f"no section {name}")
-        code = bytearray(secs[name][1])
-        rel = secs.get(f".rel{name}")
-        for off in range(0, len(rel[1]) if rel else 0, _REL.size):
-            assert rel is not None
-            r_offset, r_info = _REL.unpack_from(rel[1], off)
+        code = bytearray(secs[name])
+        rel = secs.get(f".rel{name}", b"")
+        for off in range(0, len(rel), _REL.size):
+            r_offset, r_info = _REL.unpack_from(rel, off)
             sym, rtype = r_info >> 32, r_info & 0xFFFFFFFF
-            st_name = _SYMBOL.unpack_from(symtab[1], sym * _SYMBOL.size)[0]
-            symbol = strtab[1][st_name : strtab[1].index(b"\0", st_name)].decode()
+            st_name = _SYMBOL.unpack_from(symtab, sym * _SYMBOL.size)[0]
+            symbol = strtab[st_name : strtab.index(b"\0", st_name)].decode()
             if rtype != _R_BPF_64_64 or symbol != MAP_SYMBOL or code[r_offset] != 0x18:
                 raise ObjectError(f"{name}: unexpected relocation of {symbol!r} (type {rtype})")
             # ld_imm64 dst, map: src_reg = BPF_PSEUDO_MAP_FD, imm = the fd.

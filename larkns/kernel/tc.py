@@ -219,27 +219,37 @@ def bpf_filter(
     """A cls_bpf filter at priority `pref` running program `prog_fd`; what
     it matches is redirected to `to_index`.  `handle` 0: the kernel's
     choice."""
-    options = (
-        _attr(TCA_BPF_FD, struct.pack("=I", prog_fd))
-        + _attr(TCA_BPF_NAME, name.encode() + b"\0")
-        + _attr(TCA_BPF_ACT, mirred(to_index))
+    return _bpf(
+        index, parent, pref, prog_fd, name, _attr(TCA_BPF_ACT, mirred(to_index)), what, handle
     )
-    info = (pref << 16) | socket.htons(ETH_P_ALL)
-    body = _TCMSG.pack(socket.AF_UNSPEC, index, handle, parent, info) + _kind("bpf")
-    body += _attr(TCA_OPTIONS, options)
-    return Request(what, RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
 def bpf_direct(index: int, parent: int, pref: int, prog_fd: int, name: str, what: str) -> Request:
     """A cls_bpf filter at priority `pref` in direct-action mode: program
     `prog_fd`'s return value is the verdict (TC_ACT_OK, _SHOT, a redirect)."""
+    flags = _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
+    return _bpf(index, parent, pref, prog_fd, name, flags, what)
+
+
+def _bpf(
+    index: int,
+    parent: int,
+    pref: int,
+    prog_fd: int,
+    name: str,
+    extra: bytes,
+    what: str,
+    handle: int = 0,
+) -> Request:
+    """A cls_bpf filter of every protocol running `prog_fd`, with `extra`
+    options (its action, or its flags)."""
     options = (
         _attr(TCA_BPF_FD, struct.pack("=I", prog_fd))
         + _attr(TCA_BPF_NAME, name.encode() + b"\0")
-        + _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
+        + extra
     )
     info = (pref << 16) | socket.htons(ETH_P_ALL)
-    body = _TCMSG.pack(socket.AF_UNSPEC, index, 0, parent, info) + _kind("bpf")
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, handle, parent, info) + _kind("bpf")
     body += _attr(TCA_OPTIONS, options)
     return Request(what, RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body)
 

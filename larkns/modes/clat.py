@@ -36,7 +36,6 @@ from larkns.plan import LINK_LOCAL, eui64
 
 if TYPE_CHECKING:
     from larkns.engine import Engine
-    from larkns.kernel.clatbpf import Translator
 
 # The job's IPv4 address (RFC 7335), the translator's own (tayga's; the
 # kernel-side CLAT's gateway), and the interface id of the job's translated
@@ -76,7 +75,6 @@ class Clat:
         self.engine = engine
         self._tayga: dict[str, int] = {}  # CLATs this process started: pidfds
         self._v4_uplink: tuple[float, bool] | None = None
-        self._bpf: Translator | None = None
         self._bpf_jobs: dict[str, str] = {}  # kernel-side CLATs set up here: MACs
 
     def translator(self) -> str:
@@ -133,22 +131,25 @@ class Clat:
         IPv4 address, gateway and route on its link, the programs on it."""
         from larkns.kernel import clatbpf
 
-        engine = self.engine
-        if self._bpf is None:
-            try:
-                self._bpf = clatbpf.shared()
-            except clatbpf.ObjectError as e:
-                raise SetupError(f"the kernel-side CLAT could not be loaded: {e}") from None
-        engine.rtnl.run(
-            rtnl.route(ipaddress.IPv6Network(clat6), host_idx, eui64(LINK_LOCAL, job_mac))
-        )
-        self._bpf.add(job_mac, clat6, nat64, LINK_MTU)
+        try:
+            bpf = clatbpf.shared()
+        except clatbpf.ObjectError as e:
+            raise SetupError(f"the kernel-side CLAT could not be loaded: {e}") from None
+        self._route_to(clat6, job_mac, host_idx)
+        bpf.add(job_mac, clat6, nat64, LINK_MTU)
         self._bpf_jobs[name] = job_mac
         job.run(
             rtnl.address(job_idx, JOB4_LINK),
             rtnl.neighbour(job_idx, SELF4, parse_mac(host_mac)),
             rtnl.route(ipaddress.IPv4Network("0.0.0.0/0"), job_idx, SELF4, mtu=ROUTE_MTU4),
-            *self._bpf.filters(job_idx, "the job's link"),
+            *bpf.filters(job_idx, "the job's link"),
+        )
+
+    def _route_to(self, clat6: ipaddress.IPv6Address, job_mac: str, host_idx: int) -> None:
+        """The worker's route to the job's CLAT address: its link-local, on
+        the host end of its link (both translators)."""
+        self.engine.rtnl.run(
+            rtnl.route(ipaddress.IPv6Network(clat6), host_idx, eui64(LINK_LOCAL, job_mac))
         )
 
     @staticmethod
@@ -178,9 +179,7 @@ class Clat:
                 "this worker has no IPv4: jobs need a CLAT, and tayga is not installed"
             )
         engine = self.engine
-        engine.rtnl.run(
-            rtnl.route(ipaddress.IPv6Network(clat6), host_idx, eui64(LINK_LOCAL, job_mac))
-        )
+        self._route_to(clat6, job_mac, host_idx)
         conf = engine.journal.clat_config(name)
         # tayga parses every packet the job sends: once its tun device is
         # open it runs as a user of its own, without capabilities, chrooted
@@ -239,9 +238,11 @@ class Clat:
         (A job set up by another process has its entry in that process's
         map, which goes with the last of its jobs' programs.)"""
         mac = self._bpf_jobs.pop(name, None)
-        if mac is not None and self._bpf is not None:
+        if mac is not None:
+            from larkns.kernel import clatbpf
+
             with failures.step(f"kernel-side CLAT entry of {name}"):
-                self._bpf.remove(mac)
+                clatbpf.shared().remove(mac)
         pidfd = self._tayga.pop(name, None)
         if pidfd is not None:
             with failures.step(f"CLAT of {name}"):
@@ -260,7 +261,6 @@ class Clat:
         # map stay while a job's filter holds them.  The process's own fds
         # of them are the process's (clatbpf.shared), kept for its other
         # engines.
-        self._bpf = None
         self._bpf_jobs.clear()
 
 
